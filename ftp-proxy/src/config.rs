@@ -1,0 +1,543 @@
+//! Configuration: command line (clap) and TOML file (same keys), merged with
+//! flags over file, validated into a [`Config`] that cannot hold an invalid
+//! state.
+//!
+//! This is the only module that reads files or the environment. Everything
+//! else takes `&Config`. Errors say which key was wrong and why; the binary
+//! turns them into exit code 64 before binding anything.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+pub use crate::protocol::policy::ServerPassivePolicy;
+
+/// Exit code for bad configuration (sysexits.h `EX_USAGE`).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// How the gateway opens data connections to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamMode {
+    /// Mirror the client: passive toward the server when the client used
+    /// PASV/EPSV, active when it used PORT/EPRT.
+    #[default]
+    Client,
+    /// Always passive (PASV/EPSV) toward the server: the usual choice when
+    /// the server is behind a firewall.
+    Passive,
+    /// Always active (PORT/EPRT) toward the server.
+    Active,
+}
+
+/// How data bytes are moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RelayMode {
+    /// splice(2) through a pipe, falling back to copying where the kernel
+    /// refuses.
+    #[default]
+    Splice,
+    /// Always copy through user space (for comparison and diagnosis).
+    Copy,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Command line. Every option can also be set in the `--config` file under
+/// the same name; a flag given on the command line wins.
+#[derive(Debug, Parser)]
+#[command(name = "ftp-proxy", version, about = "FTP gateway: relays control sessions to an upstream server, rewrites PORT/EPRT/PASV/EPSV, and splices data connections")]
+pub struct Cli {
+    /// Action to run instead of the gateway.
+    #[command(subcommand)]
+    pub command: Option<Action>,
+
+    /// TOML configuration file; its keys are the long option names below.
+    #[arg(long, value_name = "PATH", global = true)]
+    pub config: Option<PathBuf>,
+
+    /// Validate the configuration, print it, and exit (0 if valid, 64 if not).
+    #[arg(long)]
+    pub check_config: bool,
+
+    /// The gateway's settings.
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// Actions other than running the gateway.
+#[derive(Debug, Subcommand)]
+pub enum Action {
+    /// Validate the configuration and exit (same as --check-config).
+    CheckConfig,
+}
+
+/// Settings shared by the command line and the file.
+#[derive(Debug, Default, clap::Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    /// Address to accept FTP clients on, IPv4 or IPv6 (repeatable) [default: 0.0.0.0:21].
+    #[arg(long, value_name = "ADDR:PORT")]
+    #[serde(default)]
+    pub listen: Vec<String>,
+
+    /// The FTP server to relay to; the name is resolved when each session starts [default port: 21].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub upstream: Option<String>,
+
+    /// Ports for the gateway's passive listeners (clients' PASV/EPSV) [default: any ephemeral port].
+    #[arg(long, value_name = "LOW-HIGH")]
+    pub passive_ports: Option<String>,
+
+    /// Address advertised in 227 replies (e.g. the public address in front of a NAT) [default: the local address of the client's control connection].
+    #[arg(long, value_name = "IP")]
+    pub passive_address: Option<String>,
+
+    /// Ports for the gateway's active-mode listeners toward the server, and the source ports of active connections to clients when port 20 cannot be bound [default: any ephemeral port].
+    #[arg(long, value_name = "LOW-HIGH")]
+    pub active_ports: Option<String>,
+
+    /// How data connections to the server are opened.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub upstream_mode: Option<UpstreamMode>,
+
+    /// Connect to the client's observed address when its PORT/EPRT names a private address it does not connect from (client behind NAT) [default: true].
+    #[arg(long, value_name = "BOOL")]
+    pub nat_traversal: Option<bool>,
+
+    /// What to do when the server's 227/229 names another host: refuse (strict) or use the server's control address (control-address, for servers behind NAT) [default: strict].
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub server_passive_address: Option<ServerPassivePolicy>,
+
+    /// Maximum concurrent sessions; more are answered 421 [default: 10000].
+    #[arg(long, value_name = "N")]
+    pub max_sessions: Option<usize>,
+
+    /// Maximum concurrent sessions from one client address [default: 100].
+    #[arg(long, value_name = "N")]
+    pub max_sessions_per_client: Option<usize>,
+
+    /// Maximum command line length in bytes; longer lines are answered 500 [default: 4096].
+    #[arg(long, value_name = "BYTES")]
+    pub max_line: Option<usize>,
+
+    /// Seconds to wait for the server's TCP connect and banner [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub connect_timeout: Option<u64>,
+
+    /// Seconds to wait for a data connection to be established [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub data_timeout: Option<u64>,
+
+    /// Seconds a control connection may stay silent before the session is closed with 421 [default: 900].
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+
+    /// Seconds a transfer may move no byte before it is aborted [default: 300].
+    #[arg(long, value_name = "SECS")]
+    pub transfer_idle_timeout: Option<u64>,
+
+    /// Seconds to wait for the server's reply to a command [default: 120].
+    #[arg(long, value_name = "SECS")]
+    pub reply_timeout: Option<u64>,
+
+    /// Data relay: splice (zero-copy, falls back to copy only where the kernel refuses) or copy [default: splice].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub relay_mode: Option<RelayMode>,
+
+    /// Size of each splice pipe in bytes [default: 1048576].
+    #[arg(long, value_name = "BYTES")]
+    pub pipe_size: Option<usize>,
+
+    /// Log format.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter in tracing's EnvFilter syntax; the environment variable FTP_PROXY_LOG is used when unset [default: info].
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or holds an unknown key.
+    #[error("configuration file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        source: Box<toml::de::Error>,
+    },
+    /// A key has a value that cannot be used.
+    #[error("invalid {key} {value:?}: {reason}")]
+    Invalid {
+        /// The option name.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A required key is missing.
+    #[error("missing {0}: give it on the command line or in the configuration file")]
+    Missing(&'static str),
+}
+
+fn invalid(key: &'static str, value: impl ToString, reason: impl ToString) -> ConfigError {
+    ConfigError::Invalid { key, value: value.to_string(), reason: reason.to_string() }
+}
+
+/// An inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    low: u16,
+    high: u16,
+}
+
+impl PortRange {
+    /// A range; `None` unless `0 < low <= high`.
+    pub fn new(low: u16, high: u16) -> Option<PortRange> {
+        (low > 0 && low <= high).then_some(PortRange { low, high })
+    }
+
+    /// First port.
+    pub fn low(&self) -> u16 {
+        self.low
+    }
+
+    /// Last port.
+    pub fn high(&self) -> u16 {
+        self.high
+    }
+
+    /// Number of ports.
+    pub fn len(&self) -> usize {
+        usize::from(self.high - self.low) + 1
+    }
+
+    /// Never true: a range holds at least one port.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    fn parse(key: &'static str, text: &str) -> Result<PortRange, ConfigError> {
+        let (low, high) = text.split_once('-').ok_or_else(|| invalid(key, text, "expected LOW-HIGH, e.g. 50000-50999"))?;
+        let low: u16 = low.trim().parse().map_err(|e| invalid(key, text, format!("low port: {e}")))?;
+        let high: u16 = high.trim().parse().map_err(|e| invalid(key, text, format!("high port: {e}")))?;
+        PortRange::new(low, high).ok_or_else(|| invalid(key, text, "need 0 < LOW <= HIGH"))
+    }
+}
+
+/// The upstream server, as configured (resolved at each session start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Host name or address literal (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl Upstream {
+    fn parse(text: &str) -> Result<Upstream, ConfigError> {
+        let bad = |reason: &str| invalid("upstream", text, reason);
+        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+            let (host, rest) = rest.split_once(']').ok_or_else(|| bad("missing ] after IPv6 address"))?;
+            host.parse::<std::net::Ipv6Addr>().map_err(|_| bad("not an IPv6 address inside [ ]"))?;
+            match rest {
+                "" => (host, None),
+                _ => (host, Some(rest.strip_prefix(':').ok_or_else(|| bad("expected :PORT after ]"))?)),
+            }
+        } else if text.parse::<std::net::Ipv6Addr>().is_ok() {
+            (text, None)
+        } else {
+            match text.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (text, None),
+            }
+        };
+        if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad("empty or malformed host"));
+        }
+        let port = match port {
+            None => 21,
+            Some(p) => match p.parse::<u16>() {
+                Ok(0) | Err(_) => return Err(bad("port must be 1 to 65535")),
+                Ok(port) => port,
+            },
+        };
+        Ok(Upstream { host: host.to_owned(), port })
+    }
+
+    /// `host:port` for resolution.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') { format!("[{}]:{}", self.host, self.port) } else { format!("{}:{}", self.host, self.port) }
+    }
+}
+
+/// Bounds on resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Concurrent sessions.
+    pub max_sessions: usize,
+    /// Concurrent sessions from one client address.
+    pub max_sessions_per_client: usize,
+    /// Command line bound.
+    pub max_line: usize,
+}
+
+/// Timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Server connect and banner.
+    pub connect: Duration,
+    /// Data connection establishment.
+    pub data_connect: Duration,
+    /// Silent control connection.
+    pub idle: Duration,
+    /// Transfer moving no byte.
+    pub transfer_idle: Duration,
+    /// Server's reply to a command.
+    pub reply: Duration,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// EnvFilter directives.
+    pub filter: String,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Client-facing listen addresses (at least one).
+    pub listen: Vec<SocketAddr>,
+    /// The server.
+    pub upstream: Upstream,
+    /// Passive listener ports (None: ephemeral).
+    pub passive_ports: Option<PortRange>,
+    /// Address advertised in 227/229 (None: the control connection's local address).
+    pub passive_address: Option<IpAddr>,
+    /// Active-mode ports toward the server (None: ephemeral).
+    pub active_ports: Option<PortRange>,
+    /// Data connections toward the server.
+    pub upstream_mode: UpstreamMode,
+    /// NAT traversal for clients' PORT/EPRT.
+    pub nat_traversal: bool,
+    /// Server 227/229 naming another host.
+    pub server_passive: ServerPassivePolicy,
+    /// Resource bounds.
+    pub limits: Limits,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Relay mode.
+    pub relay_mode: RelayMode,
+    /// Pipe size for splice.
+    pub pipe_size: usize,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+fn secs(key: &'static str, value: Option<u64>, default: u64) -> Result<Duration, ConfigError> {
+    match value.unwrap_or(default) {
+        0 => Err(invalid(key, 0, "must be at least 1 second")),
+        n if n > 7 * 24 * 3600 => Err(invalid(key, n, "must be at most a week")),
+        n => Ok(Duration::from_secs(n)),
+    }
+}
+
+fn positive(key: &'static str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    match value.unwrap_or(default) {
+        0 => Err(invalid(key, 0, "must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+impl Settings {
+    /// Reads a TOML file of settings.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+    }
+
+    /// Fills every unset field from `lower`.
+    pub fn over(self, lower: Settings) -> Settings {
+        macro_rules! pick {
+            ($($field:ident),*) => { Settings { listen: if self.listen.is_empty() { lower.listen } else { self.listen }, $($field: self.$field.or(lower.$field)),* } };
+        }
+        pick!(upstream, passive_ports, passive_address, active_ports, upstream_mode, nat_traversal, server_passive_address,
+            max_sessions, max_sessions_per_client, max_line, connect_timeout, data_timeout, idle_timeout,
+            transfer_idle_timeout, reply_timeout, relay_mode, pipe_size, log_format, log_level)
+    }
+
+    /// Validates the settings.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first key that is missing or invalid.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let listen = if self.listen.is_empty() { vec!["0.0.0.0:21".to_owned()] } else { self.listen };
+        let listen = listen
+            .iter()
+            .map(|l| l.parse::<SocketAddr>().map_err(|e| invalid("listen", l, format!("{e} (expected ADDR:PORT, [IPv6]:PORT)"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let upstream = Upstream::parse(self.upstream.as_deref().ok_or(ConfigError::Missing("upstream"))?)?;
+        let passive_ports = self.passive_ports.as_deref().map(|t| PortRange::parse("passive-ports", t)).transpose()?;
+        let active_ports = self.active_ports.as_deref().map(|t| PortRange::parse("active-ports", t)).transpose()?;
+        let passive_address = self
+            .passive_address
+            .as_deref()
+            .map(|t| {
+                let ip: IpAddr = t.parse().map_err(|e| invalid("passive-address", t, e))?;
+                if ip.is_unspecified() || ip.is_multicast() {
+                    return Err(invalid("passive-address", t, "must be a unicast address clients can reach"));
+                }
+                Ok(ip.to_canonical())
+            })
+            .transpose()?;
+        let pipe_size = self.pipe_size.unwrap_or(1 << 20);
+        if !(4096..=(64 << 20)).contains(&pipe_size) {
+            return Err(invalid("pipe-size", pipe_size, "must be from 4096 to 67108864"));
+        }
+        let max_line = self.max_line.unwrap_or(crate::protocol::command::DEFAULT_MAX_LINE);
+        if !(64..=1 << 20).contains(&max_line) {
+            return Err(invalid("max-line", max_line, "must be from 64 to 1048576"));
+        }
+        let log_filter = self
+            .log_level
+            .or_else(|| std::env::var("FTP_PROXY_LOG").ok())
+            .unwrap_or_else(|| "info".to_owned());
+        tracing_subscriber::EnvFilter::try_new(&log_filter).map_err(|e| invalid("log-level", &log_filter, e))?;
+        Ok(Config {
+            listen,
+            upstream,
+            passive_ports,
+            passive_address,
+            active_ports,
+            upstream_mode: self.upstream_mode.unwrap_or_default(),
+            nat_traversal: self.nat_traversal.unwrap_or(true),
+            server_passive: self.server_passive_address.unwrap_or_default(),
+            limits: Limits {
+                max_sessions: positive("max-sessions", self.max_sessions, 10_000)?,
+                max_sessions_per_client: positive("max-sessions-per-client", self.max_sessions_per_client, 100)?,
+                max_line,
+            },
+            timeouts: Timeouts {
+                connect: secs("connect-timeout", self.connect_timeout, 10)?,
+                data_connect: secs("data-timeout", self.data_timeout, 30)?,
+                idle: secs("idle-timeout", self.idle_timeout, 900)?,
+                transfer_idle: secs("transfer-idle-timeout", self.transfer_idle_timeout, 300)?,
+                reply: secs("reply-timeout", self.reply_timeout, 120)?,
+            },
+            relay_mode: self.relay_mode.unwrap_or_default(),
+            pipe_size,
+            log: LogConfig { format: self.log_format.unwrap_or_default(), filter: log_filter },
+        })
+    }
+}
+
+impl Cli {
+    /// Merges the command line over the file named by `--config` and
+    /// validates the result.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for an unreadable file or an invalid setting.
+    pub fn load(&self, settings: Settings) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        settings.over(file).validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut cli = Cli::try_parse_from(std::iter::once("ftp-proxy").chain(args.iter().copied())).unwrap();
+        let settings = std::mem::take(&mut cli.settings);
+        cli.load(settings)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--upstream", "ftp.example.net"]).unwrap();
+        assert_eq!(c.listen, vec!["0.0.0.0:21".parse().unwrap()]);
+        assert_eq!(c.upstream, Upstream { host: "ftp.example.net".into(), port: 21 });
+        assert_eq!(c.limits.max_sessions, 10_000);
+        assert!(c.nat_traversal);
+        assert_eq!(c.upstream_mode, UpstreamMode::Client);
+    }
+
+    #[test]
+    fn upstream_forms() {
+        for (text, host, port) in [("h:2121", "h", 2121), ("[::1]:2121", "::1", 2121), ("::1", "::1", 21), ("[::1]", "::1", 21), ("10.0.0.1", "10.0.0.1", 21)] {
+            assert_eq!(Upstream::parse(text).unwrap(), Upstream { host: host.into(), port }, "{text}");
+        }
+        for bad in ["", ":21", "h:0", "h:99999", "[::1", "[nope]:21", "a b:21"] {
+            assert!(Upstream::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Upstream::parse("[::1]:21").unwrap().authority(), "[::1]:21");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--upstream", "h", "--passive-ports", "2000"], "passive-ports"),
+            (&["--upstream", "h", "--passive-ports", "3000-2000"], "passive-ports"),
+            (&["--upstream", "h", "--active-ports", "0-10"], "active-ports"),
+            (&["--upstream", "h", "--listen", "nope"], "listen"),
+            (&["--upstream", "h", "--passive-address", "0.0.0.0"], "passive-address"),
+            (&["--upstream", "h", "--max-sessions", "0"], "max-sessions"),
+            (&["--upstream", "h", "--idle-timeout", "0"], "idle-timeout"),
+            (&["--upstream", "h", "--pipe-size", "10"], "pipe-size"),
+            (&[], "upstream"),
+        ];
+        for (args, key) in cases {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains(key), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn file_and_flags_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "upstream = \"a:21\"\nlisten = [\"127.0.0.1:2121\", \"[::1]:2121\"]\nmax-sessions = 5\nupstream-mode = \"passive\"\n").unwrap();
+        let c = parse(&["--config", path.to_str().unwrap(), "--max-sessions", "7"]).unwrap();
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.limits.max_sessions, 7);
+        assert_eq!(c.upstream_mode, UpstreamMode::Passive);
+        std::fs::write(&path, "upstrem = \"a:21\"\n").unwrap();
+        let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err().to_string();
+        assert!(err.contains("upstrem"), "{err}");
+    }
+}

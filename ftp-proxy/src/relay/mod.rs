@@ -1,0 +1,266 @@
+//! Moves bytes between the client's and the server's data connections.
+//!
+//! Owns: the two pumps of a data relay (client → server, server → client),
+//! each with `splice(2)` through a pipe or with a user-space copy, the
+//! propagation of half-close (a peer's FIN is passed on after its last byte,
+//! in the order the peers used it), resets on failure, the idle watchdog and
+//! the byte counts.
+//!
+//! Knows nothing of FTP: the session decides what the bytes mean and when a
+//! transfer is over. Both modes share one contract (same half-close, same
+//! counts, same cancellation), checked by one test suite run against both.
+
+mod pump;
+
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub use crate::config::RelayMode;
+
+/// How to relay.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayOptions {
+    /// splice or copy.
+    pub mode: RelayMode,
+    /// Pipe capacity requested for splice.
+    pub pipe_size: usize,
+    /// The relay fails when no byte moves in either direction for this long.
+    pub idle_timeout: Duration,
+}
+
+/// The direction of a byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the client's data connection to the server's.
+    ClientToServer,
+    /// From the server's data connection to the client's.
+    ServerToClient,
+}
+
+impl Direction {
+    /// A label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Direction::ClientToServer => "client_to_server",
+            Direction::ServerToClient => "server_to_client",
+        }
+    }
+}
+
+/// How bytes were moved in one direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Zero-copy through a pipe.
+    Splice,
+    /// Through a user-space buffer.
+    Copy,
+}
+
+impl Method {
+    /// A label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Method::Splice => "splice",
+            Method::Copy => "copy",
+        }
+    }
+}
+
+/// Why a direction of the relay failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RelayError {
+    /// Reading, writing or splicing failed.
+    #[error("{direction} relay failed: {source}")]
+    Io {
+        /// Which direction.
+        direction: &'static str,
+        /// The kernel's error.
+        source: Arc<std::io::Error>,
+    },
+    /// No byte moved for the idle timeout.
+    #[error("no data moved for {0:?}")]
+    Idle(Duration),
+    /// The other direction failed, so this one was cut.
+    #[error("cut because the other direction failed")]
+    Cut,
+}
+
+/// The state of one direction.
+#[derive(Debug, Clone)]
+pub enum Flow {
+    /// Still moving bytes.
+    Running,
+    /// End of stream seen and passed on.
+    Finished {
+        /// Bytes moved.
+        bytes: u64,
+        /// How.
+        method: Method,
+    },
+    /// Failed; both connections were reset.
+    Failed {
+        /// Bytes moved before the failure.
+        bytes: u64,
+        /// Why.
+        error: RelayError,
+    },
+}
+
+impl Flow {
+    /// Whether the direction is over, one way or the other.
+    pub fn is_over(&self) -> bool {
+        !matches!(self, Flow::Running)
+    }
+}
+
+/// Both directions.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// Client to server.
+    pub client_to_server: Flow,
+    /// Server to client.
+    pub server_to_client: Flow,
+}
+
+impl Progress {
+    /// The state of one direction.
+    pub fn get(&self, direction: Direction) -> &Flow {
+        match direction {
+            Direction::ClientToServer => &self.client_to_server,
+            Direction::ServerToClient => &self.server_to_client,
+        }
+    }
+
+    fn set(&mut self, direction: Direction, flow: Flow) {
+        match direction {
+            Direction::ClientToServer => self.client_to_server = flow,
+            Direction::ServerToClient => self.server_to_client = flow,
+        }
+    }
+}
+
+/// A running relay. Dropping it cuts both connections.
+#[derive(Debug)]
+pub struct RelayHandle {
+    task: JoinHandle<()>,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RelayHandle {
+    /// Waits until `direction` is over and returns its final state.
+    /// Cancel-safe.
+    pub async fn wait(&mut self, direction: Direction) -> Flow {
+        let over = self.progress.wait_for(|p| p.get(direction).is_over()).await.map(|p| p.get(direction).clone());
+        match over {
+            Ok(flow) => flow,
+            Err(_) => self.progress.borrow().get(direction).clone(),
+        }
+    }
+
+    /// Waits until both directions are over. Cancel-safe.
+    pub async fn wait_all(&mut self) -> Progress {
+        let _ = self.progress.wait_for(|p| p.client_to_server.is_over() && p.server_to_client.is_over()).await;
+        self.progress.borrow().clone()
+    }
+
+    /// The current state.
+    pub fn progress(&self) -> Progress {
+        self.progress.borrow().clone()
+    }
+}
+
+/// Starts relaying between the two connections on a task of its own.
+pub fn spawn(client: TcpStream, server: TcpStream, options: RelayOptions) -> RelayHandle {
+    let (tx, rx) = watch::channel(Progress { client_to_server: Flow::Running, server_to_client: Flow::Running });
+    let task = tokio::spawn(run(client, server, options, tx));
+    RelayHandle { task, progress: rx }
+}
+
+/// Milliseconds since the relay started, at the last byte moved.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    async fn idle(&self, timeout: Duration) {
+        loop {
+            let deadline = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + timeout;
+            tokio::time::sleep_until(deadline).await;
+            if self.start.elapsed() >= Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + timeout {
+                return;
+            }
+        }
+    }
+}
+
+async fn one_way(
+    direction: Direction,
+    from: &TcpStream,
+    to: &TcpStream,
+    options: RelayOptions,
+    tx: &watch::Sender<Progress>,
+    activity: &Activity,
+) -> Result<(), ()> {
+    let result = pump::pump(from, to, direction, options, &|| activity.touch()).await;
+    let flow = match &result {
+        Ok((bytes, method)) => Flow::Finished { bytes: *bytes, method: *method },
+        Err((bytes, error)) => Flow::Failed { bytes: *bytes, error: error.clone() },
+    };
+    tx.send_modify(|p| p.set(direction, flow));
+    result.map(|_| ()).map_err(|_| ())
+}
+
+async fn run(client: TcpStream, server: TcpStream, options: RelayOptions, tx: watch::Sender<Progress>) {
+    let activity = Activity { start: Instant::now(), last_ms: AtomicU64::new(0) };
+    let both = async {
+        tokio::try_join!(
+            one_way(Direction::ClientToServer, &client, &server, options, &tx, &activity),
+            one_way(Direction::ServerToClient, &server, &client, options, &tx, &activity)
+        )
+    };
+    let failure = tokio::select! {
+        result = both => result.err().map(|_| RelayError::Cut),
+        () = activity.idle(options.idle_timeout) => Some(RelayError::Idle(options.idle_timeout)),
+    };
+    if let Some(error) = failure {
+        tx.send_modify(|p| {
+            for direction in [Direction::ClientToServer, Direction::ServerToClient] {
+                if !p.get(direction).is_over() {
+                    p.set(direction, Flow::Failed { bytes: 0, error: error.clone() });
+                }
+            }
+        });
+        // Reset both connections so that each peer learns the transfer failed
+        // instead of seeing a clean end of file.
+        for stream in [&client, &server] {
+            let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+        }
+    } else {
+        // Both ends of file were passed on: close quietly.
+        for stream in [&client, &server] {
+            let _ = socket2::SockRef::from(stream).shutdown(Shutdown::Both);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

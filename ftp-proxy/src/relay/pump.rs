@@ -1,0 +1,130 @@
+//! One direction of a relay: read from one socket, write to the other, pass
+//! the end of stream on with `shutdown(SHUT_WR)`.
+
+use std::io;
+use std::net::Shutdown;
+use std::sync::Arc;
+
+use rustix::pipe::{SpliceFlags, fcntl_setpipe_size, pipe_with, PipeFlags, splice};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::{Direction, Method, RelayError, RelayMode, RelayOptions};
+
+const COPY_BUFFER: usize = 64 * 1024;
+
+type PumpResult = Result<(u64, Method), (u64, RelayError)>;
+
+fn io_error(direction: Direction, error: io::Error) -> RelayError {
+    RelayError::Io { direction: direction.label(), source: Arc::new(error) }
+}
+
+/// Moves bytes from `from` to `to` until end of stream, then shuts down the
+/// writing side of `to`. Calls `touch` after every chunk.
+pub(super) async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    direction: Direction,
+    options: RelayOptions,
+    touch: &(dyn Fn() + Sync),
+) -> PumpResult {
+    let outcome = match options.mode {
+        RelayMode::Splice => match splice_pump(from, to, options.pipe_size, touch).await {
+            SpliceOutcome::Done(bytes) => Ok((bytes, Method::Splice)),
+            SpliceOutcome::Failed(bytes, error) => Err((bytes, io_error(direction, error))),
+            SpliceOutcome::Unsupported => copy_pump(from, to, touch)
+                .await
+                .map(|bytes| (bytes, Method::Copy))
+                .map_err(|(bytes, e)| (bytes, io_error(direction, e))),
+        },
+        RelayMode::Copy => copy_pump(from, to, touch)
+            .await
+            .map(|bytes| (bytes, Method::Copy))
+            .map_err(|(bytes, e)| (bytes, io_error(direction, e))),
+    };
+    match outcome {
+        Ok((bytes, method)) => match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
+            // The peer may already be gone: its FIN was passed on, nothing is lost.
+            Ok(()) => Ok((bytes, method)),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok((bytes, method)),
+            Err(e) => Err((bytes, io_error(direction, e))),
+        },
+        Err(failure) => Err(failure),
+    }
+}
+
+enum SpliceOutcome {
+    Done(u64),
+    Failed(u64, io::Error),
+    /// The kernel refused splice before any byte moved: copy instead.
+    Unsupported,
+}
+
+fn is_unsupported(error: &io::Error) -> bool {
+    matches!(
+        rustix::io::Errno::from_io_error(error),
+        Some(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS | rustix::io::Errno::OPNOTSUPP)
+    )
+}
+
+async fn splice_pump(from: &TcpStream, to: &TcpStream, pipe_size: usize, touch: &(dyn Fn() + Sync)) -> SpliceOutcome {
+    // Without a pipe (e.g. out of file descriptors) splice cannot be used.
+    let Ok((pipe_read, pipe_write)) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK) else {
+        return SpliceOutcome::Unsupported;
+    };
+    // Larger pipes mean fewer system calls; the kernel may cap the size
+    // (fs.pipe-max-size), in which case the default stays.
+    let chunk = fcntl_setpipe_size(&pipe_write, pipe_size).unwrap_or(64 * 1024);
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    let mut total: u64 = 0;
+    loop {
+        // The pipe is always empty here, so EAGAIN means the socket has no data.
+        let filled = from
+            .async_io(Interest::READABLE, || splice(from, None, &pipe_write, None, chunk, flags).map_err(io::Error::from))
+            .await;
+        let mut in_pipe = match filled {
+            Ok(0) => return SpliceOutcome::Done(total),
+            Ok(n) => n,
+            Err(e) if total == 0 && is_unsupported(&e) => return SpliceOutcome::Unsupported,
+            Err(e) => return SpliceOutcome::Failed(total, e),
+        };
+        while in_pipe > 0 {
+            let drained = to
+                .async_io(Interest::WRITABLE, || splice(&pipe_read, None, to, None, in_pipe, flags).map_err(io::Error::from))
+                .await;
+            match drained {
+                Ok(0) => return SpliceOutcome::Failed(total, io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    in_pipe = in_pipe.saturating_sub(n);
+                    total += n as u64;
+                }
+                Err(e) => return SpliceOutcome::Failed(total, e),
+            }
+        }
+        touch();
+    }
+}
+
+async fn copy_pump(from: &TcpStream, to: &TcpStream, touch: &(dyn Fn() + Sync)) -> Result<u64, (u64, io::Error)> {
+    let mut buffer = vec![0u8; COPY_BUFFER];
+    let mut total: u64 = 0;
+    loop {
+        let n = match from.async_io(Interest::READABLE, || rustix::io::read(from, &mut buffer).map_err(io::Error::from)).await {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) => return Err((total, e)),
+        };
+        let mut written = 0;
+        while let Some(rest) = buffer.get(written..n).filter(|r| !r.is_empty()) {
+            match to.async_io(Interest::WRITABLE, || rustix::io::write(to, rest).map_err(io::Error::from)).await {
+                Ok(0) => return Err((total, io::ErrorKind::WriteZero.into())),
+                Ok(m) => {
+                    written += m;
+                    total += m as u64;
+                }
+                Err(e) => return Err((total, e)),
+            }
+        }
+        touch();
+    }
+}
