@@ -14,6 +14,7 @@
 //! Not here: byte moving ([`crate::relay`]), address decisions
 //! ([`crate::protocol::policy`]), accept and limits ([`crate::gateway`]).
 
+pub mod control;
 pub mod data;
 
 use std::collections::VecDeque;
@@ -26,6 +27,8 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use control::ControlStream;
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -169,8 +172,8 @@ struct Session<'a> {
     client_local: SocketAddr,
     server_ip: IpAddr,
     server_local: SocketAddr,
-    client_rx: FramedRead<OwnedReadHalf, CommandCodec>,
-    client_tx: OwnedWriteHalf,
+    client_rx: FramedRead<ControlStream, CommandCodec>,
+    client_tx: ControlStream,
     server_rx: FramedRead<OwnedReadHalf, ReplyCodec>,
     server_tx: OwnedWriteHalf,
     /// The client's arrangement for the next transfer (PASV/EPSV/PORT/EPRT).
@@ -237,7 +240,10 @@ impl<'a> Session<'a> {
         // Control replies are small and latency-bound: no Nagle.
         let _ = client.set_nodelay(true);
         let _ = server.set_nodelay(true);
-        let (client_read, client_tx) = client.into_split();
+        // Clients send the Telnet Synch before ABOR as urgent data (RFC 959
+        // §4.1.3); keep it in the stream so the decoder sees IAC DM whole.
+        let _ = socket2::SockRef::from(&client).set_out_of_band_inline(true);
+        let (client_read, client_tx) = ControlStream::split(client);
         let (server_read, server_tx) = server.into_split();
         let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
         Ok(Session {
@@ -356,6 +362,7 @@ impl<'a> Session<'a> {
     }
 
     async fn send(&mut self, reply: &Reply) -> Result<(), SessionError> {
+        debug!(code = reply.code, text = %String::from_utf8_lossy(reply.text()), "reply to client");
         self.metrics.reply(reply.code);
         self.client_tx.write_all(&reply.to_bytes()).await.map_err(SessionError::ClientIo)
     }
