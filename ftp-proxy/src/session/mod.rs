@@ -480,6 +480,10 @@ impl<'a> Session<'a> {
                     return self.reply(522, &format!("Network protocol not supported, use ({ours})")).await;
                 }
                 Ok(_) => {}
+                Err(e @ address::AddressError::UnsupportedProtocol(_)) => {
+                    self.metrics.rejected(Reject::BadInput);
+                    return self.reply(522, &format!("{e}")).await;
+                }
                 Err(e) => {
                     self.metrics.rejected(Reject::BadInput);
                     return self.reply(501, &format!("Invalid EPSV argument: {e}")).await;

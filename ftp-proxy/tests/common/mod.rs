@@ -277,6 +277,16 @@ impl Gateway {
         self.logs.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
     }
 
+    /// Waits (logs arrive through a pipe) until `needle` was logged `n`
+    /// times, then checks it was not logged more often.
+    pub fn expect_logs(&self, needle: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.count_logs(needle) < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(self.count_logs(needle), n, "{needle:?} logged a different number of times:\n{}", self.logs());
+    }
+
     /// Open file descriptors of the gateway process.
     pub fn fd_count(&self) -> usize {
         fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
