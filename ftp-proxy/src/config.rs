@@ -59,7 +59,11 @@ pub enum LogFormat {
 /// Command line. Every option can also be set in the `--config` file under
 /// the same name; a flag given on the command line wins.
 #[derive(Debug, Parser)]
-#[command(name = "ftp-proxy", version, about = "FTP gateway: relays control sessions to an upstream server, rewrites PORT/EPRT/PASV/EPSV, and splices data connections")]
+#[command(
+    name = "ftp-proxy",
+    version,
+    about = "FTP gateway: relays control sessions to an upstream server, rewrites PORT/EPRT/PASV/EPSV, and splices data connections"
+)]
 pub struct Cli {
     /// Action to run instead of the gateway.
     #[command(subcommand)]
@@ -206,7 +210,11 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, value: impl ToString, reason: impl ToString) -> ConfigError {
-    ConfigError::Invalid { key, value: value.to_string(), reason: reason.to_string() }
+    ConfigError::Invalid {
+        key,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 /// An inclusive port range.
@@ -243,9 +251,17 @@ impl PortRange {
     }
 
     fn parse(key: &'static str, text: &str) -> Result<PortRange, ConfigError> {
-        let (low, high) = text.split_once('-').ok_or_else(|| invalid(key, text, "expected LOW-HIGH, e.g. 50000-50999"))?;
-        let low: u16 = low.trim().parse().map_err(|e| invalid(key, text, format!("low port: {e}")))?;
-        let high: u16 = high.trim().parse().map_err(|e| invalid(key, text, format!("high port: {e}")))?;
+        let (low, high) = text
+            .split_once('-')
+            .ok_or_else(|| invalid(key, text, "expected LOW-HIGH, e.g. 50000-50999"))?;
+        let low: u16 = low
+            .trim()
+            .parse()
+            .map_err(|e| invalid(key, text, format!("low port: {e}")))?;
+        let high: u16 = high
+            .trim()
+            .parse()
+            .map_err(|e| invalid(key, text, format!("high port: {e}")))?;
         PortRange::new(low, high).ok_or_else(|| invalid(key, text, "need 0 < LOW <= HIGH"))
     }
 }
@@ -263,11 +279,20 @@ impl Upstream {
     fn parse(text: &str) -> Result<Upstream, ConfigError> {
         let bad = |reason: &str| invalid("upstream", text, reason);
         let (host, port) = if let Some(rest) = text.strip_prefix('[') {
-            let (host, rest) = rest.split_once(']').ok_or_else(|| bad("missing ] after IPv6 address"))?;
-            host.parse::<std::net::Ipv6Addr>().map_err(|_| bad("not an IPv6 address inside [ ]"))?;
+            let (host, rest) = rest
+                .split_once(']')
+                .ok_or_else(|| bad("missing ] after IPv6 address"))?;
+            host.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| bad("not an IPv6 address inside [ ]"))?;
             match rest {
                 "" => (host, None),
-                _ => (host, Some(rest.strip_prefix(':').ok_or_else(|| bad("expected :PORT after ]"))?)),
+                _ => (
+                    host,
+                    Some(
+                        rest.strip_prefix(':')
+                            .ok_or_else(|| bad("expected :PORT after ]"))?,
+                    ),
+                ),
             }
         } else if text.parse::<std::net::Ipv6Addr>().is_ok() {
             (text, None)
@@ -287,12 +312,19 @@ impl Upstream {
                 Ok(port) => port,
             },
         };
-        Ok(Upstream { host: host.to_owned(), port })
+        Ok(Upstream {
+            host: host.to_owned(),
+            port,
+        })
     }
 
     /// `host:port` for resolution.
     pub fn authority(&self) -> String {
-        if self.host.contains(':') { format!("[{}]:{}", self.host, self.port) } else { format!("{}:{}", self.host, self.port) }
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
     }
 }
 
@@ -383,8 +415,14 @@ impl Settings {
     /// # Errors
     /// [`ConfigError::Read`] or [`ConfigError::Parse`].
     pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
     }
 
     /// Fills every unset field from `lower`.
@@ -392,9 +430,27 @@ impl Settings {
         macro_rules! pick {
             ($($field:ident),*) => { Settings { listen: if self.listen.is_empty() { lower.listen } else { self.listen }, $($field: self.$field.or(lower.$field)),* } };
         }
-        pick!(upstream, passive_ports, passive_address, active_ports, upstream_mode, nat_traversal, server_passive_address,
-            max_sessions, max_sessions_per_client, max_line, connect_timeout, data_timeout, idle_timeout,
-            transfer_idle_timeout, reply_timeout, relay_mode, pipe_size, log_format, log_level)
+        pick!(
+            upstream,
+            passive_ports,
+            passive_address,
+            active_ports,
+            upstream_mode,
+            nat_traversal,
+            server_passive_address,
+            max_sessions,
+            max_sessions_per_client,
+            max_line,
+            connect_timeout,
+            data_timeout,
+            idle_timeout,
+            transfer_idle_timeout,
+            reply_timeout,
+            relay_mode,
+            pipe_size,
+            log_format,
+            log_level
+        )
     }
 
     /// Validates the settings.
@@ -402,30 +458,64 @@ impl Settings {
     /// # Errors
     /// [`ConfigError`] naming the first key that is missing or invalid.
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let listen = if self.listen.is_empty() { vec!["0.0.0.0:21".to_owned()] } else { self.listen };
+        let listen = if self.listen.is_empty() {
+            vec!["0.0.0.0:21".to_owned()]
+        } else {
+            self.listen
+        };
         let listen = listen
             .iter()
-            .map(|l| l.parse::<SocketAddr>().map_err(|e| invalid("listen", l, format!("{e} (expected ADDR:PORT, [IPv6]:PORT)"))))
+            .map(|l| {
+                l.parse::<SocketAddr>().map_err(|e| {
+                    invalid(
+                        "listen",
+                        l,
+                        format!("{e} (expected ADDR:PORT, [IPv6]:PORT)"),
+                    )
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let upstream = Upstream::parse(self.upstream.as_deref().ok_or(ConfigError::Missing("upstream"))?)?;
-        let passive_ports = self.passive_ports.as_deref().map(|t| PortRange::parse("passive-ports", t)).transpose()?;
-        let active_ports = self.active_ports.as_deref().map(|t| PortRange::parse("active-ports", t)).transpose()?;
+        let upstream = Upstream::parse(
+            self.upstream
+                .as_deref()
+                .ok_or(ConfigError::Missing("upstream"))?,
+        )?;
+        let passive_ports = self
+            .passive_ports
+            .as_deref()
+            .map(|t| PortRange::parse("passive-ports", t))
+            .transpose()?;
+        let active_ports = self
+            .active_ports
+            .as_deref()
+            .map(|t| PortRange::parse("active-ports", t))
+            .transpose()?;
         let passive_address = self
             .passive_address
             .as_deref()
             .map(|t| {
                 let ip: IpAddr = t.parse().map_err(|e| invalid("passive-address", t, e))?;
                 if ip.is_unspecified() || ip.is_multicast() {
-                    return Err(invalid("passive-address", t, "must be a unicast address clients can reach"));
+                    return Err(invalid(
+                        "passive-address",
+                        t,
+                        "must be a unicast address clients can reach",
+                    ));
                 }
                 Ok(ip.to_canonical())
             })
             .transpose()?;
         let pipe_size = self.pipe_size.unwrap_or(1 << 20);
         if !(4096..=(64 << 20)).contains(&pipe_size) {
-            return Err(invalid("pipe-size", pipe_size, "must be from 4096 to 67108864"));
+            return Err(invalid(
+                "pipe-size",
+                pipe_size,
+                "must be from 4096 to 67108864",
+            ));
         }
-        let max_line = self.max_line.unwrap_or(crate::protocol::command::DEFAULT_MAX_LINE);
+        let max_line = self
+            .max_line
+            .unwrap_or(crate::protocol::command::DEFAULT_MAX_LINE);
         if !(64..=1 << 20).contains(&max_line) {
             return Err(invalid("max-line", max_line, "must be from 64 to 1048576"));
         }
@@ -433,7 +523,8 @@ impl Settings {
             .log_level
             .or_else(|| std::env::var("FTP_PROXY_LOG").ok())
             .unwrap_or_else(|| "info".to_owned());
-        tracing_subscriber::EnvFilter::try_new(&log_filter).map_err(|e| invalid("log-level", &log_filter, e))?;
+        tracing_subscriber::EnvFilter::try_new(&log_filter)
+            .map_err(|e| invalid("log-level", &log_filter, e))?;
         Ok(Config {
             listen,
             upstream,
@@ -445,7 +536,11 @@ impl Settings {
             server_passive: self.server_passive_address.unwrap_or_default(),
             limits: Limits {
                 max_sessions: positive("max-sessions", self.max_sessions, 10_000)?,
-                max_sessions_per_client: positive("max-sessions-per-client", self.max_sessions_per_client, 100)?,
+                max_sessions_per_client: positive(
+                    "max-sessions-per-client",
+                    self.max_sessions_per_client,
+                    100,
+                )?,
                 max_line,
             },
             timeouts: Timeouts {
@@ -457,7 +552,10 @@ impl Settings {
             },
             relay_mode: self.relay_mode.unwrap_or_default(),
             pipe_size,
-            log: LogConfig { format: self.log_format.unwrap_or_default(), filter: log_filter },
+            log: LogConfig {
+                format: self.log_format.unwrap_or_default(),
+                filter: log_filter,
+            },
         })
     }
 }
@@ -482,7 +580,8 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
-        let mut cli = Cli::try_parse_from(std::iter::once("ftp-proxy").chain(args.iter().copied())).unwrap();
+        let mut cli =
+            Cli::try_parse_from(std::iter::once("ftp-proxy").chain(args.iter().copied())).unwrap();
         let settings = std::mem::take(&mut cli.settings);
         cli.load(settings)
     }
@@ -491,7 +590,13 @@ mod tests {
     fn defaults() {
         let c = parse(&["--upstream", "ftp.example.net"]).unwrap();
         assert_eq!(c.listen, vec!["0.0.0.0:21".parse().unwrap()]);
-        assert_eq!(c.upstream, Upstream { host: "ftp.example.net".into(), port: 21 });
+        assert_eq!(
+            c.upstream,
+            Upstream {
+                host: "ftp.example.net".into(),
+                port: 21
+            }
+        );
         assert_eq!(c.limits.max_sessions, 10_000);
         assert!(c.nat_traversal);
         assert_eq!(c.upstream_mode, UpstreamMode::Client);
@@ -499,8 +604,21 @@ mod tests {
 
     #[test]
     fn upstream_forms() {
-        for (text, host, port) in [("h:2121", "h", 2121), ("[::1]:2121", "::1", 2121), ("::1", "::1", 21), ("[::1]", "::1", 21), ("10.0.0.1", "10.0.0.1", 21)] {
-            assert_eq!(Upstream::parse(text).unwrap(), Upstream { host: host.into(), port }, "{text}");
+        for (text, host, port) in [
+            ("h:2121", "h", 2121),
+            ("[::1]:2121", "::1", 2121),
+            ("::1", "::1", 21),
+            ("[::1]", "::1", 21),
+            ("10.0.0.1", "10.0.0.1", 21),
+        ] {
+            assert_eq!(
+                Upstream::parse(text).unwrap(),
+                Upstream {
+                    host: host.into(),
+                    port
+                },
+                "{text}"
+            );
         }
         for bad in ["", ":21", "h:0", "h:99999", "[::1", "[nope]:21", "a b:21"] {
             assert!(Upstream::parse(bad).is_err(), "{bad}");
@@ -511,11 +629,23 @@ mod tests {
     #[test]
     fn invalid_values_name_their_key() {
         let cases: &[(&[&str], &str)] = &[
-            (&["--upstream", "h", "--passive-ports", "2000"], "passive-ports"),
-            (&["--upstream", "h", "--passive-ports", "3000-2000"], "passive-ports"),
-            (&["--upstream", "h", "--active-ports", "0-10"], "active-ports"),
+            (
+                &["--upstream", "h", "--passive-ports", "2000"],
+                "passive-ports",
+            ),
+            (
+                &["--upstream", "h", "--passive-ports", "3000-2000"],
+                "passive-ports",
+            ),
+            (
+                &["--upstream", "h", "--active-ports", "0-10"],
+                "active-ports",
+            ),
             (&["--upstream", "h", "--listen", "nope"], "listen"),
-            (&["--upstream", "h", "--passive-address", "0.0.0.0"], "passive-address"),
+            (
+                &["--upstream", "h", "--passive-address", "0.0.0.0"],
+                "passive-address",
+            ),
             (&["--upstream", "h", "--max-sessions", "0"], "max-sessions"),
             (&["--upstream", "h", "--idle-timeout", "0"], "idle-timeout"),
             (&["--upstream", "h", "--pipe-size", "10"], "pipe-size"),
@@ -537,7 +667,9 @@ mod tests {
         assert_eq!(c.limits.max_sessions, 7);
         assert_eq!(c.upstream_mode, UpstreamMode::Passive);
         std::fs::write(&path, "upstrem = \"a:21\"\n").unwrap();
-        let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err().to_string();
+        let err = parse(&["--config", path.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("upstrem"), "{err}");
     }
 }

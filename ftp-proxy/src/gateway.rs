@@ -76,7 +76,9 @@ fn raise_open_file_limit(max_sessions: usize) {
         }
     }
     let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    let needed = (max_sessions as u64).saturating_mul(FDS_PER_SESSION).saturating_add(FDS_RESERVED);
+    let needed = (max_sessions as u64)
+        .saturating_mul(FDS_PER_SESSION)
+        .saturating_add(FDS_RESERVED);
     if needed > soft {
         warn!(
             open_file_limit = soft,
@@ -101,12 +103,19 @@ impl Gateway {
             .iter()
             .map(|&addr| bind(addr).map_err(|source| GatewayError::Bind { addr, source }))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Gateway { config: Arc::new(config), listeners, metrics: Arc::new(Metrics::new()?) })
+        Ok(Gateway {
+            config: Arc::new(config),
+            listeners,
+            metrics: Arc::new(Metrics::new()?),
+        })
     }
 
     /// The bound addresses (with the ports chosen for port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     /// The gateway's metrics.
@@ -136,13 +145,25 @@ impl Gateway {
             if let Ok(addr) = listener.local_addr() {
                 info!(addr = %addr, upstream = %self.config.upstream.authority(), "listening");
             }
-            tracker.spawn(accept_loop(listener, shared.clone(), admission.clone(), tracker.clone(), Arc::clone(&ids)));
+            tracker.spawn(accept_loop(
+                listener,
+                shared.clone(),
+                admission.clone(),
+                tracker.clone(),
+                Arc::clone(&ids),
+            ));
         }
         shutdown.cancelled().await;
-        info!(sessions = tracker.len().saturating_sub(0), "shutting down: no new sessions, waiting for transfers");
+        info!(
+            sessions = tracker.len().saturating_sub(0),
+            "shutting down: no new sessions, waiting for transfers"
+        );
         tracker.close();
         if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
-            warn!(remaining = tracker.len(), "drain timeout: closing the remaining sessions");
+            warn!(
+                remaining = tracker.len(),
+                "drain timeout: closing the remaining sessions"
+            );
         }
     }
 }
@@ -187,7 +208,9 @@ impl Drop for Admitted {
 
 impl Admission {
     fn admit(&self, ip: IpAddr) -> Result<Admitted, Reject> {
-        let permit = Arc::clone(&self.sessions).try_acquire_owned().map_err(|_| Reject::MaxSessions)?;
+        let permit = Arc::clone(&self.sessions)
+            .try_acquire_owned()
+            .map_err(|_| Reject::MaxSessions)?;
         let ip = ip.to_canonical();
         let mut map = self.per_client.lock().map_err(|_| Reject::MaxSessions)?;
         let count = map.entry(ip).or_insert(0);
@@ -195,13 +218,19 @@ impl Admission {
             return Err(Reject::MaxSessionsPerClient);
         }
         *count += 1;
-        Ok(Admitted { _permit: permit, ip, per_client: Arc::clone(&self.per_client) })
+        Ok(Admitted {
+            _permit: permit,
+            ip,
+            per_client: Arc::clone(&self.per_client),
+        })
     }
 }
 
 fn refuse(stream: &TcpStream, reason: Reject) {
     let text: &[u8] = match reason {
-        Reject::MaxSessionsPerClient => b"421 Too many sessions from your address, try again later\r\n",
+        Reject::MaxSessionsPerClient => {
+            b"421 Too many sessions from your address, try again later\r\n"
+        }
         _ => b"421 Too many sessions, try again later\r\n",
     };
     // Best effort without waiting: the reply fits any empty send buffer.

@@ -1,9 +1,20 @@
 //! The binary's command line: help, configuration checks, exit codes.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    missing_docs
+)]
+
 use std::process::Command;
 
 fn gateway(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ftp-proxy")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_ftp-proxy"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -12,10 +23,28 @@ fn help_documents_every_option() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for option in [
-        "--listen", "--upstream", "--passive-ports", "--passive-address", "--active-ports", "--upstream-mode",
-        "--nat-traversal", "--server-passive-address", "--max-sessions", "--max-sessions-per-client", "--max-line",
-        "--connect-timeout", "--data-timeout", "--idle-timeout", "--transfer-idle-timeout", "--reply-timeout",
-        "--relay-mode", "--pipe-size", "--log-format", "--log-level", "--config", "--check-config",
+        "--listen",
+        "--upstream",
+        "--passive-ports",
+        "--passive-address",
+        "--active-ports",
+        "--upstream-mode",
+        "--nat-traversal",
+        "--server-passive-address",
+        "--max-sessions",
+        "--max-sessions-per-client",
+        "--max-line",
+        "--connect-timeout",
+        "--data-timeout",
+        "--idle-timeout",
+        "--transfer-idle-timeout",
+        "--reply-timeout",
+        "--relay-mode",
+        "--pipe-size",
+        "--log-format",
+        "--log-level",
+        "--config",
+        "--check-config",
     ] {
         assert!(help.contains(option), "--help lacks {option}:\n{help}");
     }
@@ -27,10 +56,19 @@ fn bad_configuration_exits_64_before_binding() {
     // keep running; it must exit at once with 64 and say what is wrong.
     for (args, needle) in [
         (&["--listen", "127.0.0.1:0"][..], "missing upstream"),
-        (&["--upstream", "h", "--passive-ports", "9-1"], "passive-ports"),
+        (
+            &["--upstream", "h", "--passive-ports", "9-1"],
+            "passive-ports",
+        ),
         (&["--upstream", "h", "--listen", "nowhere"], "listen"),
-        (&["--upstream", "h", "--upstream-mode", "sideways"], "sideways"),
-        (&["--upstream", "h", "--config", "/nonexistent.toml"], "/nonexistent.toml"),
+        (
+            &["--upstream", "h", "--upstream-mode", "sideways"],
+            "sideways",
+        ),
+        (
+            &["--upstream", "h", "--config", "/nonexistent.toml"],
+            "/nonexistent.toml",
+        ),
         (&["--bogus"], "--bogus"),
     ] {
         let out = gateway(args);
@@ -46,9 +84,17 @@ fn check_config_validates_a_file() {
     let path = dir.path().join("gw.toml");
     std::fs::write(&path, "listen = [\"127.0.0.1:2121\"]\nupstream = \"ftp.example.net:21\"\npassive-ports = \"50000-50099\"\n").unwrap();
     let out = gateway(&["--config", path.to_str().unwrap(), "--check-config"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("configuration OK"));
-    std::fs::write(&path, "upstream = \"ftp.example.net:21\"\nmax-sesions = 3\n").unwrap();
+    std::fs::write(
+        &path,
+        "upstream = \"ftp.example.net:21\"\nmax-sesions = 3\n",
+    )
+    .unwrap();
     let out = gateway(&["--config", path.to_str().unwrap(), "--check-config"]);
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("max-sesions"));

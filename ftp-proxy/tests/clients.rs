@@ -1,13 +1,27 @@
 //! Real clients through the gateway to vsftpd: curl (passive and active),
 //! lftp, and Python's ftplib, over the commands people use.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    missing_docs
+)]
+
 mod common;
 
 use common::*;
 use serde_json::json;
 
 fn ok(out: &std::process::Output) -> String {
-    assert!(out.status.success(), "exit {:?}\nstdout: {}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -33,7 +47,12 @@ fn curl_passive_and_active() {
     // Active (-P): EPRT then PORT.
     let out = lab.curl(&["-P", "127.0.0.1", &format!("{url}file.bin")]);
     assert_eq!(sha256(&bytes(&out)), sha256(&content));
-    let out = lab.curl(&["-P", "127.0.0.1", "--disable-eprt", &format!("{url}file.bin")]);
+    let out = lab.curl(&[
+        "-P",
+        "127.0.0.1",
+        "--disable-eprt",
+        &format!("{url}file.bin"),
+    ]);
     assert_eq!(sha256(&out.stdout), sha256(&content));
     // Upload, passive and active.
     let upload = lab.ns.listen("127.0.0.1:0".parse().unwrap());
@@ -41,13 +60,31 @@ fn curl_passive_and_active() {
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("up.bin");
     std::fs::write(&local, pattern(123_457, 9)).unwrap();
-    ok(&lab.curl(&["-T", local.to_str().unwrap(), &format!("{url}up-passive.bin")]));
-    ok(&lab.curl(&["-P", "127.0.0.1", "-T", local.to_str().unwrap(), &format!("{url}up-active.bin")]));
+    ok(&lab.curl(&[
+        "-T",
+        local.to_str().unwrap(),
+        &format!("{url}up-passive.bin"),
+    ]));
+    ok(&lab.curl(&[
+        "-P",
+        "127.0.0.1",
+        "-T",
+        local.to_str().unwrap(),
+        &format!("{url}up-active.bin"),
+    ]));
     for name in ["up-passive.bin", "up-active.bin"] {
-        assert_eq!(sha256_file(&lab.server.public().join(name)), sha256(&pattern(123_457, 9)), "{name}");
+        assert_eq!(
+            sha256_file(&lab.server.public().join(name)),
+            sha256(&pattern(123_457, 9)),
+            "{name}"
+        );
     }
     // Resume (REST) and quote commands: DELE.
-    ok(&lab.curl(&["-Q", "DELE pub/up-active.bin", &format!("ftp://{GATEWAY4}/")]));
+    ok(&lab.curl(&[
+        "-Q",
+        "DELE pub/up-active.bin",
+        &format!("ftp://{GATEWAY4}/"),
+    ]));
     assert!(!lab.server.public().join("up-active.bin").exists());
 }
 
@@ -79,18 +116,46 @@ fn lftp_session() {
         );
         let out = lab.lftp(&format!("ftp://{GATEWAY4}"), &script);
         let stdout = ok(&out);
-        assert!(stdout.contains("a.txt") && stdout.contains("big.bin"), "{stdout}");
-        assert!(stdout.contains("213 777777"), "SIZE through the gateway: {stdout}");
-        assert_eq!(std::fs::read(dir.path().join(format!("a-{passive}.txt"))).unwrap(), b"alpha\n");
-        assert_eq!(sha256_file(&dir.path().join(format!("big-{passive}.bin"))), sha256(&pattern(2_000_000, 5)));
-        assert_eq!(sha256_file(&lab.server.public().join(format!("moved-{passive}.bin"))), sha256(&pattern(777_777, 2)));
+        assert!(
+            stdout.contains("a.txt") && stdout.contains("big.bin"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("213 777777"),
+            "SIZE through the gateway: {stdout}"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join(format!("a-{passive}.txt"))).unwrap(),
+            b"alpha\n"
+        );
+        assert_eq!(
+            sha256_file(&dir.path().join(format!("big-{passive}.bin"))),
+            sha256(&pattern(2_000_000, 5))
+        );
+        assert_eq!(
+            sha256_file(&lab.server.public().join(format!("moved-{passive}.bin"))),
+            sha256(&pattern(777_777, 2))
+        );
     }
     // Resume a partial download (REST + RETR).
-    std::fs::write(dir.path().join("partial.bin"), &pattern(2_000_000, 5)[..500_000]).unwrap();
-    let out = lab.lftp(&format!("ftp://{GATEWAY4}"), &format!("cd pub; get -c big.bin -o {d}/partial.bin"));
+    std::fs::write(
+        dir.path().join("partial.bin"),
+        &pattern(2_000_000, 5)[..500_000],
+    )
+    .unwrap();
+    let out = lab.lftp(
+        &format!("ftp://{GATEWAY4}"),
+        &format!("cd pub; get -c big.bin -o {d}/partial.bin"),
+    );
     ok(&out);
-    assert_eq!(sha256_file(&dir.path().join("partial.bin")), sha256(&pattern(2_000_000, 5)));
-    assert!(lab.server.log().contains("REST 500000"), "lftp resumed with REST");
+    assert_eq!(
+        sha256_file(&dir.path().join("partial.bin")),
+        sha256(&pattern(2_000_000, 5))
+    );
+    assert!(
+        lab.server.log().contains("REST 500000"),
+        "lftp resumed with REST"
+    );
 }
 
 /// Every command of the list through ftplib, checking each reply.
@@ -135,18 +200,47 @@ fn ftplib_command_set() {
     assert!(reply(1).starts_with("230"), "{:?}", r(1));
     assert!(reply(2).starts_with("257"), "{:?}", r(2));
     assert!(reply(3).starts_with("250"));
-    assert!(r(5)["final"].as_str().unwrap().starts_with("226"), "{:?}", r(5));
-    assert!(r(6)["final"].as_str().unwrap().starts_with("226"), "{:?}", r(6));
+    assert!(
+        r(5)["final"].as_str().unwrap().starts_with("226"),
+        "{:?}",
+        r(5)
+    );
+    assert!(
+        r(6)["final"].as_str().unwrap().starts_with("226"),
+        "{:?}",
+        r(6)
+    );
     // vsftpd has no MLSD: the server's 500 comes back instead of a 1xx.
-    assert!(r(7).get("error").is_some_and(|e| e.as_str().unwrap().contains("500")), "{:?}", r(7));
+    assert!(
+        r(7).get("error")
+            .is_some_and(|e| e.as_str().unwrap().contains("500")),
+        "{:?}",
+        r(7)
+    );
     assert_eq!(r(8)["sha256"], sha256(b"0123456789"));
-    assert!(r(9)["final"].as_str().unwrap().starts_with("226"), "{:?}", r(9));
-    assert!(r(10)["final"].as_str().unwrap().starts_with("226"), "{:?}", r(10));
-    assert!(r(11)["first"].as_str().unwrap().starts_with("150"), "{:?}", r(11));
+    assert!(
+        r(9)["final"].as_str().unwrap().starts_with("226"),
+        "{:?}",
+        r(9)
+    );
+    assert!(
+        r(10)["final"].as_str().unwrap().starts_with("226"),
+        "{:?}",
+        r(10)
+    );
+    assert!(
+        r(11)["first"].as_str().unwrap().starts_with("150"),
+        "{:?}",
+        r(11)
+    );
     assert_eq!(reply(12), "213 65538");
     assert!(reply(13).starts_with("213 "));
     assert!(reply(14).starts_with("350"));
-    assert_eq!(r(15)["sha256"], sha256(b"456789"), "REST then RETR resumes at the offset");
+    assert_eq!(
+        r(15)["sha256"],
+        sha256(b"456789"),
+        "REST then RETR resumes at the offset"
+    );
     assert!(reply(16).starts_with("257"));
     assert!(reply(17).starts_with("250"));
     assert!(reply(18).starts_with("350"));
@@ -154,14 +248,35 @@ fn ftplib_command_set() {
     assert!(reply(20).starts_with("250"));
     // ABOR mid-transfer: the transfer's reply then the ABOR's.
     let abort = r(21);
-    let replies: Vec<&str> = abort["abort_replies"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    assert!(replies[0].starts_with("426") || replies[0].starts_with("226"), "{abort:?}");
-    assert!(replies[1].starts_with("225") || replies[1].starts_with("226"), "{abort:?}");
-    assert!(reply(22).starts_with("200"), "the session goes on after ABOR: {:?}", r(22));
+    let replies: Vec<&str> = abort["abort_replies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        replies[0].starts_with("426") || replies[0].starts_with("226"),
+        "{abort:?}"
+    );
+    assert!(
+        replies[1].starts_with("225") || replies[1].starts_with("226"),
+        "{abort:?}"
+    );
+    assert!(
+        reply(22).starts_with("200"),
+        "the session goes on after ABOR: {:?}",
+        r(22)
+    );
     let stored = [pattern(65537, 0), pattern(1, 0)].concat();
     assert_eq!(r(23)["sha256"], sha256(&stored));
     let feat = reply(24);
-    assert!(feat.contains("EPSV") && feat.contains("EPRT") && !feat.contains("AUTH"), "{feat}");
+    assert!(
+        feat.contains("EPSV") && feat.contains("EPRT") && !feat.contains("AUTH"),
+        "{feat}"
+    );
     assert!(reply(25).starts_with("221"));
-    assert_eq!(sha256_file(&lab.server.public().join("r.bin")), sha256(&stored));
+    assert_eq!(
+        sha256_file(&lab.server.public().join("r.bin")),
+        sha256(&stored)
+    );
 }

@@ -2,6 +2,14 @@
 //! either peer. Each test runs in a namespace of its own with nothing but a
 //! loopback interface, so even a bug cannot send a packet off the machine.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    missing_docs
+)]
+
 mod common;
 
 use std::io::{Read, Write};
@@ -11,7 +19,12 @@ use std::time::Duration;
 use common::*;
 
 fn port_arg(addr: &str, port: u16) -> String {
-    format!("PORT {},{},{}", addr.replace('.', ","), port >> 8, port & 0xff)
+    format!(
+        "PORT {},{},{}",
+        addr.replace('.', ","),
+        port >> 8,
+        port & 0xff
+    )
 }
 
 fn client_listener(lab: &Lab, ip: &str) -> (TcpListener, u16) {
@@ -43,7 +56,10 @@ fn nat_traversal_connects_to_the_observed_address() {
     let baseline = lab.gateway.fd_count();
     // The client connects from 127.0.0.2 but names other private addresses,
     // as a client behind NAT does.
-    let stream = lab.ns.connect_from("127.0.0.2:0".parse().unwrap(), GATEWAY4.parse().unwrap()).unwrap();
+    let stream = lab
+        .ns
+        .connect_from("127.0.0.2:0".parse().unwrap(), GATEWAY4.parse().unwrap())
+        .unwrap();
     let mut control = Control::from_stream(stream);
     control.login();
     assert!(control.cmd("CWD pub").starts_with("250"));
@@ -51,11 +67,19 @@ fn nat_traversal_connects_to_the_observed_address() {
         let (listener, port) = client_listener(&lab, "127.0.0.2");
         let reply = control.cmd(&port_arg(named, port));
         assert!(reply.starts_with("200"), "{named}: {reply}");
-        assert_eq!(retr_active(&mut control, &listener, "n.txt"), b"behind nat", "{named}");
+        assert_eq!(
+            retr_active(&mut control, &listener, "n.txt"),
+            b"behind nat",
+            "{named}"
+        );
     }
     // EPRT naming a unique-local IPv6 address from an IPv4 client: also NAT.
     let (listener, port) = client_listener(&lab, "127.0.0.2");
-    assert!(control.cmd(&format!("EPRT |2|fd00::5|{port}|")).starts_with("200"));
+    assert!(
+        control
+            .cmd(&format!("EPRT |2|fd00::5|{port}|"))
+            .starts_with("200")
+    );
     assert_eq!(retr_active(&mut control, &listener, "n.txt"), b"behind nat");
     lab.gateway.expect_logs("client behind NAT", 5);
     assert!(control.cmd("QUIT").starts_with("221"));
@@ -66,7 +90,10 @@ fn nat_traversal_connects_to_the_observed_address() {
 #[test]
 fn nat_traversal_can_be_turned_off() {
     let lab = Lab::new(&["--nat-traversal", "false"]);
-    let stream = lab.ns.connect_from("127.0.0.2:0".parse().unwrap(), GATEWAY4.parse().unwrap()).unwrap();
+    let stream = lab
+        .ns
+        .connect_from("127.0.0.2:0".parse().unwrap(), GATEWAY4.parse().unwrap())
+        .unwrap();
     let mut control = Control::from_stream(stream);
     control.login();
     let reply = control.cmd(&port_arg("192.168.1.5", 5001));
@@ -138,7 +165,10 @@ fn bad_lines_get_replies_and_the_session_goes_on() {
     long.extend_from_slice(b"\r\n");
     control.send(&long);
     let reply = control.reply();
-    assert!(reply.starts_with("500") && reply.contains("longer than 512"), "{reply}");
+    assert!(
+        reply.starts_with("500") && reply.contains("longer than 512"),
+        "{reply}"
+    );
     for (bytes, code) in [
         (&b"\r\n"[..], "500"),
         (b"RETR a\0b\r\n", "501"),
@@ -156,7 +186,9 @@ fn bad_lines_get_replies_and_the_session_goes_on() {
         assert!(reply.starts_with(code), "{bytes:?}: {reply}");
     }
     // 10,000 pipelined commands, answered in order.
-    let burst: Vec<u8> = (0..10_000).flat_map(|_| b"NOOP\r\n".iter().copied()).collect();
+    let burst: Vec<u8> = (0..10_000)
+        .flat_map(|_| b"NOOP\r\n".iter().copied())
+        .collect();
     let mut writer = control.stream.try_clone().unwrap();
     let sender = std::thread::spawn(move || writer.write_all(&burst).unwrap());
     for i in 0..10_000 {
@@ -193,10 +225,18 @@ fn data_connection_from_another_address_is_closed() {
     assert!(control.cmd("CWD pub").starts_with("250"));
     let reply = control.cmd("PASV");
     assert!(reply.starts_with("227"), "{reply}");
-    let numbers: Vec<u16> = reply[reply.find('(').unwrap() + 1..reply.find(')').unwrap()].split(',').map(|n| n.parse().unwrap()).collect();
-    let data_addr: SocketAddr = format!("127.0.0.1:{}", numbers[4] * 256 + numbers[5]).parse().unwrap();
+    let numbers: Vec<u16> = reply[reply.find('(').unwrap() + 1..reply.find(')').unwrap()]
+        .split(',')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let data_addr: SocketAddr = format!("127.0.0.1:{}", numbers[4] * 256 + numbers[5])
+        .parse()
+        .unwrap();
     // The thief comes first, from another address.
-    let mut thief = lab.ns.connect_from("127.0.0.66:0".parse().unwrap(), data_addr).unwrap();
+    let mut thief = lab
+        .ns
+        .connect_from("127.0.0.66:0".parse().unwrap(), data_addr)
+        .unwrap();
     let mut data = lab.ns.connect(data_addr).unwrap();
     control.send(b"RETR t.txt\r\n");
     assert!(control.reply().starts_with("150"));
@@ -204,30 +244,60 @@ fn data_connection_from_another_address_is_closed() {
     data.read_to_end(&mut got).unwrap();
     assert_eq!(got, b"theft-proof");
     assert!(control.reply().starts_with("226"));
-    thief.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    thief
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut stolen = Vec::new();
     let _ = thief.read_to_end(&mut stolen);
     assert!(stolen.is_empty(), "the thief got data");
-    lab.gateway.expect_logs("data connection from an unexpected address", 1);
+    lab.gateway
+        .expect_logs("data connection from an unexpected address", 1);
 }
 
 #[test]
 fn server_down_gets_421_and_the_gateway_keeps_serving() {
     let ns = NetNs::new();
     // Nothing listens on the upstream port.
-    let gateway = Gateway::start(&ns, &["--listen", GATEWAY4, "--upstream", "127.0.0.1:2999", "--connect-timeout", "2"]);
+    let gateway = Gateway::start(
+        &ns,
+        &[
+            "--listen",
+            GATEWAY4,
+            "--upstream",
+            "127.0.0.1:2999",
+            "--connect-timeout",
+            "2",
+        ],
+    );
     for _ in 0..3 {
         let mut stream = ns.connect(GATEWAY4.parse().unwrap()).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let mut reply = String::new();
         stream.read_to_string(&mut reply).unwrap();
-        assert!(reply.starts_with("421") && reply.contains("127.0.0.1:2999"), "{reply}");
+        assert!(
+            reply.starts_with("421") && reply.contains("127.0.0.1:2999"),
+            "{reply}"
+        );
     }
     // A server that accepts but never greets.
     let silent = ns.listen("127.0.0.1:2998".parse().unwrap());
-    let gateway2 = Gateway::start(&ns, &["--listen", "127.0.0.1:2101", "--upstream", "127.0.0.1:2998", "--connect-timeout", "1"]);
+    let gateway2 = Gateway::start(
+        &ns,
+        &[
+            "--listen",
+            "127.0.0.1:2101",
+            "--upstream",
+            "127.0.0.1:2998",
+            "--connect-timeout",
+            "1",
+        ],
+    );
     let mut stream = ns.connect("127.0.0.1:2101".parse().unwrap()).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut reply = String::new();
     stream.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("421"), "{reply}");
@@ -265,7 +335,17 @@ fn hostile_server_passive_replies() {
             line.clear();
         }
     });
-    let gateway = Gateway::start(&ns, &["--listen", GATEWAY4, "--upstream", "127.0.0.1:2997", "--upstream-mode", "passive"]);
+    let gateway = Gateway::start(
+        &ns,
+        &[
+            "--listen",
+            GATEWAY4,
+            "--upstream",
+            "127.0.0.1:2997",
+            "--upstream-mode",
+            "passive",
+        ],
+    );
     let mut control = Control::connect(&ns, GATEWAY4);
     for _ in 0..4 {
         assert!(control.cmd("PASV").starts_with("227"));
@@ -279,7 +359,12 @@ fn hostile_server_passive_replies() {
 }
 
 fn session_pids(server: &Vsftpd) -> Vec<String> {
-    let needle = server.dir.path().join("vsftpd.conf").to_string_lossy().into_owned();
+    let needle = server
+        .dir
+        .path()
+        .join("vsftpd.conf")
+        .to_string_lossy()
+        .into_owned();
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
@@ -301,21 +386,31 @@ fn server_dies_mid_transfer() {
     assert!(control.cmd("CWD pub").starts_with("250"));
     let reply = control.cmd("EPSV");
     let port: u16 = reply.split('|').nth(3).unwrap().parse().unwrap();
-    let mut data = lab.ns.connect(format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
+    let mut data = lab
+        .ns
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .unwrap();
     control.send(b"RETR big.bin\r\n");
     assert!(control.reply().starts_with("150"));
     let mut buf = vec![0u8; 1 << 20];
     data.read_exact(&mut buf).unwrap();
     // SIGKILL the session processes, not the listener.
-    for pid in session_pids(&lab.server).into_iter().filter(|p| !listener_pids.contains(p)) {
+    for pid in session_pids(&lab.server)
+        .into_iter()
+        .filter(|p| !listener_pids.contains(p))
+    {
         run(std::process::Command::new("kill").args(["-9", &pid]));
     }
     // The client sees the transfer fail: 426 or 421, never a 226.
-    data.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    data.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut rest = Vec::new();
     let _ = data.read_to_end(&mut rest);
     let reply = control.reply();
-    assert!(reply.starts_with("426") || reply.starts_with("421"), "{reply}");
+    assert!(
+        reply.starts_with("426") || reply.starts_with("421"),
+        "{reply}"
+    );
     drop((data, control));
     // New sessions are served.
     let mut again = Control::connect(&lab.ns, GATEWAY4);
@@ -335,20 +430,29 @@ fn client_dies_mid_transfer() {
     assert!(control.cmd("CWD pub").starts_with("250"));
     let reply = control.cmd("EPSV");
     let port: u16 = reply.split('|').nth(3).unwrap().parse().unwrap();
-    let mut data = lab.ns.connect(format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
+    let mut data = lab
+        .ns
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .unwrap();
     control.send(b"RETR big.bin\r\n");
     assert!(control.reply().starts_with("150"));
     let mut buf = vec![0u8; 1 << 20];
     data.read_exact(&mut buf).unwrap();
     // The client vanishes: both connections reset.
     for s in [&data, &control.stream] {
-        socket2::SockRef::from(s).set_linger(Some(Duration::ZERO)).unwrap();
+        socket2::SockRef::from(s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
     }
     drop((data, control));
     // The server's side is closed within a second: vsftpd logs the failed transfer.
     let deadline = std::time::Instant::now() + Duration::from_secs(1);
     while !lab.server.log().contains("FAIL DOWNLOAD") {
-        assert!(std::time::Instant::now() < deadline, "server-side data connection not closed within a second:\n{}", lab.server.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server-side data connection not closed within a second:\n{}",
+            lab.server.log()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     lab.gateway.assert_fds_back_to(baseline);
@@ -364,12 +468,25 @@ fn session_limits_answer_421() {
     let mut refused = lab.ns.connect(GATEWAY4.parse().unwrap()).unwrap();
     let mut reply = String::new();
     refused.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("421") && reply.contains("your address"), "{reply}");
-    let c = Control::from_stream(lab.ns.connect_from("127.0.0.2:0".parse().unwrap(), GATEWAY4.parse().unwrap()).unwrap());
-    let mut refused = lab.ns.connect_from("127.0.0.3:0".parse().unwrap(), GATEWAY4.parse().unwrap()).unwrap();
+    assert!(
+        reply.starts_with("421") && reply.contains("your address"),
+        "{reply}"
+    );
+    let c = Control::from_stream(
+        lab.ns
+            .connect_from("127.0.0.2:0".parse().unwrap(), GATEWAY4.parse().unwrap())
+            .unwrap(),
+    );
+    let mut refused = lab
+        .ns
+        .connect_from("127.0.0.3:0".parse().unwrap(), GATEWAY4.parse().unwrap())
+        .unwrap();
     let mut reply = String::new();
     refused.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("421") && reply.contains("Too many sessions"), "{reply}");
+    assert!(
+        reply.starts_with("421") && reply.contains("Too many sessions"),
+        "{reply}"
+    );
     drop((a, b, c));
     // Slots come back.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -390,5 +507,8 @@ fn idle_control_connection_gets_421() {
     let lab = Lab::new(&["--idle-timeout", "1"]);
     let mut control = Control::connect(&lab.ns, GATEWAY4);
     let reply = control.reply();
-    assert!(reply.starts_with("421") && reply.contains("Idle timeout"), "{reply}");
+    assert!(
+        reply.starts_with("421") && reply.contains("Idle timeout"),
+        "{reply}"
+    );
 }

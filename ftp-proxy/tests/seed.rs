@@ -2,6 +2,14 @@
 //! USER/PASS, PORT + LIST, CWD, PORT + RETR readme.txt, carried through the
 //! gateway in active mode with every byte intact.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    missing_docs
+)]
+
 mod common;
 
 use std::io::{Read, Write};
@@ -43,11 +51,16 @@ fn seed_session_port_list_cwd_port_retr() {
     // client sees EOF after the last byte, then closes its side.
     let listener = lab.ns.listen("127.0.0.1:0".parse().unwrap());
     let port = listener.local_addr().unwrap().port();
-    assert!(control.cmd(&format!("PORT 127,0,0,1,{},{}", port >> 8, port & 0xff)).starts_with("200"));
+    assert!(
+        control
+            .cmd(&format!("PORT 127,0,0,1,{},{}", port >> 8, port & 0xff))
+            .starts_with("200")
+    );
     control.send(b"RETR readme.txt\r\n");
     assert!(control.reply().starts_with("150"));
     let (mut data, _) = listener.accept().unwrap();
-    data.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    data.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut got = Vec::new();
     data.read_to_end(&mut got).unwrap();
     assert_eq!(got, readme);

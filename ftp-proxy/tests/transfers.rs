@@ -2,6 +2,14 @@
 //! 256 MiB, content holding every byte value, both directions, PASV, EPSV,
 //! PORT and EPRT, over IPv4 and IPv6, with each `--upstream-mode`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    missing_docs
+)]
+
 mod common;
 
 use common::*;
@@ -19,12 +27,21 @@ fn matrix(lab: &Lab, host: &str, modes: &[&str], sizes: &[usize]) {
     let server = lab.upstream();
     for &size in sizes {
         if size >= BIG {
-            write_pattern_file(&server.public().join(format!("f-{size}.bin")), size, seed(size));
+            write_pattern_file(
+                &server.public().join(format!("f-{size}.bin")),
+                size,
+                seed(size),
+            );
         } else {
             server.put(&format!("f-{size}.bin"), &pattern(size, seed(size)));
         }
     }
-    let mut steps = vec![json!({"op": "connect"}), json!({"op": "login"}), json!({"op": "cmd", "line": "TYPE I"}), json!({"op": "cmd", "line": "CWD pub"})];
+    let mut steps = vec![
+        json!({"op": "connect"}),
+        json!({"op": "login"}),
+        json!({"op": "cmd", "line": "TYPE I"}),
+        json!({"op": "cmd", "line": "CWD pub"}),
+    ];
     let mut expect = Vec::new();
     for &mode in modes {
         for &size in sizes {
@@ -38,13 +55,29 @@ fn matrix(lab: &Lab, host: &str, modes: &[&str], sizes: &[usize]) {
     let results = lab.python(json!({"host": host, "port": 2100, "timeout": 120, "steps": steps}));
     for (i, (op, mode, size)) in expect.into_iter().enumerate() {
         let r = &results[i + 4];
-        let want = if size >= BIG { sha256_file(&server.public().join(format!("f-{size}.bin"))) } else { sha256(&pattern(size, seed(size))) };
-        assert!(r["final"].as_str().is_some_and(|f| f.starts_with("226")), "{op} {mode} {size}: {r}\n{}", lab.gateway.logs());
+        let want = if size >= BIG {
+            sha256_file(&server.public().join(format!("f-{size}.bin")))
+        } else {
+            sha256(&pattern(size, seed(size)))
+        };
+        assert!(
+            r["final"].as_str().is_some_and(|f| f.starts_with("226")),
+            "{op} {mode} {size}: {r}\n{}",
+            lab.gateway.logs()
+        );
         assert_eq!(r["size"], size, "{op} {mode} {size}: {r}");
-        assert_eq!(r["sha256"].as_str().unwrap(), want, "{op} {mode} {size}: client side");
+        assert_eq!(
+            r["sha256"].as_str().unwrap(),
+            want,
+            "{op} {mode} {size}: client side"
+        );
         if op == "stor" {
             let stored = server.public().join(format!("up-{mode}-{size}.bin"));
-            assert_eq!(sha256_file(&stored), want, "{op} {mode} {size}: server side");
+            assert_eq!(
+                sha256_file(&stored),
+                want,
+                "{op} {mode} {size}: server side"
+            );
             std::fs::remove_file(stored).unwrap();
         }
     }

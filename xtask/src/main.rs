@@ -1,5 +1,214 @@
-//! `cargo xtask`: the project's tasks. `setup` installs what the tests and
-//! the demo need (idempotently), `run` starts a demo FTP server with the
-//! gateway in front of it, `test` runs everything CI runs.
+//! `cargo xtask`: the project's tasks.
+//!
+//! - `setup`: installs what the tests and the demo need, idempotently
+//!   (Debian packages through `scripts/install-deps.sh`).
+//! - `run`: builds the gateway and runs it in front of a demo vsftpd that it
+//!   sets up in `target/demo`; with `--upstream HOST:PORT` it relays to that
+//!   server instead.
+//! - `test`: everything CI runs: setup, formatting, clippy, the whole test
+//!   suite.
 
-fn main() {}
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install test and demo dependencies (idempotent; needs root for apt).
+    Setup,
+    /// Run the gateway on 127.0.0.1:2121 in front of a demo FTP server (or --upstream).
+    Run {
+        /// Arguments passed to ftp-proxy (e.g. --upstream ftp.example.net:21).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run what CI runs: setup, fmt, clippy, tests.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+fn setup() -> Result<()> {
+    let script = root().join("scripts/install-deps.sh");
+    if is_root() {
+        status(Command::new("bash").arg(&script))
+    } else {
+        status(Command::new("sudo").arg("bash").arg(&script))
+            .context("installing dependencies needs root")
+    }
+}
+
+fn test(no_lint: bool, args: &[String]) -> Result<()> {
+    setup()?;
+    if !no_lint {
+        status(cargo().args(["fmt", "--all", "--", "--check"]))?;
+        status(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    status(
+        cargo()
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .args(args),
+    )
+}
+
+/// A demo vsftpd, killed on drop.
+struct Demo(Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const DEMO_SERVER: &str = "127.0.0.1:2221";
+const DEMO_README: &str = "Welcome to the ftp-proxy demo.\r\nThis is readme.txt, served by vsftpd through the gateway.\r\n";
+
+fn start_demo_server() -> Result<Demo> {
+    let dir = root().join("target/demo");
+    let _ = std::fs::remove_dir_all(&dir);
+    for sub in ["empty", "ftproot/pub"] {
+        std::fs::create_dir_all(dir.join(sub))
+            .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+    }
+    std::fs::write(dir.join("ftproot/pub/readme.txt"), DEMO_README)?;
+    status(
+        Command::new("chown")
+            .args(["-R", "ftp:ftp"])
+            .arg(dir.join("ftproot/pub")),
+    )?;
+    status(
+        Command::new("chmod")
+            .args(["755"])
+            .arg(&dir)
+            .arg(dir.join("ftproot")),
+    )?;
+    let template = std::fs::read_to_string(root().join("deploy/demo/vsftpd.conf.in"))?;
+    let config = template
+        .replace(
+            "@LISTEN@",
+            "listen=YES\nlisten_ipv6=NO\nlisten_address=127.0.0.1",
+        )
+        .replace("@PORT@", "2221")
+        .replace("@ROOT@", &dir.display().to_string())
+        .replace("@PASV_MIN@", "30000")
+        .replace("@PASV_MAX@", "30099");
+    std::fs::write(dir.join("vsftpd.conf"), config)?;
+    let stdin = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.join("vsftpd.err"))?;
+    let child = Command::new("vsftpd")
+        .arg(dir.join("vsftpd.conf"))
+        .stdin(stdin)
+        .spawn()
+        .context("starting vsftpd")?;
+    let demo = Demo(child);
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(DEMO_SERVER).is_ok() {
+            return Ok(demo);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    bail!(
+        "vsftpd did not start: {}",
+        std::fs::read_to_string(dir.join("vsftpd.err")).unwrap_or_default()
+    )
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let own_upstream = args
+        .iter()
+        .any(|a| a == "--upstream" || a.starts_with("--upstream="));
+    if !own_upstream {
+        setup()?;
+    }
+    status(cargo().args(["build", "--release", "-p", "ftp-proxy"]))?;
+    let _demo = if own_upstream {
+        None
+    } else {
+        Some(start_demo_server()?)
+    };
+    let mut gateway = Command::new(root().join("target/release/ftp-proxy"));
+    gateway.args([
+        "--listen",
+        "127.0.0.1:2121",
+        "--passive-ports",
+        "40000-40099",
+    ]);
+    if !own_upstream {
+        gateway.args(["--upstream", DEMO_SERVER]);
+        eprintln!(
+            "\nxtask: demo FTP server on {DEMO_SERVER}; gateway on 127.0.0.1:2121. Try:\n  \
+             curl ftp://127.0.0.1:2121/pub/readme.txt\n  curl -P - ftp://127.0.0.1:2121/pub/\n  \
+             lftp -p 2121 127.0.0.1\nCtrl-C stops both.\n"
+        );
+    }
+    gateway.args(args);
+    let status = gateway.status().context("running the gateway")?;
+    if !status.success() && status.code() != Some(130) {
+        bail!("gateway exited with {status}");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Run { args } => run(&args),
+        Task::Test { no_lint, args } => test(no_lint, &args),
+    }
+}

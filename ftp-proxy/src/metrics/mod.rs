@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 /// Why the gateway refused something.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,17 +125,21 @@ impl Metrics {
     /// [`MetricsError`] if a metric cannot be registered.
     pub fn new() -> Result<Metrics, MetricsError> {
         let registry = Registry::new_custom(Some("ftp_proxy".to_owned()), None)?;
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, MetricsError> {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, MetricsError> {
-            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
-            registry.register(Box::new(h.clone()))?;
-            Ok(h)
-        };
-        let latency = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, MetricsError> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let histogram =
+            |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, MetricsError> {
+                let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
+        let latency = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
         let sessions_active = IntGauge::new("sessions_active", "Client sessions open now")?;
         registry.register(Box::new(sessions_active.clone()))?;
         let nat_rewrites_total = IntCounter::new(
@@ -143,21 +149,63 @@ impl Metrics {
         registry.register(Box::new(nat_rewrites_total.clone()))?;
         Ok(Metrics {
             sessions_active,
-            sessions_total: counter_vec("sessions_total", "Client sessions ended, by outcome", &["outcome"])?,
-            commands_total: counter_vec("commands_total", "Client commands, by verb (unknown verbs as OTHER)", &["command"])?,
-            replies_total: counter_vec("replies_total", "Replies sent to clients, by class", &["class"])?,
-            data_connections_total: counter_vec("data_connections_total", "Data connections established, by leg and mode", &["leg", "mode"])?,
-            transfers_total: counter_vec("transfers_total", "Transfers, by direction and result", &["direction", "result"])?,
-            transfer_bytes_total: counter_vec("transfer_bytes_total", "Bytes relayed on data connections, by direction", &["direction"])?,
+            sessions_total: counter_vec(
+                "sessions_total",
+                "Client sessions ended, by outcome",
+                &["outcome"],
+            )?,
+            commands_total: counter_vec(
+                "commands_total",
+                "Client commands, by verb (unknown verbs as OTHER)",
+                &["command"],
+            )?,
+            replies_total: counter_vec(
+                "replies_total",
+                "Replies sent to clients, by class",
+                &["class"],
+            )?,
+            data_connections_total: counter_vec(
+                "data_connections_total",
+                "Data connections established, by leg and mode",
+                &["leg", "mode"],
+            )?,
+            transfers_total: counter_vec(
+                "transfers_total",
+                "Transfers, by direction and result",
+                &["direction", "result"],
+            )?,
+            transfer_bytes_total: counter_vec(
+                "transfer_bytes_total",
+                "Bytes relayed on data connections, by direction",
+                &["direction"],
+            )?,
             transfer_duration: histogram(
                 "transfer_duration_seconds",
                 "Time from the server's 1xx to the final reply",
-                vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0],
+                vec![
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+                ],
             )?,
-            data_setup: histogram("data_setup_seconds", "Time to establish both data connections of a transfer", latency.clone())?,
-            upstream_connect: histogram("upstream_connect_seconds", "Time to connect to the server and read its banner", latency)?,
-            upstream_errors_total: counter_vec("upstream_errors_total", "Failures talking to the server, by reason", &["reason"])?,
-            rejected_total: counter_vec("rejected_total", "Things refused by the gateway, by reason", &["reason"])?,
+            data_setup: histogram(
+                "data_setup_seconds",
+                "Time to establish both data connections of a transfer",
+                latency.clone(),
+            )?,
+            upstream_connect: histogram(
+                "upstream_connect_seconds",
+                "Time to connect to the server and read its banner",
+                latency,
+            )?,
+            upstream_errors_total: counter_vec(
+                "upstream_errors_total",
+                "Failures talking to the server, by reason",
+                &["reason"],
+            )?,
+            rejected_total: counter_vec(
+                "rejected_total",
+                "Things refused by the gateway, by reason",
+                &["reason"],
+            )?,
             relay_total: counter_vec("relay_total", "Data relay directions, by mode", &["mode"])?,
             nat_rewrites_total,
             registry,
@@ -171,7 +219,9 @@ impl Metrics {
 
     /// The metrics in Prometheus text format.
     pub fn encode(&self) -> String {
-        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
     }
 
     /// A session started.
@@ -211,7 +261,9 @@ impl Metrics {
 
     /// Something was refused.
     pub fn rejected(&self, reason: Reject) {
-        self.rejected_total.with_label_values(&[reason.label()]).inc();
+        self.rejected_total
+            .with_label_values(&[reason.label()])
+            .inc();
     }
 
     /// A NAT traversal rewrite was done.
@@ -229,7 +281,9 @@ impl Metrics {
             DataMode::Listen => "listen",
             DataMode::Connect => "connect",
         };
-        self.data_connections_total.with_label_values(&[leg, mode]).inc();
+        self.data_connections_total
+            .with_label_values(&[leg, mode])
+            .inc();
     }
 
     /// Both data connections of a transfer were established.
@@ -244,7 +298,9 @@ impl Metrics {
 
     /// Talking to the server failed.
     pub fn upstream_error(&self, reason: &'static str) {
-        self.upstream_errors_total.with_label_values(&[reason]).inc();
+        self.upstream_errors_total
+            .with_label_values(&[reason])
+            .inc();
     }
 
     /// A relay direction finished, with the method used.
@@ -253,15 +309,25 @@ impl Metrics {
     }
 
     /// A transfer ended.
-    pub fn transfer_finished(&self, upload: bool, result: TransferResult, bytes: u64, took: Duration) {
+    pub fn transfer_finished(
+        &self,
+        upload: bool,
+        result: TransferResult,
+        bytes: u64,
+        took: Duration,
+    ) {
         let direction = if upload { "upload" } else { "download" };
         let result = match result {
             TransferResult::Ok => "ok",
             TransferResult::Failed => "failed",
             TransferResult::Aborted => "aborted",
         };
-        self.transfers_total.with_label_values(&[direction, result]).inc();
-        self.transfer_bytes_total.with_label_values(&[direction]).inc_by(bytes);
+        self.transfers_total
+            .with_label_values(&[direction, result])
+            .inc();
+        self.transfer_bytes_total
+            .with_label_values(&[direction])
+            .inc_by(bytes);
         self.transfer_duration.observe(took.as_secs_f64());
     }
 }
@@ -276,7 +342,13 @@ mod tests {
         m.rejected(Reject::Bounce);
         m.transfer_finished(false, TransferResult::Ok, 42, Duration::from_millis(3));
         let text = m.encode();
-        assert!(text.contains("ftp_proxy_rejected_total{reason=\"bounce\"} 1"), "{text}");
-        assert!(text.contains("ftp_proxy_transfer_bytes_total{direction=\"download\"} 42"), "{text}");
+        assert!(
+            text.contains("ftp_proxy_rejected_total{reason=\"bounce\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ftp_proxy_transfer_bytes_total{direction=\"download\"} 42"),
+            "{text}"
+        );
     }
 }

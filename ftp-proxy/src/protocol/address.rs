@@ -53,7 +53,9 @@ fn host_port(n: [u8; 6]) -> SocketAddrV4 {
 /// [`AddressError::BadHostPort`] when it is not six numbers from 0 to 255.
 pub fn parse_port(arg: &[u8]) -> Result<SocketAddrV4, AddressError> {
     let text = std::str::from_utf8(arg).map_err(|_| AddressError::BadHostPort)?;
-    parse_u8_list(text.trim()).map(host_port).ok_or(AddressError::BadHostPort)
+    parse_u8_list(text.trim())
+        .map(host_port)
+        .ok_or(AddressError::BadHostPort)
 }
 
 /// Formats the argument of `PORT`.
@@ -72,13 +74,21 @@ pub fn parse_pasv_reply(text: &[u8]) -> Result<SocketAddrV4, AddressError> {
     let text = String::from_utf8_lossy(text);
     let bytes = text.as_bytes();
     let mut start = 0;
-    while let Some(offset) = bytes.get(start..).and_then(|rest| rest.iter().position(u8::is_ascii_digit)) {
+    while let Some(offset) = bytes
+        .get(start..)
+        .and_then(|rest| rest.iter().position(u8::is_ascii_digit))
+    {
         let from = start + offset;
         let to = bytes
             .get(from..)
-            .and_then(|rest| rest.iter().position(|b| !(b.is_ascii_digit() || *b == b',' || *b == b' ')))
+            .and_then(|rest| {
+                rest.iter()
+                    .position(|b| !(b.is_ascii_digit() || *b == b',' || *b == b' '))
+            })
             .map_or(bytes.len(), |n| from + n);
-        if let Some(numbers) = text.get(from..to).and_then(|run| parse_u8_list(run.trim_end_matches([',', ' '])))
+        if let Some(numbers) = text
+            .get(from..to)
+            .and_then(|run| parse_u8_list(run.trim_end_matches([',', ' '])))
         {
             return Ok(host_port(numbers));
         }
@@ -98,9 +108,14 @@ fn split_extended(text: &str) -> Result<[&str; 3], AddressError> {
         return Err(AddressError::BadExtended);
     }
     let mut parts = text.split(delimiter);
-    let (Some(""), Some(a), Some(b), Some(c), Some(""), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(""), Some(a), Some(b), Some(c), Some(""), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
         return Err(AddressError::BadExtended);
     };
     Ok([a, b, c])
@@ -123,7 +138,9 @@ fn parse_port_number(text: &str) -> Result<u16, AddressError> {
 /// [`AddressError`] naming the malformed part; an unknown protocol number is
 /// [`AddressError::UnsupportedProtocol`] (RFC 2428 reply 522).
 pub fn parse_eprt(arg: &[u8]) -> Result<SocketAddr, AddressError> {
-    let text = std::str::from_utf8(arg).map_err(|_| AddressError::BadExtended)?.trim();
+    let text = std::str::from_utf8(arg)
+        .map_err(|_| AddressError::BadExtended)?
+        .trim();
     let [proto, addr, port] = split_extended(text)?;
     let ip: IpAddr = match proto {
         "1" => addr.parse::<Ipv4Addr>().map(IpAddr::V4),
@@ -180,7 +197,9 @@ pub enum EpsvArg {
 /// [`AddressError::BadEpsvArgument`] for anything but nothing, a number or
 /// `ALL`; [`AddressError::UnsupportedProtocol`] for a number other than 1 or 2.
 pub fn parse_epsv_arg(arg: &[u8]) -> Result<EpsvArg, AddressError> {
-    let text = std::str::from_utf8(arg).map_err(|_| AddressError::BadEpsvArgument)?.trim();
+    let text = std::str::from_utf8(arg)
+        .map_err(|_| AddressError::BadEpsvArgument)?
+        .trim();
     match text {
         "" => Ok(EpsvArg::Default),
         "1" => Ok(EpsvArg::Protocol(1)),
@@ -203,7 +222,15 @@ mod tests {
         assert_eq!(addr, "127.0.0.1:5001".parse().unwrap());
         assert_eq!(format_port(addr), "127,0,0,1,19,137");
         assert_eq!(parse_port(b" 10, 0, 0, 1, 0, 20 ").unwrap().port(), 20);
-        for bad in [&b"1,2,3,4,5"[..], b"1,2,3,4,5,6,7", b"256,0,0,1,1,1", b"a,b,c,d,e,f", b"1,2,3,4,5,", b"", b"1,2,3,4,5,0006"] {
+        for bad in [
+            &b"1,2,3,4,5"[..],
+            b"1,2,3,4,5,6,7",
+            b"256,0,0,1,1,1",
+            b"a,b,c,d,e,f",
+            b"1,2,3,4,5,",
+            b"",
+            b"1,2,3,4,5,0006",
+        ] {
             assert_eq!(parse_port(bad), Err(AddressError::BadHostPort), "{bad:?}");
         }
     }
@@ -220,19 +247,46 @@ mod tests {
             assert_eq!(parse_pasv_reply(text), Ok(want), "{text:?}");
         }
         assert!(parse_pasv_reply(b"Entering Passive Mode (1,2,3)").is_err());
-        assert_eq!(format_pasv_reply(want), "Entering Passive Mode (192,0,2,7,19,138).");
+        assert_eq!(
+            format_pasv_reply(want),
+            "Entering Passive Mode (192,0,2,7,19,138)."
+        );
     }
 
     #[test]
     fn eprt_codec() {
-        assert_eq!(parse_eprt(b"|1|132.235.1.2|6275|").unwrap(), "132.235.1.2:6275".parse().unwrap());
-        assert_eq!(parse_eprt(b"!2!::1!6275!").unwrap(), "[::1]:6275".parse().unwrap());
-        assert!(matches!(parse_eprt(b"|3|x|1|"), Err(AddressError::UnsupportedProtocol(_))));
-        assert!(matches!(parse_eprt(b"|1|::1|1|"), Err(AddressError::BadAddress(_))));
-        assert!(matches!(parse_eprt(b"|1|1.2.3.4|65536|"), Err(AddressError::BadPort(_))));
-        assert!(matches!(parse_eprt(b"|1|1.2.3.4|0|"), Err(AddressError::BadPort(_))));
-        assert!(matches!(parse_eprt(b"|1|1.2.3.4|1"), Err(AddressError::BadExtended)));
-        assert!(matches!(parse_eprt(b"|1|1.2.3.4|1|x"), Err(AddressError::BadExtended)));
+        assert_eq!(
+            parse_eprt(b"|1|132.235.1.2|6275|").unwrap(),
+            "132.235.1.2:6275".parse().unwrap()
+        );
+        assert_eq!(
+            parse_eprt(b"!2!::1!6275!").unwrap(),
+            "[::1]:6275".parse().unwrap()
+        );
+        assert!(matches!(
+            parse_eprt(b"|3|x|1|"),
+            Err(AddressError::UnsupportedProtocol(_))
+        ));
+        assert!(matches!(
+            parse_eprt(b"|1|::1|1|"),
+            Err(AddressError::BadAddress(_))
+        ));
+        assert!(matches!(
+            parse_eprt(b"|1|1.2.3.4|65536|"),
+            Err(AddressError::BadPort(_))
+        ));
+        assert!(matches!(
+            parse_eprt(b"|1|1.2.3.4|0|"),
+            Err(AddressError::BadPort(_))
+        ));
+        assert!(matches!(
+            parse_eprt(b"|1|1.2.3.4|1"),
+            Err(AddressError::BadExtended)
+        ));
+        assert!(matches!(
+            parse_eprt(b"|1|1.2.3.4|1|x"),
+            Err(AddressError::BadExtended)
+        ));
         for addr in ["10.0.0.1:1", "[2001:db8::5]:65535"] {
             let addr: SocketAddr = addr.parse().unwrap();
             assert_eq!(parse_eprt(format_eprt(addr).as_bytes()).unwrap(), addr);
@@ -241,14 +295,23 @@ mod tests {
 
     #[test]
     fn epsv_codec() {
-        assert_eq!(parse_epsv_reply(b"Entering Extended Passive Mode (|||6446|)").unwrap(), 6446);
-        assert_eq!(parse_epsv_reply(format_epsv_reply(50000).as_bytes()).unwrap(), 50000);
+        assert_eq!(
+            parse_epsv_reply(b"Entering Extended Passive Mode (|||6446|)").unwrap(),
+            6446
+        );
+        assert_eq!(
+            parse_epsv_reply(format_epsv_reply(50000).as_bytes()).unwrap(),
+            50000
+        );
         assert!(parse_epsv_reply(b"Entering Extended Passive Mode (|1|1.2.3.4|6446|)").is_err());
         assert!(parse_epsv_reply(b"(|||99999|)").is_err());
         assert_eq!(parse_epsv_arg(b"").unwrap(), EpsvArg::Default);
         assert_eq!(parse_epsv_arg(b"all").unwrap(), EpsvArg::All);
         assert_eq!(parse_epsv_arg(b"2").unwrap(), EpsvArg::Protocol(2));
-        assert!(matches!(parse_epsv_arg(b"3"), Err(AddressError::UnsupportedProtocol(_))));
+        assert!(matches!(
+            parse_epsv_arg(b"3"),
+            Err(AddressError::UnsupportedProtocol(_))
+        ));
         assert_eq!(parse_epsv_arg(b"x"), Err(AddressError::BadEpsvArgument));
     }
 

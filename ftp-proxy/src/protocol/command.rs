@@ -110,7 +110,13 @@ impl Verb {
     pub fn is_transfer(&self) -> bool {
         matches!(
             self,
-            Verb::List | Verb::Nlst | Verb::Mlsd | Verb::Retr | Verb::Stor | Verb::Stou | Verb::Appe
+            Verb::List
+                | Verb::Nlst
+                | Verb::Mlsd
+                | Verb::Retr
+                | Verb::Stor
+                | Verb::Stou
+                | Verb::Appe
         )
     }
 
@@ -146,7 +152,10 @@ impl fmt::Debug for Command {
 impl Command {
     /// Builds a command from a verb and an argument.
     pub fn new(verb: Verb, arg: impl Into<Vec<u8>>) -> Command {
-        Command { verb, arg: arg.into() }
+        Command {
+            verb,
+            arg: arg.into(),
+        }
     }
 
     /// Parses one command line (line end already removed).
@@ -158,7 +167,10 @@ impl Command {
         if line.iter().any(|&b| b == b'\r' || b == 0) {
             return Err(CommandError::ControlByte);
         }
-        let start = line.iter().position(|&b| b != b' ').ok_or(CommandError::Empty)?;
+        let start = line
+            .iter()
+            .position(|&b| b != b' ')
+            .ok_or(CommandError::Empty)?;
         let line = line.get(start..).unwrap_or_default();
         let (verb, arg) = match line.iter().position(|&b| b == b' ') {
             Some(space) => (
@@ -171,7 +183,10 @@ impl Command {
             return Err(CommandError::BadVerb);
         }
         let verb = String::from_utf8_lossy(verb).to_ascii_uppercase();
-        Ok(Command { verb: Verb::from_upper(&verb), arg: arg.to_vec() })
+        Ok(Command {
+            verb: Verb::from_upper(&verb),
+            arg: arg.to_vec(),
+        })
     }
 
     /// The argument with surrounding spaces removed (for commands whose
@@ -225,7 +240,12 @@ pub struct CommandCodec {
 impl CommandCodec {
     /// A decoder that refuses lines longer than `max_line` bytes.
     pub fn new(max_line: usize) -> CommandCodec {
-        CommandCodec { max_line: max_line.max(8), line: Vec::new(), telnet: Telnet::Data, overflowed: false }
+        CommandCodec {
+            max_line: max_line.max(8),
+            line: Vec::new(),
+            telnet: Telnet::Data,
+            overflowed: false,
+        }
     }
 
     fn push(&mut self, byte: u8) -> Option<Result<Command, CommandError>> {
@@ -284,7 +304,11 @@ impl Decoder for CommandCodec {
                 Telnet::Subnegotiation if byte == IAC => self.telnet = Telnet::SubnegotiationIac,
                 Telnet::Subnegotiation => {}
                 Telnet::SubnegotiationIac => {
-                    self.telnet = if byte == SE { Telnet::Data } else { Telnet::Subnegotiation }
+                    self.telnet = if byte == SE {
+                        Telnet::Data
+                    } else {
+                        Telnet::Subnegotiation
+                    }
                 }
             }
             if item.is_some() {
@@ -351,7 +375,10 @@ mod tests {
         assert_eq!(Command::parse(b"   "), Err(CommandError::Empty));
         assert_eq!(Command::parse(b"RETRX a"), Err(CommandError::BadVerb));
         assert_eq!(Command::parse(b"R3TR a"), Err(CommandError::BadVerb));
-        assert_eq!(Command::parse(b"RETR a\rDELE b"), Err(CommandError::ControlByte));
+        assert_eq!(
+            Command::parse(b"RETR a\rDELE b"),
+            Err(CommandError::ControlByte)
+        );
         assert_eq!(Command::parse(b"RETR a\0b"), Err(CommandError::ControlByte));
     }
 
@@ -397,7 +424,10 @@ mod tests {
         buf.extend_from_slice(b"\xf4AB");
         assert!(codec.decode(&mut buf).unwrap().is_none());
         buf.extend_from_slice(b"OR\r\n");
-        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().unwrap().verb, Verb::Abor);
+        assert_eq!(
+            codec.decode(&mut buf).unwrap().unwrap().unwrap().verb,
+            Verb::Abor
+        );
     }
 
     #[test]
@@ -413,7 +443,9 @@ mod tests {
 
     #[test]
     fn pipelined_commands_come_out_one_by_one() {
-        let input: Vec<u8> = (0..10_000).flat_map(|_| b"NOOP\r\n".iter().copied()).collect();
+        let input: Vec<u8> = (0..10_000)
+            .flat_map(|_| b"NOOP\r\n".iter().copied())
+            .collect();
         let items = decode_all(&input, 64);
         assert_eq!(items.len(), 10_000);
     }

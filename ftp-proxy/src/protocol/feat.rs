@@ -6,7 +6,9 @@ use super::reply::Reply;
 
 /// Features that need the gateway to take part in a TLS handshake or a
 /// command it does not relay; they are not offered to the client.
-const UNSUPPORTED: &[&[u8]] = &[b"AUTH", b"PBSZ", b"PROT", b"CCC", b"LPRT", b"LPSV", b"ADAT", b"MIC", b"CONF", b"ENC"];
+const UNSUPPORTED: &[&[u8]] = &[
+    b"AUTH", b"PBSZ", b"PROT", b"CCC", b"LPRT", b"LPSV", b"ADAT", b"MIC", b"CONF", b"ENC",
+];
 
 /// Features the gateway implements whatever the server does.
 const ALWAYS: &[&[u8]] = &[b"EPRT", b"EPSV"];
@@ -27,16 +29,25 @@ pub fn rewrite_feat(reply: Reply) -> Reply {
     let Some(last) = lines.pop() else {
         return Reply { code, lines };
     };
-    let (first, features) = lines.split_first().map_or((Vec::new(), &[][..]), |(f, rest)| (f.clone(), rest));
+    let (first, features) = lines
+        .split_first()
+        .map_or((Vec::new(), &[][..]), |(f, rest)| (f.clone(), rest));
     let mut out = vec![first];
     out.extend(
         features
             .iter()
-            .filter(|line| !UNSUPPORTED.iter().any(|u| feature_name(line).eq_ignore_ascii_case(u)))
+            .filter(|line| {
+                !UNSUPPORTED
+                    .iter()
+                    .any(|u| feature_name(line).eq_ignore_ascii_case(u))
+            })
             .cloned(),
     );
     for feature in ALWAYS {
-        if !features.iter().any(|line| feature_name(line).eq_ignore_ascii_case(feature)) {
+        if !features
+            .iter()
+            .any(|line| feature_name(line).eq_ignore_ascii_case(feature))
+        {
             out.push([b" ".as_slice(), feature].concat());
         }
     }
@@ -50,10 +61,35 @@ mod tests {
 
     #[test]
     fn removes_tls_and_adds_extended_commands() {
-        let reply = Reply::multiline(211, &["Features:", "AUTH TLS", "PBSZ", "prot", "SIZE", "MDTM", "End"]);
+        let reply = Reply::multiline(
+            211,
+            &[
+                "Features:",
+                "AUTH TLS",
+                "PBSZ",
+                "prot",
+                "SIZE",
+                "MDTM",
+                "End",
+            ],
+        );
         let out = rewrite_feat(reply);
-        let text: Vec<String> = out.lines.iter().map(|l| String::from_utf8_lossy(l).into_owned()).collect();
-        assert_eq!(text, vec!["211-Features:", " SIZE", " MDTM", " EPRT", " EPSV", "211 End"]);
+        let text: Vec<String> = out
+            .lines
+            .iter()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect();
+        assert_eq!(
+            text,
+            vec![
+                "211-Features:",
+                " SIZE",
+                " MDTM",
+                " EPRT",
+                " EPSV",
+                "211 End"
+            ]
+        );
     }
 
     #[test]

@@ -108,7 +108,11 @@ impl ActiveTarget {
 /// # Errors
 /// [`Refusal`] when the port is privileged, or the address is another host's
 /// and NAT traversal cannot explain it.
-pub fn active_target(requested: SocketAddr, client: IpAddr, nat_traversal: bool) -> Result<ActiveTarget, Refusal> {
+pub fn active_target(
+    requested: SocketAddr,
+    client: IpAddr,
+    nat_traversal: bool,
+) -> Result<ActiveTarget, Refusal> {
     let port = requested.port();
     if port < 1024 {
         return Err(Refusal::LowPort(port));
@@ -178,13 +182,41 @@ mod tests {
 
     #[test]
     fn classes() {
-        for p in ["10.1.2.3", "172.16.0.1", "172.31.255.255", "192.168.1.1", "127.0.0.2", "169.254.1.1", "100.64.0.1", "100.127.255.255", "0.0.0.0", "::1", "fd00::1", "fc00::1", "fe80::1", "::", "::ffff:192.168.0.1"] {
+        for p in [
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "127.0.0.2",
+            "169.254.1.1",
+            "100.64.0.1",
+            "100.127.255.255",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fc00::1",
+            "fe80::1",
+            "::",
+            "::ffff:192.168.0.1",
+        ] {
             assert_eq!(classify(ip(p)), AddressClass::Private, "{p}");
         }
-        for g in ["8.8.8.8", "172.32.0.1", "100.128.0.1", "2001:4860::8888", "::ffff:8.8.8.8"] {
+        for g in [
+            "8.8.8.8",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2001:4860::8888",
+            "::ffff:8.8.8.8",
+        ] {
             assert_eq!(classify(ip(g)), AddressClass::Global, "{g}");
         }
-        for f in ["255.255.255.255", "224.0.0.1", "240.0.0.1", "ff02::1", "::ffff:224.0.0.1"] {
+        for f in [
+            "255.255.255.255",
+            "224.0.0.1",
+            "240.0.0.1",
+            "ff02::1",
+            "::ffff:224.0.0.1",
+        ] {
             assert_eq!(classify(ip(f)), AddressClass::Forbidden, "{f}");
         }
     }
@@ -192,35 +224,82 @@ mod tests {
     #[test]
     fn active_targets() {
         let client = ip("203.0.113.9");
-        assert_eq!(active_target(sa("203.0.113.9:5001"), client, true), Ok(ActiveTarget::Direct(sa("203.0.113.9:5001"))));
+        assert_eq!(
+            active_target(sa("203.0.113.9:5001"), client, true),
+            Ok(ActiveTarget::Direct(sa("203.0.113.9:5001")))
+        );
         assert_eq!(
             active_target(sa("192.168.1.5:5001"), client, true),
-            Ok(ActiveTarget::NatRewritten { requested: sa("192.168.1.5:5001"), target: sa("203.0.113.9:5001") })
+            Ok(ActiveTarget::NatRewritten {
+                requested: sa("192.168.1.5:5001"),
+                target: sa("203.0.113.9:5001")
+            })
         );
-        assert_eq!(active_target(sa("192.168.1.5:5001"), client, false), Err(Refusal::ThirdParty(ip("192.168.1.5"))));
-        assert_eq!(active_target(sa("198.51.100.1:5001"), client, true), Err(Refusal::ThirdParty(ip("198.51.100.1"))));
-        assert_eq!(active_target(sa("[::ffff:198.51.100.1]:5001"), client, true), Err(Refusal::ThirdParty(ip("198.51.100.1"))));
-        assert_eq!(active_target(sa("[::ffff:203.0.113.9]:5001"), client, true), Ok(ActiveTarget::Direct(sa("203.0.113.9:5001"))));
-        assert_eq!(active_target(sa("255.255.255.255:5001"), client, true), Err(Refusal::Forbidden(ip("255.255.255.255"))));
+        assert_eq!(
+            active_target(sa("192.168.1.5:5001"), client, false),
+            Err(Refusal::ThirdParty(ip("192.168.1.5")))
+        );
+        assert_eq!(
+            active_target(sa("198.51.100.1:5001"), client, true),
+            Err(Refusal::ThirdParty(ip("198.51.100.1")))
+        );
+        assert_eq!(
+            active_target(sa("[::ffff:198.51.100.1]:5001"), client, true),
+            Err(Refusal::ThirdParty(ip("198.51.100.1")))
+        );
+        assert_eq!(
+            active_target(sa("[::ffff:203.0.113.9]:5001"), client, true),
+            Ok(ActiveTarget::Direct(sa("203.0.113.9:5001")))
+        );
+        assert_eq!(
+            active_target(sa("255.255.255.255:5001"), client, true),
+            Err(Refusal::Forbidden(ip("255.255.255.255")))
+        );
         for port in [0, 19, 1023] {
-            assert_eq!(active_target(SocketAddr::new(client, port), client, true), Err(Refusal::LowPort(port)));
+            assert_eq!(
+                active_target(SocketAddr::new(client, port), client, true),
+                Err(Refusal::LowPort(port))
+            );
         }
         // An IPv4-mapped client talking to a dual-stack listener.
-        assert!(matches!(active_target(sa("127.0.0.1:2000"), ip("::ffff:127.0.0.1"), false), Ok(ActiveTarget::Direct(_))));
+        assert!(matches!(
+            active_target(sa("127.0.0.1:2000"), ip("::ffff:127.0.0.1"), false),
+            Ok(ActiveTarget::Direct(_))
+        ));
     }
 
     #[test]
     fn server_passive_targets() {
         let server = ip("198.51.100.7");
         let strict = ServerPassivePolicy::Strict;
-        assert_eq!(server_passive_target(sa("198.51.100.7:40000"), server, strict), Ok(sa("198.51.100.7:40000")));
-        assert_eq!(server_passive_target(sa("0.0.0.0:40000"), server, strict), Ok(sa("198.51.100.7:40000")));
-        assert_eq!(server_passive_target(sa("10.0.0.7:40000"), server, strict), Err(Refusal::ThirdParty(ip("10.0.0.7"))));
         assert_eq!(
-            server_passive_target(sa("10.0.0.7:40000"), server, ServerPassivePolicy::ControlAddress),
+            server_passive_target(sa("198.51.100.7:40000"), server, strict),
             Ok(sa("198.51.100.7:40000"))
         );
-        assert_eq!(server_passive_target(sa("198.51.100.7:21"), server, ServerPassivePolicy::ControlAddress), Err(Refusal::LowPort(21)));
+        assert_eq!(
+            server_passive_target(sa("0.0.0.0:40000"), server, strict),
+            Ok(sa("198.51.100.7:40000"))
+        );
+        assert_eq!(
+            server_passive_target(sa("10.0.0.7:40000"), server, strict),
+            Err(Refusal::ThirdParty(ip("10.0.0.7")))
+        );
+        assert_eq!(
+            server_passive_target(
+                sa("10.0.0.7:40000"),
+                server,
+                ServerPassivePolicy::ControlAddress
+            ),
+            Ok(sa("198.51.100.7:40000"))
+        );
+        assert_eq!(
+            server_passive_target(
+                sa("198.51.100.7:21"),
+                server,
+                ServerPassivePolicy::ControlAddress
+            ),
+            Err(Refusal::LowPort(21))
+        );
     }
 
     proptest::proptest! {

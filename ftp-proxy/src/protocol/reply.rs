@@ -53,7 +53,10 @@ pub struct Reply {
 impl Reply {
     /// A single-line reply.
     pub fn new(code: u16, text: &str) -> Reply {
-        Reply { code, lines: vec![format!("{code} {text}").into_bytes()] }
+        Reply {
+            code,
+            lines: vec![format!("{code} {text}").into_bytes()],
+        }
     }
 
     /// A multi-line reply from its text lines: the first and last carry the
@@ -89,7 +92,10 @@ impl Reply {
 
     /// The text of the first line, after the code and its separator.
     pub fn text(&self) -> &[u8] {
-        self.lines.first().and_then(|l| l.get(4..)).unwrap_or_default()
+        self.lines
+            .first()
+            .and_then(|l| l.get(4..))
+            .unwrap_or_default()
     }
 
     /// The reply on the wire, every line ended by CRLF.
@@ -109,7 +115,9 @@ fn code_of(line: &[u8]) -> Option<u16> {
     if !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let code = digits.iter().fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
+    let code = digits
+        .iter()
+        .fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
     (100..600).contains(&code).then_some(code)
 }
 
@@ -124,18 +132,27 @@ pub struct ReplyCodec {
 impl ReplyCodec {
     /// A decoder with the given bounds.
     pub fn new(max_line: usize, max_lines: usize) -> ReplyCodec {
-        ReplyCodec { max_line, max_lines, pending: None }
+        ReplyCodec {
+            max_line,
+            max_lines,
+            pending: None,
+        }
     }
 
     fn take_line(&mut self, line: Vec<u8>) -> Result<Option<Reply>, ReplyError> {
         match self.pending.as_mut() {
             None => {
                 let code = code_of(&line).ok_or_else(|| ReplyError::InvalidCode {
-                    line: String::from_utf8_lossy(line.get(..line.len().min(40)).unwrap_or_default())
-                        .into_owned(),
+                    line: String::from_utf8_lossy(
+                        line.get(..line.len().min(40)).unwrap_or_default(),
+                    )
+                    .into_owned(),
                 })?;
                 let separator = line.get(3).copied();
-                let reply = Reply { code, lines: vec![line] };
+                let reply = Reply {
+                    code,
+                    lines: vec![line],
+                };
                 match separator {
                     Some(b'-') => {
                         self.pending = Some(reply);
@@ -147,9 +164,12 @@ impl ReplyCodec {
                 }
             }
             Some(reply) => {
-                let ends = code_of(&line) == Some(reply.code) && matches!(line.get(3), None | Some(b' '));
+                let ends =
+                    code_of(&line) == Some(reply.code) && matches!(line.get(3), None | Some(b' '));
                 if reply.lines.len() >= self.max_lines {
-                    return Err(ReplyError::TooManyLines { max: self.max_lines });
+                    return Err(ReplyError::TooManyLines {
+                        max: self.max_lines,
+                    });
                 }
                 reply.lines.push(line);
                 Ok(if ends { self.pending.take() } else { None })
@@ -233,18 +253,41 @@ mod tests {
 
     #[test]
     fn invalid_codes_are_errors() {
-        assert!(matches!(decode_all(b"hello\r\n"), Err(ReplyError::InvalidCode { .. })));
-        assert!(matches!(decode_all(b"099 x\r\n"), Err(ReplyError::InvalidCode { .. })));
-        assert!(matches!(decode_all(b"600 x\r\n"), Err(ReplyError::InvalidCode { .. })));
-        assert!(matches!(decode_all(b"2a0 x\r\n"), Err(ReplyError::InvalidCode { .. })));
+        assert!(matches!(
+            decode_all(b"hello\r\n"),
+            Err(ReplyError::InvalidCode { .. })
+        ));
+        assert!(matches!(
+            decode_all(b"099 x\r\n"),
+            Err(ReplyError::InvalidCode { .. })
+        ));
+        assert!(matches!(
+            decode_all(b"600 x\r\n"),
+            Err(ReplyError::InvalidCode { .. })
+        ));
+        assert!(matches!(
+            decode_all(b"2a0 x\r\n"),
+            Err(ReplyError::InvalidCode { .. })
+        ));
     }
 
     #[test]
     fn bounds() {
         let long = [b"220 ".as_slice(), &[b'a'; 300]].concat();
-        assert!(matches!(decode_all(&long), Err(ReplyError::LineTooLong { .. })));
-        let endless: Vec<u8> = [b"211-start\r\n".as_slice()].into_iter().chain(std::iter::repeat_n(b" x\r\n".as_slice(), 20)).flatten().copied().collect();
-        assert!(matches!(decode_all(&endless), Err(ReplyError::TooManyLines { .. })));
+        assert!(matches!(
+            decode_all(&long),
+            Err(ReplyError::LineTooLong { .. })
+        ));
+        let endless: Vec<u8> = [b"211-start\r\n".as_slice()]
+            .into_iter()
+            .chain(std::iter::repeat_n(b" x\r\n".as_slice(), 20))
+            .flatten()
+            .copied()
+            .collect();
+        assert!(matches!(
+            decode_all(&endless),
+            Err(ReplyError::TooManyLines { .. })
+        ));
     }
 
     #[test]

@@ -163,7 +163,11 @@ impl RelayHandle {
     /// Waits until `direction` is over and returns its final state.
     /// Cancel-safe.
     pub async fn wait(&mut self, direction: Direction) -> Flow {
-        let over = self.progress.wait_for(|p| p.get(direction).is_over()).await.map(|p| p.get(direction).clone());
+        let over = self
+            .progress
+            .wait_for(|p| p.get(direction).is_over())
+            .await
+            .map(|p| p.get(direction).clone());
         match over {
             Ok(flow) => flow,
             Err(_) => self.progress.borrow().get(direction).clone(),
@@ -172,7 +176,10 @@ impl RelayHandle {
 
     /// Waits until both directions are over. Cancel-safe.
     pub async fn wait_all(&mut self) -> Progress {
-        let _ = self.progress.wait_for(|p| p.client_to_server.is_over() && p.server_to_client.is_over()).await;
+        let _ = self
+            .progress
+            .wait_for(|p| p.client_to_server.is_over() && p.server_to_client.is_over())
+            .await;
         self.progress.borrow().clone()
     }
 
@@ -184,7 +191,10 @@ impl RelayHandle {
 
 /// Starts relaying between the two connections on a task of its own.
 pub fn spawn(client: TcpStream, server: TcpStream, options: RelayOptions) -> RelayHandle {
-    let (tx, rx) = watch::channel(Progress { client_to_server: Flow::Running, server_to_client: Flow::Running });
+    let (tx, rx) = watch::channel(Progress {
+        client_to_server: Flow::Running,
+        server_to_client: Flow::Running,
+    });
     let task = tokio::spawn(run(client, server, options, tx));
     RelayHandle { task, progress: rx }
 }
@@ -203,9 +213,12 @@ impl Activity {
 
     async fn idle(&self, timeout: Duration) {
         loop {
-            let deadline = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + timeout;
+            let deadline =
+                self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + timeout;
             tokio::time::sleep_until(deadline).await;
-            if self.start.elapsed() >= Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + timeout {
+            if self.start.elapsed()
+                >= Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + timeout
+            {
                 return;
             }
         }
@@ -222,19 +235,47 @@ async fn one_way(
 ) -> Result<(), ()> {
     let result = pump::pump(from, to, direction, options, &|| activity.touch()).await;
     let flow = match &result {
-        Ok((bytes, method)) => Flow::Finished { bytes: *bytes, method: *method },
-        Err((bytes, error)) => Flow::Failed { bytes: *bytes, error: error.clone() },
+        Ok((bytes, method)) => Flow::Finished {
+            bytes: *bytes,
+            method: *method,
+        },
+        Err((bytes, error)) => Flow::Failed {
+            bytes: *bytes,
+            error: error.clone(),
+        },
     };
     tx.send_modify(|p| p.set(direction, flow));
     result.map(|_| ()).map_err(|_| ())
 }
 
-async fn run(client: TcpStream, server: TcpStream, options: RelayOptions, tx: watch::Sender<Progress>) {
-    let activity = Activity { start: Instant::now(), last_ms: AtomicU64::new(0) };
+async fn run(
+    client: TcpStream,
+    server: TcpStream,
+    options: RelayOptions,
+    tx: watch::Sender<Progress>,
+) {
+    let activity = Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    };
     let both = async {
         tokio::try_join!(
-            one_way(Direction::ClientToServer, &client, &server, options, &tx, &activity),
-            one_way(Direction::ServerToClient, &server, &client, options, &tx, &activity)
+            one_way(
+                Direction::ClientToServer,
+                &client,
+                &server,
+                options,
+                &tx,
+                &activity
+            ),
+            one_way(
+                Direction::ServerToClient,
+                &server,
+                &client,
+                options,
+                &tx,
+                &activity
+            )
         )
     };
     let failure = tokio::select! {
@@ -245,7 +286,13 @@ async fn run(client: TcpStream, server: TcpStream, options: RelayOptions, tx: wa
         tx.send_modify(|p| {
             for direction in [Direction::ClientToServer, Direction::ServerToClient] {
                 if !p.get(direction).is_over() {
-                    p.set(direction, Flow::Failed { bytes: 0, error: error.clone() });
+                    p.set(
+                        direction,
+                        Flow::Failed {
+                            bytes: 0,
+                            error: error.clone(),
+                        },
+                    );
                 }
             }
         });

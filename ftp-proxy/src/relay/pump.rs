@@ -5,7 +5,7 @@ use std::io;
 use std::net::Shutdown;
 use std::sync::Arc;
 
-use rustix::pipe::{SpliceFlags, fcntl_setpipe_size, pipe_with, PipeFlags, splice};
+use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -16,7 +16,10 @@ const COPY_BUFFER: usize = 64 * 1024;
 type PumpResult = Result<(u64, Method), (u64, RelayError)>;
 
 fn io_error(direction: Direction, error: io::Error) -> RelayError {
-    RelayError::Io { direction: direction.label(), source: Arc::new(error) }
+    RelayError::Io {
+        direction: direction.label(),
+        source: Arc::new(error),
+    }
 }
 
 /// Moves bytes from `from` to `to` until end of stream, then shuts down the
@@ -67,7 +70,12 @@ fn is_unsupported(error: &io::Error) -> bool {
     )
 }
 
-async fn splice_pump(from: &TcpStream, to: &TcpStream, pipe_size: usize, touch: &(dyn Fn() + Sync)) -> SpliceOutcome {
+async fn splice_pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe_size: usize,
+    touch: &(dyn Fn() + Sync),
+) -> SpliceOutcome {
     // Without a pipe (e.g. out of file descriptors) splice cannot be used.
     let Ok((pipe_read, pipe_write)) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK) else {
         return SpliceOutcome::Unsupported;
@@ -80,7 +88,9 @@ async fn splice_pump(from: &TcpStream, to: &TcpStream, pipe_size: usize, touch: 
     loop {
         // The pipe is always empty here, so EAGAIN means the socket has no data.
         let filled = from
-            .async_io(Interest::READABLE, || splice(from, None, &pipe_write, None, chunk, flags).map_err(io::Error::from))
+            .async_io(Interest::READABLE, || {
+                splice(from, None, &pipe_write, None, chunk, flags).map_err(io::Error::from)
+            })
             .await;
         let mut in_pipe = match filled {
             Ok(0) => return SpliceOutcome::Done(total),
@@ -90,7 +100,9 @@ async fn splice_pump(from: &TcpStream, to: &TcpStream, pipe_size: usize, touch: 
         };
         while in_pipe > 0 {
             let drained = to
-                .async_io(Interest::WRITABLE, || splice(&pipe_read, None, to, None, in_pipe, flags).map_err(io::Error::from))
+                .async_io(Interest::WRITABLE, || {
+                    splice(&pipe_read, None, to, None, in_pipe, flags).map_err(io::Error::from)
+                })
                 .await;
             match drained {
                 Ok(0) => return SpliceOutcome::Failed(total, io::ErrorKind::WriteZero.into()),
@@ -105,18 +117,32 @@ async fn splice_pump(from: &TcpStream, to: &TcpStream, pipe_size: usize, touch: 
     }
 }
 
-async fn copy_pump(from: &TcpStream, to: &TcpStream, touch: &(dyn Fn() + Sync)) -> Result<u64, (u64, io::Error)> {
+async fn copy_pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    touch: &(dyn Fn() + Sync),
+) -> Result<u64, (u64, io::Error)> {
     let mut buffer = vec![0u8; COPY_BUFFER];
     let mut total: u64 = 0;
     loop {
-        let n = match from.async_io(Interest::READABLE, || rustix::io::read(from, &mut buffer).map_err(io::Error::from)).await {
+        let n = match from
+            .async_io(Interest::READABLE, || {
+                rustix::io::read(from, &mut buffer).map_err(io::Error::from)
+            })
+            .await
+        {
             Ok(0) => return Ok(total),
             Ok(n) => n,
             Err(e) => return Err((total, e)),
         };
         let mut written = 0;
         while let Some(rest) = buffer.get(written..n).filter(|r| !r.is_empty()) {
-            match to.async_io(Interest::WRITABLE, || rustix::io::write(to, rest).map_err(io::Error::from)).await {
+            match to
+                .async_io(Interest::WRITABLE, || {
+                    rustix::io::write(to, rest).map_err(io::Error::from)
+                })
+                .await
+            {
                 Ok(0) => return Err((total, io::ErrorKind::WriteZero.into())),
                 Ok(m) => {
                     written += m;

@@ -20,7 +20,11 @@ async fn pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
 }
 
 fn options(mode: RelayMode) -> RelayOptions {
-    RelayOptions { mode, pipe_size: 1 << 16, idle_timeout: Duration::from_secs(5) }
+    RelayOptions {
+        mode,
+        pipe_size: 1 << 16,
+        idle_timeout: Duration::from_secs(5),
+    }
 }
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -35,7 +39,10 @@ async fn both_directions_with_counts(mode: RelayMode) {
     let (up2, down2) = (up.clone(), down.clone());
     let client_task = tokio::spawn(async move {
         let (mut r, mut w) = client.split();
-        let write = async { w.write_all(&up2).await.unwrap(); w.shutdown().await.unwrap() };
+        let write = async {
+            w.write_all(&up2).await.unwrap();
+            w.shutdown().await.unwrap()
+        };
         let mut got = Vec::new();
         let read = r.read_to_end(&mut got);
         let (_, n) = tokio::join!(write, read);
@@ -44,7 +51,10 @@ async fn both_directions_with_counts(mode: RelayMode) {
     });
     let server_task = tokio::spawn(async move {
         let (mut r, mut w) = server.split();
-        let write = async { w.write_all(&down2).await.unwrap(); w.shutdown().await.unwrap() };
+        let write = async {
+            w.write_all(&down2).await.unwrap();
+            w.shutdown().await.unwrap()
+        };
         let mut got = Vec::new();
         let read = r.read_to_end(&mut got);
         let (_, n) = tokio::join!(write, read);
@@ -54,9 +64,19 @@ async fn both_directions_with_counts(mode: RelayMode) {
     assert_eq!(client_task.await.unwrap(), down);
     assert_eq!(server_task.await.unwrap(), up);
     let progress = relay.wait_all().await;
-    let want_method = if mode == RelayMode::Splice { Method::Splice } else { Method::Copy };
-    assert!(matches!(progress.client_to_server, Flow::Finished { bytes, method } if bytes == up.len() as u64 && method == want_method), "{progress:?}");
-    assert!(matches!(progress.server_to_client, Flow::Finished { bytes, method } if bytes == down.len() as u64 && method == want_method), "{progress:?}");
+    let want_method = if mode == RelayMode::Splice {
+        Method::Splice
+    } else {
+        Method::Copy
+    };
+    assert!(
+        matches!(progress.client_to_server, Flow::Finished { bytes, method } if bytes == up.len() as u64 && method == want_method),
+        "{progress:?}"
+    );
+    assert!(
+        matches!(progress.server_to_client, Flow::Finished { bytes, method } if bytes == down.len() as u64 && method == want_method),
+        "{progress:?}"
+    );
 }
 
 /// The seed's order: the server's last data carries its FIN, the gateway
@@ -70,7 +90,10 @@ async fn half_close_in_order(mode: RelayMode) {
     let mut got = Vec::new();
     client.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"readme contents");
-    assert!(matches!(relay.wait(Direction::ServerToClient).await, Flow::Finished { bytes: 15, .. }));
+    assert!(matches!(
+        relay.wait(Direction::ServerToClient).await,
+        Flow::Finished { bytes: 15, .. }
+    ));
     // The client's direction is still open: data still flows after the
     // server's FIN, then the client's FIN reaches the server.
     assert!(!relay.progress().client_to_server.is_over());
@@ -79,14 +102,19 @@ async fn half_close_in_order(mode: RelayMode) {
     let mut late = Vec::new();
     server.read_to_end(&mut late).await.unwrap();
     assert_eq!(late, b"late");
-    assert!(matches!(relay.wait(Direction::ClientToServer).await, Flow::Finished { bytes: 4, .. }));
+    assert!(matches!(
+        relay.wait(Direction::ClientToServer).await,
+        Flow::Finished { bytes: 4, .. }
+    ));
 }
 
 async fn reset_is_propagated(mode: RelayMode) {
     let ((client, gw_client), (gw_server, mut server)) = pairs().await;
     let mut relay = spawn(gw_client, gw_server, options(mode));
     // The client dies with data unread: its kernel resets the connection.
-    socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)).unwrap();
+    socket2::SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(client);
     // The server keeps sending; it must learn of the failure quickly.
     let chunk = vec![0u8; 1 << 16];
@@ -100,7 +128,11 @@ async fn reset_is_propagated(mode: RelayMode) {
     };
     assert!(failed, "server never saw the reset");
     let progress = relay.wait_all().await;
-    assert!(matches!(progress.server_to_client, Flow::Failed { .. }) || matches!(progress.client_to_server, Flow::Failed { .. }), "{progress:?}");
+    assert!(
+        matches!(progress.server_to_client, Flow::Failed { .. })
+            || matches!(progress.client_to_server, Flow::Failed { .. }),
+        "{progress:?}"
+    );
 }
 
 async fn idle_timeout_fails_both(mode: RelayMode) {
@@ -108,8 +140,19 @@ async fn idle_timeout_fails_both(mode: RelayMode) {
     let mut opts = options(mode);
     opts.idle_timeout = Duration::from_millis(200);
     let mut relay = spawn(gw_client, gw_server, opts);
-    let progress = tokio::time::timeout(Duration::from_secs(3), relay.wait_all()).await.unwrap();
-    assert!(matches!(progress.server_to_client, Flow::Failed { error: RelayError::Idle(_), .. }), "{progress:?}");
+    let progress = tokio::time::timeout(Duration::from_secs(3), relay.wait_all())
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            progress.server_to_client,
+            Flow::Failed {
+                error: RelayError::Idle(_),
+                ..
+            }
+        ),
+        "{progress:?}"
+    );
     let mut buf = [0u8; 1];
     assert!(server.read(&mut buf).await.is_err() || buf == [0u8; 1]);
 }
@@ -119,8 +162,12 @@ async fn drop_cuts_both(mode: RelayMode) {
     let relay = spawn(gw_client, gw_server, options(mode));
     drop(relay);
     let mut buf = [0u8; 8];
-    let a = tokio::time::timeout(Duration::from_secs(2), client.read(&mut buf)).await.unwrap();
-    let b = tokio::time::timeout(Duration::from_secs(2), server.read(&mut buf)).await.unwrap();
+    let a = tokio::time::timeout(Duration::from_secs(2), client.read(&mut buf))
+        .await
+        .unwrap();
+    let b = tokio::time::timeout(Duration::from_secs(2), server.read(&mut buf))
+        .await
+        .unwrap();
     assert!(matches!(a, Ok(0) | Err(_)) && matches!(b, Ok(0) | Err(_)));
 }
 
@@ -131,4 +178,10 @@ macro_rules! suite {
     };
 }
 
-suite!(both_directions_with_counts, half_close_in_order, reset_is_propagated, idle_timeout_fails_both, drop_cuts_both);
+suite!(
+    both_directions_with_counts,
+    half_close_in_order,
+    reset_is_propagated,
+    idle_timeout_fails_both,
+    drop_cuts_both
+);

@@ -28,7 +28,11 @@ impl ControlStream {
 }
 
 impl AsyncRead for ControlStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         loop {
             ready!(self.0.poll_read_ready(cx))?;
             match self.0.try_read(buf.initialize_unfilled()) {
@@ -44,7 +48,11 @@ impl AsyncRead for ControlStream {
 }
 
 impl AsyncWrite for ControlStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.0.poll_write_ready(cx))?;
             match self.0.try_write(buf) {
@@ -78,7 +86,9 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        socket2::SockRef::from(&server).set_out_of_band_inline(true).unwrap();
+        socket2::SockRef::from(&server)
+            .set_out_of_band_inline(true)
+            .unwrap();
         let (mut reader, _writer) = ControlStream::split(server);
         let sender = socket2::SockRef::from(&client);
         sender.send_out_of_band(b"\xff\xf4\xff").unwrap();
@@ -86,11 +96,20 @@ mod tests {
         let mut got = Vec::new();
         let mut buf = [0u8; 64];
         while !got.ends_with(b"\r\n") {
-            let n = tokio::time::timeout(std::time::Duration::from_secs(2), reader.read(&mut buf)).await.expect("ABOR stuck behind the urgent mark").unwrap();
+            let n = tokio::time::timeout(std::time::Duration::from_secs(2), reader.read(&mut buf))
+                .await
+                .expect("ABOR stuck behind the urgent mark")
+                .unwrap();
             got.extend_from_slice(&buf[..n]);
         }
         assert_eq!(got, b"\xff\xf4\xff\xf2ABOR\r\n");
-        let (_r, mut w) = ControlStream::split(tokio::net::TcpStream::from_std({ client.set_nonblocking(true).unwrap(); client }).unwrap());
+        let (_r, mut w) = ControlStream::split(
+            tokio::net::TcpStream::from_std({
+                client.set_nonblocking(true).unwrap();
+                client
+            })
+            .unwrap(),
+        );
         w.write_all(b"x").await.unwrap();
     }
 }

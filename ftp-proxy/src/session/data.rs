@@ -51,7 +51,11 @@ pub enum DataError {
 }
 
 fn socket_for(ip: IpAddr) -> io::Result<TcpSocket> {
-    let socket = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if ip.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     Ok(socket)
 }
@@ -68,7 +72,10 @@ pub struct PortPool {
 impl PortPool {
     /// A pool over `range` (None: ephemeral ports).
     pub fn new(range: Option<PortRange>) -> PortPool {
-        PortPool { range, next: AtomicUsize::new(0) }
+        PortPool {
+            range,
+            next: AtomicUsize::new(0),
+        }
     }
 
     fn ports(&self) -> impl Iterator<Item = u16> + '_ {
@@ -92,7 +99,11 @@ impl PortPool {
     pub fn listen(&self, ip: IpAddr) -> Result<TcpListener, DataError> {
         for port in self.ports() {
             let addr = SocketAddr::new(ip, port);
-            let io = |operation, source| DataError::Io { operation, addr, source };
+            let io = |operation, source| DataError::Io {
+                operation,
+                addr,
+                source,
+            };
             let socket = socket_for(ip).map_err(|e| io("socket", e))?;
             match socket.bind(addr) {
                 Ok(()) => {}
@@ -112,18 +123,37 @@ impl PortPool {
     ///
     /// # Errors
     /// [`DataError`] when no port is free, the connect fails or times out.
-    pub async fn connect(&self, ip: IpAddr, target: SocketAddr, timeout: Duration) -> Result<TcpStream, DataError> {
+    pub async fn connect(
+        &self,
+        ip: IpAddr,
+        target: SocketAddr,
+        timeout: Duration,
+    ) -> Result<TcpStream, DataError> {
         for port in self.ports() {
             let addr = SocketAddr::new(ip, port);
-            let socket = socket_for(ip).map_err(|source| DataError::Io { operation: "socket", addr, source })?;
+            let socket = socket_for(ip).map_err(|source| DataError::Io {
+                operation: "socket",
+                addr,
+                source,
+            })?;
             match socket.bind(addr) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
-                Err(source) => return Err(DataError::Io { operation: "bind", addr, source }),
+                Err(source) => {
+                    return Err(DataError::Io {
+                        operation: "bind",
+                        addr,
+                        source,
+                    });
+                }
             }
             match connect_socket(socket, target, timeout).await {
                 // Same four-tuple still in use: try the next source port.
-                Err(DataError::Io { source, .. }) if source.kind() == io::ErrorKind::AddrNotAvailable => continue,
+                Err(DataError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::AddrNotAvailable =>
+                {
+                    continue;
+                }
                 other => return other,
             }
         }
@@ -131,10 +161,18 @@ impl PortPool {
     }
 }
 
-async fn connect_socket(socket: TcpSocket, target: SocketAddr, timeout: Duration) -> Result<TcpStream, DataError> {
+async fn connect_socket(
+    socket: TcpSocket,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, DataError> {
     match tokio::time::timeout(timeout, socket.connect(target)).await {
         Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(source)) => Err(DataError::Io { operation: "connect to", addr: target, source }),
+        Ok(Err(source)) => Err(DataError::Io {
+            operation: "connect to",
+            addr: target,
+            source,
+        }),
         Err(_) => Err(DataError::ConnectTimeout { target, timeout }),
     }
 }
@@ -143,10 +181,22 @@ async fn connect_socket(socket: TcpSocket, target: SocketAddr, timeout: Duration
 ///
 /// # Errors
 /// [`DataError`] when the connect fails or times out.
-pub async fn connect_from(ip: IpAddr, target: SocketAddr, timeout: Duration) -> Result<TcpStream, DataError> {
+pub async fn connect_from(
+    ip: IpAddr,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, DataError> {
     let addr = SocketAddr::new(ip, 0);
-    let socket = socket_for(ip).map_err(|source| DataError::Io { operation: "socket", addr, source })?;
-    socket.bind(addr).map_err(|source| DataError::Io { operation: "bind", addr, source })?;
+    let socket = socket_for(ip).map_err(|source| DataError::Io {
+        operation: "socket",
+        addr,
+        source,
+    })?;
+    socket.bind(addr).map_err(|source| DataError::Io {
+        operation: "bind",
+        addr,
+        source,
+    })?;
     connect_socket(socket, target, timeout).await
 }
 
@@ -156,13 +206,19 @@ pub async fn connect_from(ip: IpAddr, target: SocketAddr, timeout: Duration) -> 
 ///
 /// # Errors
 /// [`DataError`] when the connect fails or times out.
-pub async fn connect_active(pool: &PortPool, ip: IpAddr, target: SocketAddr, timeout: Duration) -> Result<TcpStream, DataError> {
+pub async fn connect_active(
+    pool: &PortPool,
+    ip: IpAddr,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, DataError> {
     let addr = SocketAddr::new(ip, 20);
     if let Ok(socket) = socket_for(ip)
         && socket.bind(addr).is_ok()
     {
         match connect_socket(socket, target, timeout).await {
-            Err(DataError::Io { source, .. }) if source.kind() == io::ErrorKind::AddrNotAvailable => {}
+            Err(DataError::Io { source, .. })
+                if source.kind() == io::ErrorKind::AddrNotAvailable => {}
             other => return other,
         }
     }
@@ -192,13 +248,22 @@ pub async fn accept_from(
                 on_intruder(peer);
             }
             Ok(Err(source)) => {
-                let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::new(expected, 0));
+                let addr = listener
+                    .local_addr()
+                    .unwrap_or_else(|_| SocketAddr::new(expected, 0));
                 // Transient accept failures (e.g. the connection was reset
                 // before we took it) must not end the wait.
-                if matches!(source.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset) {
+                if matches!(
+                    source.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                ) {
                     continue;
                 }
-                return Err(DataError::Io { operation: "accept on", addr, source });
+                return Err(DataError::Io {
+                    operation: "accept on",
+                    addr,
+                    source,
+                });
             }
         }
     }
@@ -212,20 +277,35 @@ mod tests {
     async fn pool_hands_out_each_port_then_reports_exhaustion() {
         // Find three consecutive free ports.
         let base = loop {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            if probe < 65000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", probe + i)).is_ok()) {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if probe < 65000
+                && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", probe + i)).is_ok())
+            {
                 break probe;
             }
         };
         let pool = PortPool::new(PortRange::new(base, base + 2));
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let held: Vec<_> = (0..3).map(|_| pool.listen(ip).unwrap()).collect();
-        let mut ports: Vec<u16> = held.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        let mut ports: Vec<u16> = held
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
         ports.sort();
         assert_eq!(ports, vec![base, base + 1, base + 2]);
-        assert!(matches!(pool.listen(ip), Err(DataError::PoolExhausted { .. })));
+        assert!(matches!(
+            pool.listen(ip),
+            Err(DataError::PoolExhausted { .. })
+        ));
         drop(held);
-        assert!(pool.listen(ip).is_ok(), "the pool recovers once ports are released");
+        assert!(
+            pool.listen(ip).is_ok(),
+            "the pool recovers once ports are released"
+        );
     }
 
     #[tokio::test]
@@ -233,22 +313,38 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         // The "intruder" connects from 127.0.0.2, the expected peer from 127.0.0.1.
-        let intruder = connect_from("127.0.0.2".parse().unwrap(), addr, Duration::from_secs(1)).await.unwrap();
+        let intruder = connect_from("127.0.0.2".parse().unwrap(), addr, Duration::from_secs(1))
+            .await
+            .unwrap();
         let mut seen = Vec::new();
         let mut record = |p| seen.push(p);
-        let accept = accept_from(&listener, "127.0.0.1".parse().unwrap(), Duration::from_secs(2), &mut record);
+        let record: &mut (dyn FnMut(SocketAddr) + Send) = &mut record;
+        let accept = accept_from(
+            &listener,
+            "127.0.0.1".parse().unwrap(),
+            Duration::from_secs(2),
+            record,
+        );
         let good = connect_from("127.0.0.1".parse().unwrap(), addr, Duration::from_secs(1));
         let (accepted, good) = tokio::join!(accept, good);
         let accepted = accepted.unwrap();
-        drop(record);
-        assert_eq!(accepted.peer_addr().unwrap(), good.unwrap().local_addr().unwrap());
+        assert_eq!(
+            accepted.peer_addr().unwrap(),
+            good.unwrap().local_addr().unwrap()
+        );
         assert_eq!(seen, vec![intruder.local_addr().unwrap()]);
     }
 
     #[tokio::test]
     async fn accept_from_times_out() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let err = accept_from(&listener, "127.0.0.1".parse().unwrap(), Duration::from_millis(50), &mut |_| {}).await;
+        let err = accept_from(
+            &listener,
+            "127.0.0.1".parse().unwrap(),
+            Duration::from_millis(50),
+            &mut |_| {},
+        )
+        .await;
         assert!(matches!(err, Err(DataError::AcceptTimeout { .. })));
     }
 }

@@ -145,7 +145,11 @@ pub async fn run(client: TcpStream, id: u64, shared: Shared) {
                 warn!(side = "server", error = %error, "upstream unreachable");
                 shared.metrics.upstream_error("connect");
                 let reply = Reply::new(421, &format!("Service not available: {error}"));
-                let _ = tokio::time::timeout(Duration::from_secs(5), client.write_all(&reply.to_bytes())).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    client.write_all(&reply.to_bytes()),
+                )
+                .await;
                 Err(error)
             }
         };
@@ -194,7 +198,9 @@ enum Event {
 
 async fn connect_upstream(config: &Config) -> Result<TcpStream, String> {
     let authority = config.upstream.authority();
-    let addrs = tokio::net::lookup_host(&authority).await.map_err(|e| format!("cannot resolve {authority}: {e}"))?;
+    let addrs = tokio::net::lookup_host(&authority)
+        .await
+        .map_err(|e| format!("cannot resolve {authority}: {e}"))?;
     let mut last = format!("{authority} resolved to no address");
     for addr in addrs {
         match TcpStream::connect(addr).await {
@@ -215,23 +221,55 @@ fn reply_or_error(reply: Option<Result<Reply, ReplyError>>) -> Result<Reply, Ses
 }
 
 fn is_tls_command(verb: &Verb) -> bool {
-    matches!(verb, Verb::Auth | Verb::Pbsz | Verb::Prot | Verb::Ccc | Verb::Adat | Verb::Mic | Verb::Conf | Verb::Enc)
+    matches!(
+        verb,
+        Verb::Auth
+            | Verb::Pbsz
+            | Verb::Prot
+            | Verb::Ccc
+            | Verb::Adat
+            | Verb::Mic
+            | Verb::Conf
+            | Verb::Enc
+    )
 }
 
 impl<'a> Session<'a> {
     /// Connects to the server. On failure the client stream is handed back
     /// so that the caller can answer 421.
-    async fn start(client: TcpStream, shared: &'a Shared) -> Result<Session<'a>, (TcpStream, SessionError)> {
+    async fn start(
+        client: TcpStream,
+        shared: &'a Shared,
+    ) -> Result<Session<'a>, (TcpStream, SessionError)> {
         let config = &*shared.config;
         let started = Instant::now();
-        let unreachable = |reason: String| SessionError::Unreachable { upstream: config.upstream.authority(), reason };
-        let server = match tokio::time::timeout(config.timeouts.connect, connect_upstream(config)).await {
-            Ok(Ok(server)) => server,
-            Ok(Err(reason)) => return Err((client, unreachable(reason))),
-            Err(_) => return Err((client, unreachable(format!("no connection within {:?}", config.timeouts.connect)))),
+        let unreachable = |reason: String| SessionError::Unreachable {
+            upstream: config.upstream.authority(),
+            reason,
         };
+        let server =
+            match tokio::time::timeout(config.timeouts.connect, connect_upstream(config)).await {
+                Ok(Ok(server)) => server,
+                Ok(Err(reason)) => return Err((client, unreachable(reason))),
+                Err(_) => {
+                    return Err((
+                        client,
+                        unreachable(format!(
+                            "no connection within {:?}",
+                            config.timeouts.connect
+                        )),
+                    ));
+                }
+            };
         shared.metrics.upstream_connected(started.elapsed());
-        let addresses = (|| Ok::<_, io::Error>((client.peer_addr()?, client.local_addr()?, server.peer_addr()?, server.local_addr()?)))();
+        let addresses = (|| {
+            Ok::<_, io::Error>((
+                client.peer_addr()?,
+                client.local_addr()?,
+                server.peer_addr()?,
+                server.local_addr()?,
+            ))
+        })();
         let (client_addr, client_local, server_addr, server_local) = match addresses {
             Ok(a) => a,
             Err(e) => return Err((client, SessionError::ClientIo(e))),
@@ -256,7 +294,10 @@ impl<'a> Session<'a> {
             server_local: canonical(server_local),
             client_rx: FramedRead::new(client_read, CommandCodec::new(config.limits.max_line)),
             client_tx,
-            server_rx: FramedRead::new(server_read, ReplyCodec::new(DEFAULT_MAX_REPLY_LINE, DEFAULT_MAX_REPLY_LINES)),
+            server_rx: FramedRead::new(
+                server_read,
+                ReplyCodec::new(DEFAULT_MAX_REPLY_LINE, DEFAULT_MAX_REPLY_LINES),
+            ),
             server_tx,
             data: None,
             epsv_all: false,
@@ -271,7 +312,12 @@ impl<'a> Session<'a> {
         loop {
             let banner = match tokio::time::timeout(timeout, self.server_rx.next()).await {
                 Ok(reply) => reply_or_error(reply)?,
-                Err(_) => return Err(SessionError::ServerTimeout { command: "banner", timeout }),
+                Err(_) => {
+                    return Err(SessionError::ServerTimeout {
+                        command: "banner",
+                        timeout,
+                    });
+                }
             };
             self.send(&banner).await?;
             match banner.code {
@@ -304,7 +350,8 @@ impl<'a> Session<'a> {
                 Err(error) => {
                     debug!(side = "client", error = %error, "bad command line");
                     self.metrics.rejected(Reject::BadInput);
-                    self.reply(error.reply_code(), &format!("Syntax error: {error}")).await?;
+                    self.reply(error.reply_code(), &format!("Syntax error: {error}"))
+                        .await?;
                     Next::Continue
                 }
             };
@@ -323,7 +370,11 @@ impl<'a> Session<'a> {
                 error => {
                     warn!(side = "server", error = %error, "session failed");
                     let reply = Reply::new(421, &format!("Service not available: {error}"));
-                    let _ = tokio::time::timeout(Duration::from_secs(5), self.client_tx.write_all(&reply.to_bytes())).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        self.client_tx.write_all(&reply.to_bytes()),
+                    )
+                    .await;
                 }
             }
         }
@@ -364,15 +415,21 @@ impl<'a> Session<'a> {
     async fn send(&mut self, reply: &Reply) -> Result<(), SessionError> {
         debug!(code = reply.code, text = %String::from_utf8_lossy(reply.text()), "reply to client");
         self.metrics.reply(reply.code);
-        self.client_tx.write_all(&reply.to_bytes()).await.map_err(SessionError::ClientIo)
+        self.client_tx
+            .write_all(&reply.to_bytes())
+            .await
+            .map_err(SessionError::ClientIo)
     }
 
     async fn reply(&mut self, code: u16, text: &str) -> Result<(), SessionError> {
         self.send(&Reply::new(code, text)).await
     }
 
-    async fn to_server(&mut self, command: &Command) -> Result<(), SessionError> {
-        self.server_tx.write_all(&command.to_line()).await.map_err(SessionError::ServerIo)
+    async fn send_to_server(&mut self, command: &Command) -> Result<(), SessionError> {
+        self.server_tx
+            .write_all(&command.to_line())
+            .await
+            .map_err(SessionError::ServerIo)
     }
 
     async fn server_reply(&mut self, command: &'static str) -> Result<Reply, SessionError> {
@@ -385,10 +442,14 @@ impl<'a> Session<'a> {
 
     /// Sends a command to the server and relays its replies up to the final one.
     async fn forward(&mut self, command: &Command) -> Result<Reply, SessionError> {
-        self.to_server(command).await?;
+        self.send_to_server(command).await?;
         loop {
             let reply = self.server_reply(command.verb.label()).await?;
-            let reply = if command.verb == Verb::Feat { rewrite_feat(reply) } else { reply };
+            let reply = if command.verb == Verb::Feat {
+                rewrite_feat(reply)
+            } else {
+                reply
+            };
             self.send(&reply).await?;
             if !reply.is_preliminary() {
                 return Ok(reply);
@@ -400,9 +461,16 @@ impl<'a> Session<'a> {
         match &command.verb {
             Verb::Port | Verb::Eprt => self.active_command(&command).await?,
             Verb::Pasv | Verb::Epsv => self.passive_command(&command).await?,
-            Verb::Lprt | Verb::Lpsv => self.reply(502, "LPRT and LPSV are not implemented; use EPRT or EPSV").await?,
+            Verb::Lprt | Verb::Lpsv => {
+                self.reply(502, "LPRT and LPSV are not implemented; use EPRT or EPSV")
+                    .await?
+            }
             verb if is_tls_command(verb) => {
-                self.reply(502, "TLS and RFC 2228 security are not supported by this gateway").await?;
+                self.reply(
+                    502,
+                    "TLS and RFC 2228 security are not supported by this gateway",
+                )
+                .await?;
             }
             verb if verb.is_transfer() => self.transfer(command).await?,
             Verb::Quit => {
@@ -425,7 +493,12 @@ impl<'a> Session<'a> {
     async fn active_command(&mut self, command: &Command) -> Result<(), SessionError> {
         let verb = command.verb.as_str();
         if self.epsv_all {
-            return self.reply(501, &format!("{verb} refused: EPSV ALL is in effect (RFC 2428)")).await;
+            return self
+                .reply(
+                    501,
+                    &format!("{verb} refused: EPSV ALL is in effect (RFC 2428)"),
+                )
+                .await;
         }
         let requested = if command.verb == Verb::Port {
             address::parse_port(command.trimmed_arg()).map(SocketAddr::V4)
@@ -440,7 +513,9 @@ impl<'a> Session<'a> {
             }
             Err(e) => {
                 self.metrics.rejected(Reject::BadInput);
-                return self.reply(501, &format!("Invalid {verb} argument: {e}")).await;
+                return self
+                    .reply(501, &format!("Invalid {verb} argument: {e}"))
+                    .await;
             }
         };
         self.data = None;
@@ -460,7 +535,11 @@ impl<'a> Session<'a> {
                 };
                 warn!(side = "client", requested = %requested, refusal = %refusal, "refused {verb}");
                 self.metrics.rejected(reason);
-                self.reply(504, &format!("{verb} refused: {refusal} (RFC 2577 bounce protection)")).await
+                self.reply(
+                    504,
+                    &format!("{verb} refused: {refusal} (RFC 2577 bounce protection)"),
+                )
+                .await
             }
         }
     }
@@ -477,7 +556,12 @@ impl<'a> Session<'a> {
                 }
                 Ok(EpsvArg::Protocol(p)) if (p == 1) != local_ip.is_ipv4() => {
                     let ours = if local_ip.is_ipv4() { 1 } else { 2 };
-                    return self.reply(522, &format!("Network protocol not supported, use ({ours})")).await;
+                    return self
+                        .reply(
+                            522,
+                            &format!("Network protocol not supported, use ({ours})"),
+                        )
+                        .await;
                 }
                 Ok(_) => {}
                 Err(e @ address::AddressError::UnsupportedProtocol(_)) => {
@@ -486,20 +570,29 @@ impl<'a> Session<'a> {
                 }
                 Err(e) => {
                     self.metrics.rejected(Reject::BadInput);
-                    return self.reply(501, &format!("Invalid EPSV argument: {e}")).await;
+                    return self
+                        .reply(501, &format!("Invalid EPSV argument: {e}"))
+                        .await;
                 }
             }
         } else if self.epsv_all {
-            return self.reply(501, "PASV refused: EPSV ALL is in effect (RFC 2428)").await;
+            return self
+                .reply(501, "PASV refused: EPSV ALL is in effect (RFC 2428)")
+                .await;
         }
         let IpAddr::V4(advertised_v4) = advertised else {
             if !extended {
-                return self.reply(522, "PASV cannot carry an IPv6 address; use EPSV").await;
+                return self
+                    .reply(522, "PASV cannot carry an IPv6 address; use EPSV")
+                    .await;
             }
-            return self.open_passive(local_ip, |port| address::format_epsv_reply(port), 229).await;
+            return self
+                .open_passive(local_ip, address::format_epsv_reply, 229)
+                .await;
         };
         if extended {
-            self.open_passive(local_ip, |port| address::format_epsv_reply(port), 229).await
+            self.open_passive(local_ip, address::format_epsv_reply, 229)
+                .await
         } else {
             self.open_passive(
                 local_ip,
@@ -510,7 +603,12 @@ impl<'a> Session<'a> {
         }
     }
 
-    async fn open_passive(&mut self, ip: IpAddr, text: impl Fn(u16) -> String, code: u16) -> Result<(), SessionError> {
+    async fn open_passive(
+        &mut self,
+        ip: IpAddr,
+        text: impl Fn(u16) -> String,
+        code: u16,
+    ) -> Result<(), SessionError> {
         // A new PASV replaces the previous listener, as on servers.
         self.data = None;
         match self.shared.passive_ports.listen(ip) {
@@ -524,30 +622,48 @@ impl<'a> Session<'a> {
                     self.metrics.rejected(Reject::PortPoolExhausted);
                 }
                 warn!(error = %e, "cannot open a passive listener");
-                self.reply(425, &format!("Can't open passive connection: {e}")).await
+                self.reply(425, &format!("Can't open passive connection: {e}"))
+                    .await
             }
         }
     }
 
     /// Arranges the server's side of the next data connection.
-    async fn prepare_server(&mut self, passive: bool) -> Result<Result<ServerData, String>, SessionError> {
+    async fn prepare_server(
+        &mut self,
+        passive: bool,
+    ) -> Result<Result<ServerData, String>, SessionError> {
         let v4 = self.server_ip.is_ipv4();
         if passive {
             let command = Command::new(if v4 { Verb::Pasv } else { Verb::Epsv }, Vec::new());
-            self.to_server(&command).await?;
+            self.send_to_server(&command).await?;
             let reply = self.server_reply(command.verb.label()).await?;
             let offered = match (reply.code, v4) {
                 (227, _) => address::parse_pasv_reply(reply.text()).map(SocketAddr::V4),
-                (229, _) => address::parse_epsv_reply(reply.text()).map(|port| SocketAddr::new(self.server_ip, port)),
+                (229, _) => address::parse_epsv_reply(reply.text())
+                    .map(|port| SocketAddr::new(self.server_ip, port)),
                 _ => {
-                    return Ok(Err(format!("server refused {}: {}", command.verb.as_str(), String::from_utf8_lossy(&reply.to_bytes()).trim_end())));
+                    return Ok(Err(format!(
+                        "server refused {}: {}",
+                        command.verb.as_str(),
+                        String::from_utf8_lossy(&reply.to_bytes()).trim_end()
+                    )));
                 }
             };
             let offered = match offered {
                 Ok(addr) => addr,
-                Err(e) => return Ok(Err(format!("server sent an invalid {} reply: {e}", reply.code))),
+                Err(e) => {
+                    return Ok(Err(format!(
+                        "server sent an invalid {} reply: {e}",
+                        reply.code
+                    )));
+                }
             };
-            let target = match policy::server_passive_target(offered, self.server_ip, self.config.server_passive) {
+            let target = match policy::server_passive_target(
+                offered,
+                self.server_ip,
+                self.config.server_passive,
+            ) {
                 Ok(target) => target,
                 Err(refusal) => {
                     warn!(side = "server", offered = %offered, refusal = %refusal, "refused the server's passive address");
@@ -558,7 +674,13 @@ impl<'a> Session<'a> {
                     return Ok(Err(format!("server's passive address refused: {refusal}")));
                 }
             };
-            match data::connect_from(self.server_local.ip(), target, self.config.timeouts.data_connect).await {
+            match data::connect_from(
+                self.server_local.ip(),
+                target,
+                self.config.timeouts.data_connect,
+            )
+            .await
+            {
                 Ok(stream) => {
                     self.metrics.data_connection(Leg::Server, DataMode::Connect);
                     Ok(Ok(ServerData::Connected(stream)))
@@ -581,10 +703,14 @@ impl<'a> Session<'a> {
                 SocketAddr::V4(v4) => Command::new(Verb::Port, address::format_port(v4)),
                 SocketAddr::V6(_) => Command::new(Verb::Eprt, address::format_eprt(ours)),
             };
-            self.to_server(&command).await?;
+            self.send_to_server(&command).await?;
             let reply = self.server_reply(command.verb.label()).await?;
             if !reply.is_success() {
-                return Ok(Err(format!("server refused {}: {}", command.verb.as_str(), String::from_utf8_lossy(&reply.to_bytes()).trim_end())));
+                return Ok(Err(format!(
+                    "server refused {}: {}",
+                    command.verb.as_str(),
+                    String::from_utf8_lossy(&reply.to_bytes()).trim_end()
+                )));
             }
             Ok(Ok(ServerData::Listening(listener)))
         }
@@ -606,10 +732,12 @@ impl<'a> Session<'a> {
             Err(reason) => {
                 warn!(side = "server", reason = %reason, "data connection setup failed");
                 self.metrics.upstream_error("data_setup");
-                return self.reply(425, &format!("Can't open data connection: {reason}")).await;
+                return self
+                    .reply(425, &format!("Can't open data connection: {reason}"))
+                    .await;
             }
         };
-        self.to_server(&command).await?;
+        self.send_to_server(&command).await?;
         let first = self.server_reply(command.verb.label()).await?;
         if !first.is_preliminary() {
             // E.g. 550 no such file: nothing to relay.
@@ -646,7 +774,13 @@ impl<'a> Session<'a> {
                 Some(result)
             }
             (Ok(_), ClientData::Active(target)) => {
-                let result = data::connect_active(&self.shared.active_ports, self.client_local.ip(), target, timeout).await;
+                let result = data::connect_active(
+                    &self.shared.active_ports,
+                    self.client_local.ip(),
+                    target,
+                    timeout,
+                )
+                .await;
                 if result.is_ok() {
                     self.metrics.data_connection(Leg::Client, DataMode::Connect);
                 }
@@ -664,19 +798,30 @@ impl<'a> Session<'a> {
                 warn!(reason = %reason, "data connection failed");
                 // Only the client sees a failure; the server's own reply to
                 // the cut transfer is consumed here.
-                self.reply(425, &format!("Can't open data connection: {reason}")).await?;
+                self.reply(425, &format!("Can't open data connection: {reason}"))
+                    .await?;
                 let _ = tokio::time::timeout(ABORT_REPLY_TIMEOUT, self.server_rx.next()).await;
                 return Ok(());
             }
         };
         self.metrics.data_setup(setup_started.elapsed());
         self.send(&first).await?;
-        self.relay_transfer(&command, client_stream, server_stream).await
+        self.relay_transfer(&command, client_stream, server_stream)
+            .await
     }
 
-    async fn relay_transfer(&mut self, command: &Command, client: TcpStream, server: TcpStream) -> Result<(), SessionError> {
+    async fn relay_transfer(
+        &mut self,
+        command: &Command,
+        client: TcpStream,
+        server: TcpStream,
+    ) -> Result<(), SessionError> {
         let upload = command.verb.is_upload();
-        let direction = if upload { Direction::ClientToServer } else { Direction::ServerToClient };
+        let direction = if upload {
+            Direction::ClientToServer
+        } else {
+            Direction::ServerToClient
+        };
         let options = RelayOptions {
             mode: self.config.relay_mode,
             pipe_size: self.config.pipe_size,
@@ -690,7 +835,10 @@ impl<'a> Session<'a> {
         let mut waiting_since: Option<Instant> = None;
         while data_flow.is_none() || final_reply.is_none() {
             // Once one of the two has arrived, the other must come in time.
-            let deadline = waiting_since.map_or(Instant::now() + Duration::from_secs(365 * 24 * 3600), |t| t + reply_timeout);
+            let deadline = waiting_since
+                .map_or(Instant::now() + Duration::from_secs(365 * 24 * 3600), |t| {
+                    t + reply_timeout
+                });
             tokio::select! {
                 flow = relay.wait(direction), if data_flow.is_none() => {
                     data_flow = Some(flow);
@@ -733,16 +881,35 @@ impl<'a> Session<'a> {
             }
             Flow::Running => (0, false),
         };
-        let result = if relayed && reply.is_success() { TransferResult::Ok } else { TransferResult::Failed };
-        info!(command = command.verb.as_str(), direction = direction.label(), bytes, code = reply.code, took_ms = started.elapsed().as_millis() as u64, "transfer finished");
-        self.metrics.transfer_finished(upload, result, bytes, started.elapsed());
+        let result = if relayed && reply.is_success() {
+            TransferResult::Ok
+        } else {
+            TransferResult::Failed
+        };
+        info!(
+            command = command.verb.as_str(),
+            direction = direction.label(),
+            bytes,
+            code = reply.code,
+            took_ms = started.elapsed().as_millis() as u64,
+            "transfer finished"
+        );
+        self.metrics
+            .transfer_finished(upload, result, bytes, started.elapsed());
         if relayed {
             self.send(&reply).await?;
         } else {
             // The server may believe the transfer succeeded; the client did
             // not get every byte.
             let text = String::from_utf8_lossy(reply.text()).into_owned();
-            let reply = if reply.is_success() { Reply::new(426, &format!("Connection closed; transfer aborted ({text})")) } else { reply };
+            let reply = if reply.is_success() {
+                Reply::new(
+                    426,
+                    &format!("Connection closed; transfer aborted ({text})"),
+                )
+            } else {
+                reply
+            };
             self.send(&reply).await?;
         }
         self.lingering = Some(relay);
@@ -761,14 +928,19 @@ impl<'a> Session<'a> {
     ) -> Result<(), SessionError> {
         let progress = relay.progress();
         drop(relay);
-        let bytes = match (&progress.client_to_server, &progress.server_to_client, upload) {
+        let bytes = match (
+            &progress.client_to_server,
+            &progress.server_to_client,
+            upload,
+        ) {
             (Flow::Finished { bytes, .. } | Flow::Failed { bytes, .. }, _, true) => *bytes,
             (_, Flow::Finished { bytes, .. } | Flow::Failed { bytes, .. }, false) => *bytes,
             _ => 0,
         };
-        self.metrics.transfer_finished(upload, TransferResult::Aborted, bytes, started.elapsed());
+        self.metrics
+            .transfer_finished(upload, TransferResult::Aborted, bytes, started.elapsed());
         info!("transfer aborted by the client");
-        self.to_server(&abort).await?;
+        self.send_to_server(&abort).await?;
         let mut expected = 1;
         if let Some(reply) = final_reply {
             self.send(&reply).await?;
@@ -776,14 +948,23 @@ impl<'a> Session<'a> {
             expected = 2;
         }
         for i in 0..expected {
-            let timeout = if i == 0 { self.config.timeouts.reply } else { ABORT_REPLY_TIMEOUT };
+            let timeout = if i == 0 {
+                self.config.timeouts.reply
+            } else {
+                ABORT_REPLY_TIMEOUT
+            };
             match tokio::time::timeout(timeout, self.server_rx.next()).await {
                 Ok(reply) => {
                     let reply = reply_or_error(reply)?;
                     self.send(&reply).await?;
                 }
                 Err(_) if i > 0 => break,
-                Err(_) => return Err(SessionError::ServerTimeout { command: "ABOR", timeout }),
+                Err(_) => {
+                    return Err(SessionError::ServerTimeout {
+                        command: "ABOR",
+                        timeout,
+                    });
+                }
             }
         }
         Ok(())

@@ -3,7 +3,14 @@
 //! started in it, and the clients (Python's ftplib driver, curl, lftp) run in
 //! it. Everything is removed on drop, also when the test fails.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic, missing_docs)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    missing_docs
+)]
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -26,7 +33,11 @@ pub struct NetNs {
 
 impl NetNs {
     pub fn new() -> NetNs {
-        let name = format!("ftpx-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "ftpx-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
         run(Command::new("ip").args(["netns", "add", &name]));
         let ns = NetNs { name };
         run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
@@ -81,24 +92,36 @@ impl NetNs {
 impl Drop for NetNs {
     fn drop(&mut self) {
         // Kill whatever still runs inside, then remove the namespace.
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                 let _ = Command::new("kill").args(["-9", pid]).status();
             }
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
 fn ftp_ids() -> (u32, u32) {
     let passwd = fs::read_to_string("/etc/passwd").unwrap();
-    let line = passwd.lines().find(|l| l.starts_with("ftp:")).expect("user ftp (installed with vsftpd)");
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("ftp:"))
+        .expect("user ftp (installed with vsftpd)");
     let fields: Vec<&str> = line.split(':').collect();
     (fields[2].parse().unwrap(), fields[3].parse().unwrap())
 }
@@ -114,7 +137,10 @@ pub struct Vsftpd {
 
 impl Vsftpd {
     pub fn start(ns: &NetNs, addr: SocketAddr, pasv: (u16, u16)) -> Vsftpd {
-        let dir = tempfile::Builder::new().prefix("ftpx-vsftpd").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("ftpx-vsftpd")
+            .tempdir()
+            .unwrap();
         let root = dir.path();
         fs::create_dir(root.join("empty")).unwrap();
         fs::create_dir(root.join("ftproot")).unwrap();
@@ -125,29 +151,33 @@ impl Vsftpd {
         let (uid, gid) = ftp_ids();
         std::os::unix::fs::chown(&public, Some(uid), Some(gid)).unwrap();
         let listen = match addr {
-            SocketAddr::V4(v4) => format!("listen=YES\nlisten_ipv6=NO\nlisten_address={}\n", v4.ip()),
-            SocketAddr::V6(v6) => format!("listen=NO\nlisten_ipv6=YES\nlisten_address6={}\n", v6.ip()),
+            SocketAddr::V4(v4) => {
+                format!("listen=YES\nlisten_ipv6=NO\nlisten_address={}\n", v4.ip())
+            }
+            SocketAddr::V6(v6) => {
+                format!("listen=NO\nlisten_ipv6=YES\nlisten_address6={}\n", v6.ip())
+            }
         };
         let config = root.join("vsftpd.conf");
-        fs::write(
-            &config,
-            format!(
-                "{listen}listen_port={port}\nbackground=NO\nanonymous_enable=YES\nlocal_enable=NO\nno_anon_password=NO\n\
-                 ftp_username=ftp\nanon_root={root}/ftproot\nwrite_enable=YES\nanon_upload_enable=YES\n\
-                 anon_mkdir_write_enable=YES\nanon_other_write_enable=YES\nanon_world_readable_only=NO\nanon_umask=022\n\
-                 pasv_enable=YES\npasv_min_port={pmin}\npasv_max_port={pmax}\nport_enable=YES\nconnect_from_port_20=YES\n\
-                 ftp_data_port=20\nsecure_chroot_dir={root}/empty\nseccomp_sandbox=NO\nisolate=NO\nisolate_network=NO\n\
-                 tcp_wrappers=NO\naccept_timeout=10\nconnect_timeout=10\ndata_connection_timeout=60\nidle_session_timeout=120\n\
-                 xferlog_enable=YES\nxferlog_std_format=NO\nlog_ftp_protocol=YES\nvsftpd_log_file={root}/vsftpd.log\n",
-                port = addr.port(),
-                root = root.display(),
-                pmin = pasv.0,
-                pmax = pasv.1,
-            ),
+        let template = fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/demo/vsftpd.conf.in"),
         )
         .unwrap();
+        let text = template
+            .replace("@LISTEN@", listen.trim_end())
+            .replace("@PORT@", &addr.port().to_string())
+            .replace("@ROOT@", &root.display().to_string())
+            .replace("@PASV_MIN@", &pasv.0.to_string())
+            .replace("@PASV_MAX@", &pasv.1.to_string());
+        fs::write(&config, text).unwrap();
         // vsftpd writes its start-up errors to fd 0.
-        let stdin = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(root.join("stdin")).unwrap();
+        let stdin = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(root.join("stdin"))
+            .unwrap();
         let child = ns
             .command("vsftpd")
             .arg(&config)
@@ -156,7 +186,12 @@ impl Vsftpd {
             .stderr(Stdio::null())
             .spawn()
             .expect("vsftpd (run `cargo xtask setup`)");
-        let mut server = Vsftpd { addr, dir, child, config };
+        let mut server = Vsftpd {
+            addr,
+            dir,
+            child,
+            config,
+        };
         server.wait_ready(ns);
         server
     }
@@ -165,7 +200,10 @@ impl Vsftpd {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("vsftpd exited with {status}: {}", fs::read_to_string(self.dir.path().join("stdin")).unwrap_or_default());
+                panic!(
+                    "vsftpd exited with {status}: {}",
+                    fs::read_to_string(self.dir.path().join("stdin")).unwrap_or_default()
+                );
             }
             if let Ok(mut s) = ns.connect(self.addr) {
                 let mut buf = [0u8; 3];
@@ -208,7 +246,9 @@ impl Vsftpd {
             for entry in entries.flatten() {
                 let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
                 if String::from_utf8_lossy(&cmdline).contains(&needle) {
-                    let _ = Command::new("kill").args(["-9", &entry.file_name().to_string_lossy()]).status();
+                    let _ = Command::new("kill")
+                        .args(["-9", &entry.file_name().to_string_lossy()])
+                        .status();
                 }
             }
         }
@@ -230,7 +270,11 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(ns: &NetNs, args: &[&str]) -> Gateway {
-        let listen: Vec<SocketAddr> = args.windows(2).filter(|w| w[0] == "--listen").map(|w| w[1].parse().unwrap()).collect();
+        let listen: Vec<SocketAddr> = args
+            .windows(2)
+            .filter(|w| w[0] == "--listen")
+            .map(|w| w[1].parse().unwrap())
+            .collect();
         let mut child = ns
             .command(env!("CARGO_BIN_EXE_ftp-proxy"))
             .args(args)
@@ -252,14 +296,22 @@ impl Gateway {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut gateway = Gateway { child, logs, listen };
+        let mut gateway = Gateway {
+            child,
+            logs,
+            listen,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while gateway.count_logs("\"listening\"") < gateway.listen.len().max(1) {
             if let Ok(Some(status)) = gateway.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(50));
                 panic!("gateway exited with {status}: {}", gateway.logs());
             }
-            assert!(Instant::now() < deadline, "gateway did not start: {}", gateway.logs());
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not start: {}",
+                gateway.logs()
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         gateway
@@ -274,7 +326,12 @@ impl Gateway {
     }
 
     pub fn count_logs(&self, needle: &str) -> usize {
-        self.logs.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     /// Waits (logs arrive through a pipe) until `needle` was logged `n`
@@ -284,12 +341,19 @@ impl Gateway {
         while self.count_logs(needle) < n && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(self.count_logs(needle), n, "{needle:?} logged a different number of times:\n{}", self.logs());
+        assert_eq!(
+            self.count_logs(needle),
+            n,
+            "{needle:?} logged a different number of times:\n{}",
+            self.logs()
+        );
     }
 
     /// Open file descriptors of the gateway process.
     pub fn fd_count(&self) -> usize {
-        fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+        fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     /// Waits until the gateway's descriptors fall back to `baseline`
@@ -301,7 +365,11 @@ impl Gateway {
             if now <= baseline {
                 return;
             }
-            assert!(Instant::now() < deadline, "file descriptors leaked: {now} open, baseline {baseline}\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "file descriptors leaked: {now} open, baseline {baseline}\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -357,14 +425,29 @@ impl Lab {
     pub fn with_upstream(upstream: &str, extra: &[&str]) -> Lab {
         let ns = NetNs::new();
         let server = Vsftpd::start(&ns, SERVER4.parse().unwrap(), (30000, 30049));
-        let server6 = upstream.starts_with('[').then(|| Vsftpd::start(&ns, SERVER6.parse().unwrap(), (30050, 30099)));
+        let server6 = upstream
+            .starts_with('[')
+            .then(|| Vsftpd::start(&ns, SERVER6.parse().unwrap(), (30050, 30099)));
         let mut args = vec![
-            "--listen", GATEWAY4, "--listen", GATEWAY6, "--upstream", upstream,
-            "--passive-ports", "40000-40099", "--active-ports", "41000-41099",
+            "--listen",
+            GATEWAY4,
+            "--listen",
+            GATEWAY6,
+            "--upstream",
+            upstream,
+            "--passive-ports",
+            "40000-40099",
+            "--active-ports",
+            "41000-41099",
         ];
         args.extend_from_slice(extra);
         let gateway = Gateway::start(&ns, &args);
-        Lab { gateway, server, server6, ns }
+        Lab {
+            gateway,
+            server,
+            server6,
+            ns,
+        }
     }
 
     /// The server the gateway relays to (IPv6 when so configured).
@@ -375,20 +458,45 @@ impl Lab {
     /// Runs the ftplib driver and returns one JSON value per step.
     pub fn python(&self, spec: serde_json::Value) -> Vec<serde_json::Value> {
         let driver = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/ftpdriver.py");
-        let out = self.ns.command("python3").arg(driver).arg(spec.to_string()).output().unwrap();
-        assert!(out.status.success(), "driver failed: {}\n{}", String::from_utf8_lossy(&out.stderr), self.gateway.logs());
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        let out = self
+            .ns
+            .command("python3")
+            .arg(driver)
+            .arg(spec.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "driver failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.gateway.logs()
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     pub fn curl(&self, args: &[&str]) -> Output {
-        self.ns.command("curl").args(["--silent", "--show-error", "--max-time", "120"]).args(args).output().unwrap()
+        self.ns
+            .command("curl")
+            .args(["--silent", "--show-error", "--max-time", "120"])
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     pub fn lftp(&self, url: &str, script: &str) -> Output {
         let settings = "set ftp:ssl-allow no; set net:max-retries 1; set net:timeout 10; set cmd:fail-exit yes; set xfer:clobber yes; ";
         self.ns
             .command("lftp")
-            .args(["-u", "anonymous,test@example.com", "-e", &format!("{settings}{script}; bye"), url])
+            .args([
+                "-u",
+                "anonymous,test@example.com",
+                "-e",
+                &format!("{settings}{script}; bye"),
+                url,
+            ])
             .output()
             .unwrap()
     }
@@ -396,7 +504,9 @@ impl Lab {
 
 /// Deterministic content holding every byte value (same as the driver's).
 pub fn pattern(size: usize, seed: u8) -> Vec<u8> {
-    let block: Vec<u8> = (0..65536 * 4usize).map(|i| ((i * 7 + (i >> 8)) as u8).wrapping_add(seed)).collect();
+    let block: Vec<u8> = (0..65536 * 4usize)
+        .map(|i| ((i * 7 + (i >> 8)) as u8).wrapping_add(seed))
+        .collect();
     block.iter().copied().cycle().take(size).collect()
 }
 
@@ -416,7 +526,11 @@ pub fn sha256_file(path: &Path) -> String {
         }
         hasher.update(&buf[..n]);
     }
-    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Writes `size` bytes of the pattern to `path` without holding it all in memory.
@@ -444,7 +558,9 @@ impl Control {
     }
 
     pub fn from_stream(stream: TcpStream) -> Control {
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         let reader = BufReader::new(stream.try_clone().unwrap());
         let mut c = Control { stream, reader };
         let banner = c.reply();
