@@ -8,7 +8,7 @@
 # Usage: sudo scripts/install-deps.sh   (must run as root)
 set -euo pipefail
 
-PACKAGES=(vsftpd curl lftp iproute2 python3 procps)
+PACKAGES=(vsftpd curl lftp iproute2 python3 procps prometheus)
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 

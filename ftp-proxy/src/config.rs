@@ -90,7 +90,7 @@ pub enum Action {
 }
 
 /// Settings shared by the command line and the file.
-#[derive(Debug, Default, clap::Args, Deserialize)]
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Settings {
     /// Address to accept FTP clients on, IPv4 or IPv6 (repeatable) [default: 0.0.0.0:21].
@@ -165,6 +165,14 @@ pub struct Settings {
     /// Size of each splice pipe in bytes [default: 1048576].
     #[arg(long, value_name = "BYTES")]
     pub pipe_size: Option<usize>,
+
+    /// Address of the HTTP endpoint for /metrics, /healthz, /readyz and /flows [default: none].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+
+    /// Seconds that running transfers get to finish after SIGTERM [default: 300].
+    #[arg(long, value_name = "SECS")]
+    pub drain_timeout: Option<u64>,
 
     /// Log format.
     #[arg(long, value_enum, value_name = "FORMAT")]
@@ -352,6 +360,8 @@ pub struct Timeouts {
     pub transfer_idle: Duration,
     /// Server's reply to a command.
     pub reply: Duration,
+    /// Grace period for transfers after SIGTERM.
+    pub drain: Duration,
 }
 
 /// Logging.
@@ -390,6 +400,8 @@ pub struct Config {
     pub relay_mode: RelayMode,
     /// Pipe size for splice.
     pub pipe_size: usize,
+    /// HTTP endpoint address.
+    pub metrics: Option<SocketAddr>,
     /// Logging.
     pub log: LogConfig,
 }
@@ -448,6 +460,8 @@ impl Settings {
             reply_timeout,
             relay_mode,
             pipe_size,
+            metrics,
+            drain_timeout,
             log_format,
             log_level
         )
@@ -549,7 +563,16 @@ impl Settings {
                 idle: secs("idle-timeout", self.idle_timeout, 900)?,
                 transfer_idle: secs("transfer-idle-timeout", self.transfer_idle_timeout, 300)?,
                 reply: secs("reply-timeout", self.reply_timeout, 120)?,
+                drain: secs("drain-timeout", self.drain_timeout, 300)?,
             },
+            metrics: self
+                .metrics
+                .as_deref()
+                .map(|m| {
+                    m.parse::<SocketAddr>()
+                        .map_err(|e| invalid("metrics", m, format!("{e} (expected ADDR:PORT)")))
+                })
+                .transpose()?,
             relay_mode: self.relay_mode.unwrap_or_default(),
             pipe_size,
             log: LogConfig {

@@ -12,12 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::metrics::http::Readiness;
 use crate::metrics::{Metrics, MetricsError, Reject};
 use crate::session::{self, Shared, data::PortPool};
 
@@ -48,6 +49,7 @@ pub struct Gateway {
     config: Arc<Config>,
     listeners: Vec<TcpListener>,
     metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -91,6 +93,58 @@ fn raise_open_file_limit(max_sessions: usize) {
     }
 }
 
+/// What a new session is started with; replaced as a whole on reload, so
+/// running sessions keep what they started with.
+#[derive(Debug, Clone)]
+struct Generation {
+    shared: Shared,
+    admission: Admission,
+}
+
+impl Generation {
+    fn new(
+        config: Arc<Config>,
+        metrics: &Arc<Metrics>,
+        shutdown: &CancellationToken,
+        previous: Option<&Generation>,
+    ) -> Generation {
+        // Pools and limits carry over when unchanged, so that a reload does
+        // not reset port rotation or session counts.
+        let same = |f: fn(&Config) -> Option<crate::config::PortRange>| {
+            previous.filter(|p| f(&p.shared.config) == f(&config))
+        };
+        let passive_ports = same(|c| c.passive_ports).map_or_else(
+            || Arc::new(PortPool::new(config.passive_ports)),
+            |p| Arc::clone(&p.shared.passive_ports),
+        );
+        let active_ports = same(|c| c.active_ports).map_or_else(
+            || Arc::new(PortPool::new(config.active_ports)),
+            |p| Arc::clone(&p.shared.active_ports),
+        );
+        let admission = match previous {
+            Some(p) if p.shared.config.limits == config.limits => p.admission.clone(),
+            _ => Admission {
+                sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),
+                per_client: previous.map_or_else(
+                    || Arc::new(Mutex::new(HashMap::new())),
+                    |p| Arc::clone(&p.admission.per_client),
+                ),
+                max_per_client: config.limits.max_sessions_per_client,
+            },
+        };
+        Generation {
+            shared: Shared {
+                config,
+                passive_ports,
+                active_ports,
+                metrics: Arc::clone(metrics),
+                shutdown: shutdown.clone(),
+            },
+            admission,
+        }
+    }
+}
+
 impl Gateway {
     /// Binds every listen address. Nothing is accepted until [`Gateway::run`].
     ///
@@ -107,6 +161,7 @@ impl Gateway {
             config: Arc::new(config),
             listeners,
             metrics: Arc::new(Metrics::new()?),
+            readiness: Arc::new(Readiness::default()),
         })
     }
 
@@ -123,22 +178,21 @@ impl Gateway {
         Arc::clone(&self.metrics)
     }
 
+    /// What `/readyz` reports.
+    pub fn readiness(&self) -> Arc<Readiness> {
+        Arc::clone(&self.readiness)
+    }
+
     /// Accepts sessions until `shutdown` is cancelled, then lets every
     /// session end at its next safe point (after a running transfer), and
-    /// returns when all have ended or `drain` has passed.
-    pub async fn run(self, shutdown: CancellationToken, drain: Duration) {
-        let shared = Shared {
-            passive_ports: Arc::new(PortPool::new(self.config.passive_ports)),
-            active_ports: Arc::new(PortPool::new(self.config.active_ports)),
-            config: Arc::clone(&self.config),
-            metrics: Arc::clone(&self.metrics),
-            shutdown: shutdown.clone(),
-        };
-        let admission = Admission {
-            sessions: Arc::new(Semaphore::new(self.config.limits.max_sessions)),
-            per_client: Arc::new(Mutex::new(HashMap::new())),
-            max_per_client: self.config.limits.max_sessions_per_client,
-        };
+    /// returns when all have ended or the drain timeout has passed.
+    ///
+    /// Each new configuration sent on `reloads` applies to sessions started
+    /// after it; running sessions keep theirs. Listen addresses are not
+    /// rebound.
+    pub async fn run(self, shutdown: CancellationToken, mut reloads: watch::Receiver<Arc<Config>>) {
+        let first = Generation::new(Arc::clone(&self.config), &self.metrics, &shutdown, None);
+        let (generation_tx, generation_rx) = watch::channel(first);
         let tracker = TaskTracker::new();
         let ids = Arc::new(std::sync::atomic::AtomicU64::new(1));
         for listener in self.listeners {
@@ -147,16 +201,36 @@ impl Gateway {
             }
             tracker.spawn(accept_loop(
                 listener,
-                shared.clone(),
-                admission.clone(),
+                generation_rx.clone(),
                 tracker.clone(),
                 Arc::clone(&ids),
             ));
         }
-        shutdown.cancelled().await;
+        self.readiness.set_listening(true);
+        let mut drain = self.config.timeouts.drain;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                changed = reloads.changed() => {
+                    if changed.is_err() {
+                        shutdown.cancelled().await;
+                        break;
+                    }
+                    let config = Arc::clone(&reloads.borrow_and_update());
+                    if config.listen != self.config.listen {
+                        warn!("listen addresses changed: they take effect at the next restart");
+                    }
+                    drain = config.timeouts.drain;
+                    let next = Generation::new(config, &self.metrics, &shutdown, Some(&generation_rx.borrow()));
+                    generation_tx.send_replace(next);
+                    info!("configuration reloaded: new sessions use it");
+                }
+            }
+        }
+        self.readiness.set_listening(false);
         info!(
-            sessions = tracker.len().saturating_sub(0),
-            "shutting down: no new sessions, waiting for transfers"
+            sessions = tracker.len(),
+            "shutting down: no new sessions, running transfers may finish"
         );
         tracker.close();
         if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
@@ -173,8 +247,9 @@ impl Gateway {
 /// # Errors
 /// [`GatewayError`] when a listener cannot be bound.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
-    let drain = config.timeouts.transfer_idle;
-    Gateway::bind(config)?.run(shutdown, drain).await;
+    let gateway = Gateway::bind(config)?;
+    let (_keep, reloads) = watch::channel(Arc::clone(&gateway.config));
+    gateway.run(shutdown, reloads).await;
     Ok(())
 }
 
@@ -239,24 +314,24 @@ fn refuse(stream: &TcpStream, reason: Reject) {
 
 async fn accept_loop(
     listener: TcpListener,
-    shared: Shared,
-    admission: Admission,
+    generations: watch::Receiver<Generation>,
     tracker: TaskTracker,
     ids: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let mut backoff = Duration::from_millis(5);
+    let shutdown = generations.borrow().shared.shutdown.clone();
     loop {
         let accepted = tokio::select! {
-            () = shared.shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
+                let Generation { shared, admission } = generations.borrow().clone();
                 match admission.admit(peer.ip()) {
                     Ok(admitted) => {
                         let id = ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let shared = shared.clone();
                         tracker.spawn(async move {
                             let _admitted = admitted;
                             session::run(stream, id, shared).await;

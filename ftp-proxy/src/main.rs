@@ -1,12 +1,20 @@
 //! The `ftp-proxy` binary: parses the command line, sets up logging, binds,
 //! and runs the gateway until a signal. Everything else is in the library.
+//!
+//! Signals: SIGTERM drains (stop accepting, let transfers finish up to
+//! `--drain-timeout`, exit 0); SIGINT exits at once; SIGHUP reloads the
+//! configuration file (new sessions use it; an invalid file is refused and
+//! the running configuration kept). Under systemd, READY/RELOADING/STOPPING
+//! are reported with sd_notify.
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use ftp_proxy::config::{Action, Cli, Config, EXIT_CONFIG, LogFormat};
+use ftp_proxy::config::{Action, Cli, Config, EXIT_CONFIG, LogFormat, Settings};
+use ftp_proxy::metrics::http::{self, HttpState};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 fn init_logging(config: &Config) {
@@ -36,7 +44,7 @@ fn main() -> ExitCode {
         }
     };
     let settings = std::mem::take(&mut cli.settings);
-    let config = match cli.load(settings) {
+    let config = match cli.load(settings.clone()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("ftp-proxy: configuration error: {e}");
@@ -48,7 +56,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&config);
-    match serve(config) {
+    match serve(config, cli, settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "gateway failed");
@@ -58,48 +66,93 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    // Outside systemd NOTIFY_SOCKET is unset and this does nothing.
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+fn serve(config: Config, cli: Cli, settings: Settings) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async move {
-        let drain = config.timeouts.transfer_idle;
-        let gateway = ftp_proxy::Gateway::bind(config).context("binding listeners")?;
+        let metrics_addr = config.metrics;
+        let gateway = ftp_proxy::Gateway::bind(config.clone()).context("binding listeners")?;
         let shutdown = CancellationToken::new();
-        let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
-        gateway.run(shutdown, drain).await;
+        let http_listener = match metrics_addr {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the metrics endpoint {addr}"))?,
+            ),
+            None => None,
+        };
+        let http_task = http_listener.map(|listener| {
+            let state = HttpState {
+                metrics: gateway.metrics(),
+                readiness: gateway.readiness(),
+                flows: Arc::new(|| "{\"ebpf\":\"off\",\"flows\":[]}".to_owned()),
+            };
+            tokio::spawn(http::serve(listener, state, shutdown.child_token()))
+        });
+        let (reload_tx, reload_rx) = watch::channel(Arc::new(config));
+        let signals = tokio::spawn(handle_signals(shutdown.clone(), reload_tx, cli, settings));
+        notify(&[sd_notify::NotifyState::Ready]);
+        gateway.run(shutdown.clone(), reload_rx).await;
+        shutdown.cancel();
         signals.abort();
+        if let Some(task) = http_task {
+            let _ = task.await;
+        }
         Ok(())
     })
 }
 
-/// SIGTERM: graceful (stop accepting, finish transfers). SIGINT: fast exit.
-async fn wait_for_signal(shutdown: CancellationToken) {
+/// SIGTERM: graceful. SIGINT (or a second SIGTERM): exit now. SIGHUP: reload.
+async fn handle_signals(
+    shutdown: CancellationToken,
+    reload: watch::Sender<Arc<Config>>,
+    cli: Cli,
+    settings: Settings,
+) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {
-            tracing::info!("SIGTERM: graceful shutdown");
-            shutdown.cancel();
-        }
-        _ = int.recv() => {
-            tracing::info!("SIGINT: exiting now");
-            std::process::exit(0);
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                if shutdown.is_cancelled() {
+                    tracing::info!("second SIGTERM: exiting now");
+                    std::process::exit(0);
+                }
+                tracing::info!("SIGTERM: graceful shutdown");
+                notify(&[sd_notify::NotifyState::Stopping]);
+                shutdown.cancel();
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: exiting now");
+                std::process::exit(0);
+            }
+            _ = hup.recv() => {
+                notify(&[sd_notify::NotifyState::Reloading]);
+                match cli.load(settings.clone()) {
+                    Ok(config) => {
+                        tracing::info!("SIGHUP: configuration file read");
+                        reload.send_replace(Arc::new(config));
+                    }
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: invalid configuration refused, keeping the running one"),
+                }
+                notify(&[sd_notify::NotifyState::Ready]);
+            }
         }
     }
-    // A second SIGTERM or a SIGINT during the drain ends it at once.
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("second signal: exiting now");
-    let _ = tokio::time::timeout(Duration::from_millis(10), std::future::pending::<()>()).await;
-    std::process::exit(0);
 }

@@ -4,10 +4,13 @@
 //! names and labels are built only here. Every label comes from a bounded
 //! set: never an address, a user name or a path.
 
+pub mod http;
+
 use std::time::Duration;
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Why the gateway refused something.
@@ -78,6 +81,55 @@ pub enum TransferResult {
     Aborted,
 }
 
+/// Which TCP connection of a session a kernel-observed flow is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpLeg {
+    /// Client ⇄ gateway control connection.
+    ClientControl,
+    /// Gateway ⇄ server control connection.
+    ServerControl,
+    /// Client ⇄ gateway data connection.
+    ClientData,
+    /// Gateway ⇄ server data connection.
+    ServerData,
+    /// A flow on the gateway's ports not (yet) joined with a session.
+    Unknown,
+}
+
+impl TcpLeg {
+    /// Every leg.
+    pub const ALL: [TcpLeg; 5] = [
+        TcpLeg::ClientControl,
+        TcpLeg::ServerControl,
+        TcpLeg::ClientData,
+        TcpLeg::ServerData,
+        TcpLeg::Unknown,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            TcpLeg::ClientControl => "client_control",
+            TcpLeg::ServerControl => "server_control",
+            TcpLeg::ClientData => "client_data",
+            TcpLeg::ServerData => "server_data",
+            TcpLeg::Unknown => "unknown",
+        }
+    }
+}
+
+/// TCP states as the flow tracker reports them.
+pub const TCP_STATES: [&str; 6] = [
+    "syn_sent",
+    "syn_received",
+    "established",
+    "fin_wait",
+    "closed",
+    "reset",
+];
+/// TCP events the flow tracker counts.
+pub const TCP_EVENTS: [&str; 5] = ["syn", "synack", "established", "fin", "rst"];
+
 /// How a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionOutcome {
@@ -111,6 +163,12 @@ pub struct Metrics {
     rejected_total: IntCounterVec,
     relay_total: IntCounterVec,
     nat_rewrites_total: IntCounter,
+    logins_total: IntCounterVec,
+    ebpf_status: IntGauge,
+    tcp_flows: IntGaugeVec,
+    tcp_events_total: IntCounterVec,
+    tcp_handshake: HistogramVec,
+    flowtrack_map_errors_total: IntCounterVec,
 }
 
 /// Registering a metric failed: a programming error (duplicate name).
@@ -147,7 +205,31 @@ impl Metrics {
             "PORT/EPRT naming a private address answered by connecting to the client's observed address",
         )?;
         registry.register(Box::new(nat_rewrites_total.clone()))?;
-        Ok(Metrics {
+        let tcp_flows = IntGaugeVec::new(
+            Opts::new(
+                "tcp_flows",
+                "TCP flows the kernel tracker sees now, by leg and state",
+            ),
+            &["leg", "state"],
+        )?;
+        registry.register(Box::new(tcp_flows.clone()))?;
+        let tcp_handshake = HistogramVec::new(
+            HistogramOpts::new(
+                "tcp_handshake_seconds",
+                "SYN to established, as the kernel saw it, by leg",
+            )
+            .buckets(vec![
+                0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 3.0,
+            ]),
+            &["leg"],
+        )?;
+        registry.register(Box::new(tcp_handshake.clone()))?;
+        let ebpf_status = IntGauge::new(
+            "ebpf_status",
+            "1 when the eBPF flow tracker is attached, 0 when not",
+        )?;
+        registry.register(Box::new(ebpf_status.clone()))?;
+        let metrics = Metrics {
             sessions_active,
             sessions_total: counter_vec(
                 "sessions_total",
@@ -208,8 +290,114 @@ impl Metrics {
             )?,
             relay_total: counter_vec("relay_total", "Data relay directions, by mode", &["mode"])?,
             nat_rewrites_total,
+            logins_total: counter_vec("logins_total", "Login attempts, by result", &["result"])?,
+            ebpf_status,
+            tcp_events_total: counter_vec(
+                "tcp_events_total",
+                "TCP events seen by the kernel tracker, by leg",
+                &["leg", "event"],
+            )?,
+            flowtrack_map_errors_total: counter_vec(
+                "flowtrack_map_errors_total",
+                "Flow tracker map failures, by reason",
+                &["reason"],
+            )?,
+            tcp_flows,
+            tcp_handshake,
             registry,
-        })
+        };
+        metrics.touch_series();
+        Ok(metrics)
+    }
+
+    /// Creates every bounded series at zero, so that dashboards and alerts
+    /// see them before the first event.
+    fn touch_series(&self) {
+        for leg in TcpLeg::ALL {
+            for state in TCP_STATES {
+                self.tcp_flows
+                    .with_label_values(&[leg.label(), state])
+                    .set(0);
+            }
+            for event in TCP_EVENTS {
+                self.tcp_events_total
+                    .with_label_values(&[leg.label(), event]);
+            }
+            self.tcp_handshake.with_label_values(&[leg.label()]);
+        }
+        for (direction, result) in [
+            ("upload", "ok"),
+            ("upload", "failed"),
+            ("upload", "aborted"),
+            ("download", "ok"),
+            ("download", "failed"),
+            ("download", "aborted"),
+        ] {
+            self.transfers_total.with_label_values(&[direction, result]);
+            self.transfer_bytes_total.with_label_values(&[direction]);
+        }
+        for reason in [
+            Reject::Bounce,
+            Reject::LowPort,
+            Reject::PortTheft,
+            Reject::ServerPassiveAddress,
+            Reject::MaxSessions,
+            Reject::MaxSessionsPerClient,
+            Reject::PortPoolExhausted,
+            Reject::BadInput,
+            Reject::IdleTimeout,
+        ] {
+            self.rejected_total.with_label_values(&[reason.label()]);
+        }
+        for reason in ["connect", "data_setup"] {
+            self.upstream_errors_total.with_label_values(&[reason]);
+        }
+        for result in ["ok", "failed"] {
+            self.logins_total.with_label_values(&[result]);
+        }
+        for mode in ["splice", "copy"] {
+            self.relay_total.with_label_values(&[mode]);
+        }
+        for reason in ["insert", "lookup", "parse"] {
+            self.flowtrack_map_errors_total.with_label_values(&[reason]);
+        }
+    }
+
+    /// The number of flows per leg and state, replacing the previous figures.
+    pub fn set_tcp_flows(&self, counts: &[(TcpLeg, &'static str, i64)]) {
+        for leg in TcpLeg::ALL {
+            for state in TCP_STATES {
+                let n = counts
+                    .iter()
+                    .filter(|(l, s, _)| *l == leg && *s == state)
+                    .map(|(_, _, n)| n)
+                    .sum();
+                self.tcp_flows
+                    .with_label_values(&[leg.label(), state])
+                    .set(n);
+            }
+        }
+    }
+
+    /// TCP events of one kind seen on a leg.
+    pub fn tcp_events(&self, leg: TcpLeg, event: &'static str, n: u64) {
+        self.tcp_events_total
+            .with_label_values(&[leg.label(), event])
+            .inc_by(n);
+    }
+
+    /// A handshake the kernel saw complete.
+    pub fn tcp_handshake(&self, leg: TcpLeg, took: Duration) {
+        self.tcp_handshake
+            .with_label_values(&[leg.label()])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Flow tracker map failures.
+    pub fn flowtrack_map_errors(&self, reason: &'static str, n: u64) {
+        self.flowtrack_map_errors_total
+            .with_label_values(&[reason])
+            .inc_by(n);
     }
 
     /// The registry, for exposition.
@@ -269,6 +457,18 @@ impl Metrics {
     /// A NAT traversal rewrite was done.
     pub fn nat_rewrite(&self) {
         self.nat_rewrites_total.inc();
+    }
+
+    /// A login attempt ended (the reply to PASS, or to USER when no password is asked).
+    pub fn login(&self, ok: bool) {
+        self.logins_total
+            .with_label_values(&[if ok { "ok" } else { "failed" }])
+            .inc();
+    }
+
+    /// Whether the flow tracker is attached.
+    pub fn set_ebpf_status(&self, attached: bool) {
+        self.ebpf_status.set(i64::from(attached));
     }
 
     /// A data connection was established.

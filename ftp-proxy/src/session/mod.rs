@@ -483,6 +483,14 @@ impl<'a> Session<'a> {
                 self.epsv_all = false;
                 self.forward(&command).await?;
             }
+            Verb::User | Verb::Pass => {
+                let reply = self.forward(&command).await?;
+                match (&command.verb, reply.code) {
+                    (_, 230) | (Verb::Pass, 202) => self.metrics.login(true),
+                    (Verb::Pass, code) if code >= 400 => self.metrics.login(false),
+                    _ => {}
+                }
+            }
             _ => {
                 self.forward(&command).await?;
             }
