@@ -512,3 +512,30 @@ fn idle_control_connection_gets_421() {
         "{reply}"
     );
 }
+
+#[test]
+fn data_setup_timeout_gives_425_and_the_session_goes_on() {
+    let lab = Lab::new(&["--data-timeout", "1"]);
+    lab.server.put("d.txt", b"data");
+    let baseline = lab.gateway.fd_count();
+    let mut control = Control::connect(&lab.ns, GATEWAY4);
+    control.login();
+    // PASV, then never connect.
+    assert!(control.cmd("EPSV").starts_with("229"));
+    let started = std::time::Instant::now();
+    let reply = control.cmd("RETR pub/d.txt");
+    assert!(reply.starts_with("425") && reply.contains("no data connection"), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // PORT to a port nobody listens on.
+    let (listener, port) = client_listener(&lab, "127.0.0.1");
+    drop(listener);
+    assert!(control.cmd(&port_arg("127.0.0.1", port)).starts_with("200"));
+    let reply = control.cmd("RETR pub/d.txt");
+    assert!(reply.starts_with("425"), "{reply}");
+    // The server's own reply to the cut transfer was consumed: the next
+    // command gets its own reply.
+    assert!(control.cmd("NOOP").starts_with("200"));
+    assert!(control.cmd("QUIT").starts_with("221"));
+    drop(control);
+    lab.gateway.assert_fds_back_to(baseline);
+}
