@@ -82,6 +82,9 @@ fn serve(config: Config, cli: Cli, settings: Settings) -> anyhow::Result<()> {
         let metrics_addr = config.metrics;
         let gateway = ftp_proxy::Gateway::bind(config.clone()).context("binding listeners")?;
         let shutdown = CancellationToken::new();
+        // The endpoint outlives the drain: /healthz stays 200 and /readyz
+        // turns 503 while transfers finish, so probes do not kill the pod.
+        let http_shutdown = CancellationToken::new();
         let http_listener = match metrics_addr {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -96,7 +99,7 @@ fn serve(config: Config, cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 readiness: gateway.readiness(),
                 flows: Arc::new(|| "{\"ebpf\":\"off\",\"flows\":[]}".to_owned()),
             };
-            tokio::spawn(http::serve(listener, state, shutdown.child_token()))
+            tokio::spawn(http::serve(listener, state, http_shutdown.clone()))
         });
         let (reload_tx, reload_rx) = watch::channel(Arc::new(config));
         let signals = tokio::spawn(handle_signals(shutdown.clone(), reload_tx, cli, settings));
@@ -104,6 +107,7 @@ fn serve(config: Config, cli: Cli, settings: Settings) -> anyhow::Result<()> {
         gateway.run(shutdown.clone(), reload_rx).await;
         shutdown.cancel();
         signals.abort();
+        http_shutdown.cancel();
         if let Some(task) = http_task {
             let _ = task.await;
         }

@@ -524,7 +524,10 @@ fn data_setup_timeout_gives_425_and_the_session_goes_on() {
     assert!(control.cmd("EPSV").starts_with("229"));
     let started = std::time::Instant::now();
     let reply = control.cmd("RETR pub/d.txt");
-    assert!(reply.starts_with("425") && reply.contains("no data connection"), "{reply}");
+    assert!(
+        reply.starts_with("425") && reply.contains("no data connection"),
+        "{reply}"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     // PORT to a port nobody listens on.
     let (listener, port) = client_listener(&lab, "127.0.0.1");

@@ -41,6 +41,10 @@ impl NetNs {
         run(Command::new("ip").args(["netns", "add", &name]));
         let ns = NetNs { name };
         run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
+        // Ephemeral ports above the data port ranges the tests configure.
+        run(ns
+            .command("sysctl")
+            .args(["-q", "-w", "net.ipv4.ip_local_port_range=50000 60999"]));
         ns
     }
 
@@ -424,10 +428,10 @@ impl Lab {
 
     pub fn with_upstream(upstream: &str, extra: &[&str]) -> Lab {
         let ns = NetNs::new();
-        let server = Vsftpd::start(&ns, SERVER4.parse().unwrap(), (30000, 30049));
+        let server = Vsftpd::start(&ns, SERVER4.parse().unwrap(), (30000, 34999));
         let server6 = upstream
             .starts_with('[')
-            .then(|| Vsftpd::start(&ns, SERVER6.parse().unwrap(), (30050, 30099)));
+            .then(|| Vsftpd::start(&ns, SERVER6.parse().unwrap(), (35000, 39999)));
         let mut args = vec![
             "--listen",
             GATEWAY4,
@@ -435,11 +439,16 @@ impl Lab {
             GATEWAY6,
             "--upstream",
             upstream,
-            "--passive-ports",
-            "40000-40099",
-            "--active-ports",
-            "41000-41099",
         ];
+        // Defaults for the data port ranges, unless the test sets its own.
+        for (flag, range) in [
+            ("--passive-ports", "40000-44999"),
+            ("--active-ports", "45000-49999"),
+        ] {
+            if !extra.contains(&flag) {
+                args.extend_from_slice(&[flag, range]);
+            }
+        }
         args.extend_from_slice(extra);
         let gateway = Gateway::start(&ns, &args);
         Lab {
