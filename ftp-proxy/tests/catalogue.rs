@@ -341,8 +341,7 @@ fn passive_pool_exhaustion_gives_425_and_recovers() {
 fn hostile_server(ns: &NetNs, behaviours: Vec<Vec<u8>>) -> std::thread::JoinHandle<()> {
     let listener: TcpListener = ns.listen("127.0.0.1:2996".parse().unwrap());
     std::thread::spawn(move || {
-        let mut next = 0;
-        for stream in listener.incoming() {
+        for (next, stream) in listener.incoming().enumerate() {
             let Ok(mut stream) = stream else { break };
             if next == 0 {
                 std::thread::spawn(move || {
@@ -376,7 +375,6 @@ fn hostile_server(ns: &NetNs, behaviours: Vec<Vec<u8>>) -> std::thread::JoinHand
             } else {
                 break;
             }
-            next += 1;
         }
     })
 }
