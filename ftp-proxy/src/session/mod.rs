@@ -16,6 +16,7 @@
 
 pub mod control;
 pub mod data;
+pub mod state;
 
 use std::collections::VecDeque;
 use std::io;
@@ -34,15 +35,16 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::config::{Config, UpstreamMode};
+use crate::config::Config;
 use crate::metrics::{DataMode, Leg, Metrics, Reject, SessionOutcome, TransferResult};
-use crate::protocol::address::{self, EpsvArg};
+use crate::protocol::address;
 use crate::protocol::feat::rewrite_feat;
 use crate::protocol::policy::{self, ActiveTarget, Refusal};
 use crate::protocol::reply::{DEFAULT_MAX_REPLY_LINE, DEFAULT_MAX_REPLY_LINES};
 use crate::protocol::{Command, CommandCodec, CommandError, Reply, ReplyCodec, ReplyError, Verb};
 use crate::relay::{self, Direction, Flow, RelayHandle, RelayOptions};
 use data::{DataError, PortPool};
+use state::{Arrangement, ControlState, Decision, Policy};
 
 /// Commands read during a transfer and kept for after it.
 const MAX_QUEUED_COMMANDS: usize = 32;
@@ -180,10 +182,10 @@ struct Session<'a> {
     client_tx: ControlStream,
     server_rx: FramedRead<OwnedReadHalf, ReplyCodec>,
     server_tx: OwnedWriteHalf,
-    /// The client's arrangement for the next transfer (PASV/EPSV/PORT/EPRT).
-    data: Option<ClientData>,
-    /// `EPSV ALL` was accepted (RFC 2428 §4).
-    epsv_all: bool,
+    /// The protocol state (pure).
+    state: ControlState,
+    /// The listener of a passive arrangement.
+    passive_listener: Option<tokio::net::TcpListener>,
     /// Commands read during a transfer.
     queued: VecDeque<Result<Command, CommandError>>,
     /// A finished transfer whose second direction may still be closing.
@@ -218,20 +220,6 @@ fn reply_or_error(reply: Option<Result<Reply, ReplyError>>) -> Result<Reply, Ses
         Some(Err(e)) => Err(SessionError::ServerProtocol(e)),
         None => Err(SessionError::ServerClosed),
     }
-}
-
-fn is_tls_command(verb: &Verb) -> bool {
-    matches!(
-        verb,
-        Verb::Auth
-            | Verb::Pbsz
-            | Verb::Prot
-            | Verb::Ccc
-            | Verb::Adat
-            | Verb::Mic
-            | Verb::Conf
-            | Verb::Enc
-    )
 }
 
 impl<'a> Session<'a> {
@@ -299,8 +287,16 @@ impl<'a> Session<'a> {
                 ReplyCodec::new(DEFAULT_MAX_REPLY_LINE, DEFAULT_MAX_REPLY_LINES),
             ),
             server_tx,
-            data: None,
-            epsv_all: false,
+            state: ControlState::new(
+                client_addr.ip(),
+                client_local.ip(),
+                Policy {
+                    nat_traversal: config.nat_traversal,
+                    passive_address: config.passive_address,
+                    upstream_mode: config.upstream_mode,
+                },
+            ),
+            passive_listener: None,
             queued: VecDeque::new(),
             lingering: None,
         })
@@ -349,9 +345,12 @@ impl<'a> Session<'a> {
                 }
                 Err(error) => {
                     debug!(side = "client", error = %error, "bad command line");
-                    self.metrics.rejected(Reject::BadInput);
-                    self.reply(error.reply_code(), &format!("Syntax error: {error}"))
-                        .await?;
+                    if let Decision::Answer { reply, reject } = self.state.on_bad_line(&error) {
+                        if let Some(reject) = reject {
+                            self.metrics.rejected(reject);
+                        }
+                        self.send(&reply).await?;
+                    }
                     Next::Continue
                 }
             };
@@ -458,182 +457,71 @@ impl<'a> Session<'a> {
     }
 
     async fn handle(&mut self, command: Command) -> Result<Next, SessionError> {
-        match &command.verb {
-            Verb::Port | Verb::Eprt => self.active_command(&command).await?,
-            Verb::Pasv | Verb::Epsv => self.passive_command(&command).await?,
-            Verb::Lprt | Verb::Lpsv => {
-                self.reply(502, "LPRT and LPSV are not implemented; use EPRT or EPSV")
-                    .await?
-            }
-            verb if is_tls_command(verb) => {
-                self.reply(
-                    502,
-                    "TLS and RFC 2228 security are not supported by this gateway",
-                )
-                .await?;
-            }
-            verb if verb.is_transfer() => self.transfer(command).await?,
-            Verb::Quit => {
-                self.lingering = None;
-                let _ = self.forward(&command).await;
-                return Ok(Next::Quit);
-            }
-            Verb::Rein => {
-                self.data = None;
-                self.epsv_all = false;
-                self.forward(&command).await?;
-            }
-            Verb::User | Verb::Pass => {
+        let decision = self.state.on_command(&command);
+        match decision {
+            Decision::Forward => {
                 let reply = self.forward(&command).await?;
                 match (&command.verb, reply.code) {
-                    (_, 230) | (Verb::Pass, 202) => self.metrics.login(true),
+                    (Verb::User | Verb::Pass, 230) | (Verb::Pass, 202) => self.metrics.login(true),
                     (Verb::Pass, code) if code >= 400 => self.metrics.login(false),
                     _ => {}
                 }
             }
-            _ => {
-                self.forward(&command).await?;
+            Decision::Answer { reply, reject } => {
+                if let Some(reject) = reject {
+                    self.metrics.rejected(reject);
+                    if matches!(reject, Reject::Bounce | Reject::LowPort) {
+                        warn!(side = "client", command = ?command, reply = %String::from_utf8_lossy(reply.text()), "refused {}", command.verb.as_str());
+                    }
+                }
+                self.send(&reply).await?;
             }
-        }
-        Ok(Next::Continue)
-    }
-
-    async fn active_command(&mut self, command: &Command) -> Result<(), SessionError> {
-        let verb = command.verb.as_str();
-        if self.epsv_all {
-            return self
-                .reply(
-                    501,
-                    &format!("{verb} refused: EPSV ALL is in effect (RFC 2428)"),
-                )
-                .await;
-        }
-        let requested = if command.verb == Verb::Port {
-            address::parse_port(command.trimmed_arg()).map(SocketAddr::V4)
-        } else {
-            address::parse_eprt(command.trimmed_arg())
-        };
-        let requested = match requested {
-            Ok(addr) => addr,
-            Err(e @ address::AddressError::UnsupportedProtocol(_)) => {
-                self.metrics.rejected(Reject::BadInput);
-                return self.reply(522, &format!("{e}")).await;
+            Decision::OpenPassive(answer) => {
+                // A new PASV replaces the previous listener, as on servers.
+                self.passive_listener = None;
+                match self.shared.passive_ports.listen(self.client_local.ip()) {
+                    Ok(listener) => {
+                        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+                        self.passive_listener = Some(listener);
+                        self.send(&answer.reply(port)).await?;
+                    }
+                    Err(e) => {
+                        self.state.passive_failed();
+                        if matches!(e, DataError::PoolExhausted { .. }) {
+                            self.metrics.rejected(Reject::PortPoolExhausted);
+                        }
+                        warn!(error = %e, "cannot open a passive listener");
+                        self.reply(425, &format!("Can't open passive connection: {e}"))
+                            .await?;
+                    }
+                }
             }
-            Err(e) => {
-                self.metrics.rejected(Reject::BadInput);
-                return self
-                    .reply(501, &format!("Invalid {verb} argument: {e}"))
-                    .await;
-            }
-        };
-        self.data = None;
-        match policy::active_target(requested, self.client_ip, self.config.nat_traversal) {
-            Ok(target) => {
+            Decision::Active(target) => {
                 if let ActiveTarget::NatRewritten { requested, target } = target {
                     info!(requested = %requested, target = %target, "client behind NAT: connecting to its observed address");
                     self.metrics.nat_rewrite();
                 }
-                self.data = Some(ClientData::Active(target.target()));
-                self.reply(200, &format!("{verb} command successful")).await
-            }
-            Err(refusal) => {
-                let reason = match refusal {
-                    Refusal::LowPort(_) => Reject::LowPort,
-                    _ => Reject::Bounce,
-                };
-                warn!(side = "client", requested = %requested, refusal = %refusal, "refused {verb}");
-                self.metrics.rejected(reason);
                 self.reply(
-                    504,
-                    &format!("{verb} refused: {refusal} (RFC 2577 bounce protection)"),
+                    200,
+                    &format!("{} command successful", command.verb.as_str()),
                 )
-                .await
+                .await?;
+            }
+            Decision::Transfer {
+                client,
+                server_passive,
+            } => self.transfer(command, client, server_passive).await?,
+            Decision::Quit => {
+                self.lingering = None;
+                let _ = self.forward(&command).await;
+                return Ok(Next::Quit);
             }
         }
-    }
-
-    async fn passive_command(&mut self, command: &Command) -> Result<(), SessionError> {
-        let local_ip = self.client_local.ip();
-        let advertised = self.config.passive_address.unwrap_or(local_ip);
-        let extended = command.verb == Verb::Epsv;
-        if extended {
-            match address::parse_epsv_arg(command.trimmed_arg()) {
-                Ok(EpsvArg::All) => {
-                    self.epsv_all = true;
-                    return self.reply(200, "EPSV ALL command successful").await;
-                }
-                Ok(EpsvArg::Protocol(p)) if (p == 1) != local_ip.is_ipv4() => {
-                    let ours = if local_ip.is_ipv4() { 1 } else { 2 };
-                    return self
-                        .reply(
-                            522,
-                            &format!("Network protocol not supported, use ({ours})"),
-                        )
-                        .await;
-                }
-                Ok(_) => {}
-                Err(e @ address::AddressError::UnsupportedProtocol(_)) => {
-                    self.metrics.rejected(Reject::BadInput);
-                    return self.reply(522, &format!("{e}")).await;
-                }
-                Err(e) => {
-                    self.metrics.rejected(Reject::BadInput);
-                    return self
-                        .reply(501, &format!("Invalid EPSV argument: {e}"))
-                        .await;
-                }
-            }
-        } else if self.epsv_all {
-            return self
-                .reply(501, "PASV refused: EPSV ALL is in effect (RFC 2428)")
-                .await;
+        // The listener lives exactly as long as the passive arrangement.
+        if self.state.arrangement() != Arrangement::Passive {
+            self.passive_listener = None;
         }
-        let IpAddr::V4(advertised_v4) = advertised else {
-            if !extended {
-                return self
-                    .reply(522, "PASV cannot carry an IPv6 address; use EPSV")
-                    .await;
-            }
-            return self
-                .open_passive(local_ip, address::format_epsv_reply, 229)
-                .await;
-        };
-        if extended {
-            self.open_passive(local_ip, address::format_epsv_reply, 229)
-                .await
-        } else {
-            self.open_passive(
-                local_ip,
-                |port| address::format_pasv_reply(std::net::SocketAddrV4::new(advertised_v4, port)),
-                227,
-            )
-            .await
-        }
-    }
-
-    async fn open_passive(
-        &mut self,
-        ip: IpAddr,
-        text: impl Fn(u16) -> String,
-        code: u16,
-    ) -> Result<(), SessionError> {
-        // A new PASV replaces the previous listener, as on servers.
-        self.data = None;
-        match self.shared.passive_ports.listen(ip) {
-            Ok(listener) => {
-                let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
-                self.data = Some(ClientData::Passive(listener));
-                self.reply(code, &text(port)).await
-            }
-            Err(e) => {
-                if matches!(e, DataError::PoolExhausted { .. }) {
-                    self.metrics.rejected(Reject::PortPoolExhausted);
-                }
-                warn!(error = %e, "cannot open a passive listener");
-                self.reply(425, &format!("Can't open passive connection: {e}"))
-                    .await
-            }
-        }
+        Ok(Next::Continue)
     }
 
     /// Arranges the server's side of the next data connection.
@@ -724,15 +612,17 @@ impl<'a> Session<'a> {
         }
     }
 
-    async fn transfer(&mut self, command: Command) -> Result<(), SessionError> {
-        let Some(client_data) = self.data.take() else {
-            return self.reply(425, "Use PORT, EPRT, PASV or EPSV first").await;
-        };
+    async fn transfer(
+        &mut self,
+        command: Command,
+        client: Arrangement,
+        passive: bool,
+    ) -> Result<(), SessionError> {
         self.lingering = None;
-        let passive = match self.config.upstream_mode {
-            UpstreamMode::Client => matches!(client_data, ClientData::Passive(_)),
-            UpstreamMode::Passive => true,
-            UpstreamMode::Active => false,
+        let client_data = match (client, self.passive_listener.take()) {
+            (Arrangement::Active(target), _) => ClientData::Active(target),
+            (Arrangement::Passive, Some(listener)) => ClientData::Passive(listener),
+            _ => return self.reply(425, "Use PORT, EPRT, PASV or EPSV first").await,
         };
         let setup_started = Instant::now();
         let server_data = match self.prepare_server(passive).await? {

@@ -1,0 +1,433 @@
+//! The session's protocol state, kept pure: client commands in, decisions
+//! out. No sockets, clocks or logs: the session task carries the decisions
+//! out. This is what the fuzz target and the property tests drive.
+//!
+//! State: whether `EPSV ALL` is in force, and what the client has arranged
+//! for its next data connection (nothing, a passive listener, an active
+//! target). Decisions: relay the command, answer it, open a passive
+//! listener, remember an active target, or start a transfer.
+
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+
+use crate::config::UpstreamMode;
+use crate::metrics::Reject;
+use crate::protocol::address::{self, AddressError, EpsvArg};
+use crate::protocol::policy::{self, ActiveTarget, Refusal};
+use crate::protocol::{Command, CommandError, Reply, Verb};
+
+/// What the client has arranged for its next data connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrangement {
+    /// Nothing yet (or used up by the last transfer).
+    None,
+    /// PASV/EPSV: the gateway listens.
+    Passive,
+    /// PORT/EPRT: the gateway connects to this address.
+    Active(SocketAddr),
+}
+
+/// How the gateway answers a passive command once its listener is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassiveAnswer {
+    /// `227` with this address and the listener's port.
+    Pasv(std::net::Ipv4Addr),
+    /// `229` with the listener's port.
+    Epsv,
+}
+
+impl PassiveAnswer {
+    /// The reply for a listener on `port`.
+    pub fn reply(self, port: u16) -> Reply {
+        match self {
+            PassiveAnswer::Pasv(ip) => Reply::new(
+                227,
+                &address::format_pasv_reply(SocketAddrV4::new(ip, port)),
+            ),
+            PassiveAnswer::Epsv => Reply::new(229, &address::format_epsv_reply(port)),
+        }
+    }
+}
+
+/// What the session must do with a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Relay the command to the server and its replies to the client.
+    Forward,
+    /// Answer the client directly; the server never sees the command.
+    Answer {
+        /// The reply.
+        reply: Reply,
+        /// What to count, if this is a refusal.
+        reject: Option<Reject>,
+    },
+    /// Open a passive listener on the control connection's local address
+    /// and answer as given (a failure answers 425).
+    OpenPassive(PassiveAnswer),
+    /// The client's PORT/EPRT was accepted: the target is remembered.
+    Active(ActiveTarget),
+    /// Run a transfer: the client's side as arranged, the server's side
+    /// passive or active.
+    Transfer {
+        /// The client's arrangement (never `None`).
+        client: Arrangement,
+        /// Whether the gateway opens the server's side with PASV/EPSV.
+        server_passive: bool,
+    },
+    /// Relay QUIT and end the session.
+    Quit,
+}
+
+fn refuse(code: u16, text: &str, reject: Option<Reject>) -> Decision {
+    Decision::Answer {
+        reply: Reply::new(code, text),
+        reject,
+    }
+}
+
+/// Settings the state needs from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// NAT traversal for PORT/EPRT.
+    pub nat_traversal: bool,
+    /// Address advertised in 227 (None: the control connection's local address).
+    pub passive_address: Option<IpAddr>,
+    /// How the server's data connections are opened.
+    pub upstream_mode: UpstreamMode,
+}
+
+/// The protocol state of one session.
+#[derive(Debug, Clone)]
+pub struct ControlState {
+    client_ip: IpAddr,
+    local_ip: IpAddr,
+    policy: Policy,
+    epsv_all: bool,
+    arrangement: Arrangement,
+}
+
+impl ControlState {
+    /// A fresh session whose control connection comes from `client_ip` to
+    /// `local_ip`.
+    pub fn new(client_ip: IpAddr, local_ip: IpAddr, policy: Policy) -> ControlState {
+        ControlState {
+            client_ip: client_ip.to_canonical(),
+            local_ip: local_ip.to_canonical(),
+            policy,
+            epsv_all: false,
+            arrangement: Arrangement::None,
+        }
+    }
+
+    /// What the client has arranged.
+    pub fn arrangement(&self) -> Arrangement {
+        self.arrangement
+    }
+
+    /// Whether `EPSV ALL` is in force.
+    pub fn epsv_all(&self) -> bool {
+        self.epsv_all
+    }
+
+    /// The passive listener could not be opened: nothing is arranged.
+    pub fn passive_failed(&mut self) {
+        self.arrangement = Arrangement::None;
+    }
+
+    /// A line that could not be parsed.
+    pub fn on_bad_line(&self, error: &CommandError) -> Decision {
+        refuse(
+            error.reply_code(),
+            &format!("Syntax error: {error}"),
+            Some(Reject::BadInput),
+        )
+    }
+
+    /// A parsed command.
+    pub fn on_command(&mut self, command: &Command) -> Decision {
+        match &command.verb {
+            Verb::Port | Verb::Eprt => self.on_active(command),
+            Verb::Pasv | Verb::Epsv => self.on_passive(command),
+            Verb::Lprt | Verb::Lpsv => refuse(
+                502,
+                "LPRT and LPSV are not implemented; use EPRT or EPSV",
+                None,
+            ),
+            Verb::Auth
+            | Verb::Pbsz
+            | Verb::Prot
+            | Verb::Ccc
+            | Verb::Adat
+            | Verb::Mic
+            | Verb::Conf
+            | Verb::Enc => refuse(
+                502,
+                "TLS and RFC 2228 security are not supported by this gateway",
+                None,
+            ),
+            verb if verb.is_transfer() => {
+                let client = std::mem::replace(&mut self.arrangement, Arrangement::None);
+                if client == Arrangement::None {
+                    return refuse(425, "Use PORT, EPRT, PASV or EPSV first", None);
+                }
+                let server_passive = match self.policy.upstream_mode {
+                    UpstreamMode::Client => client == Arrangement::Passive,
+                    UpstreamMode::Passive => true,
+                    UpstreamMode::Active => false,
+                };
+                Decision::Transfer {
+                    client,
+                    server_passive,
+                }
+            }
+            Verb::Quit => Decision::Quit,
+            Verb::Rein => {
+                self.arrangement = Arrangement::None;
+                self.epsv_all = false;
+                Decision::Forward
+            }
+            _ => Decision::Forward,
+        }
+    }
+
+    fn on_active(&mut self, command: &Command) -> Decision {
+        let verb = command.verb.as_str();
+        if self.epsv_all {
+            return refuse(
+                501,
+                &format!("{verb} refused: EPSV ALL is in effect (RFC 2428)"),
+                None,
+            );
+        }
+        let requested = if command.verb == Verb::Port {
+            address::parse_port(command.trimmed_arg()).map(SocketAddr::V4)
+        } else {
+            address::parse_eprt(command.trimmed_arg())
+        };
+        let requested = match requested {
+            Ok(addr) => addr,
+            Err(e @ AddressError::UnsupportedProtocol(_)) => {
+                return refuse(522, &e.to_string(), Some(Reject::BadInput));
+            }
+            Err(e) => {
+                return refuse(
+                    501,
+                    &format!("Invalid {verb} argument: {e}"),
+                    Some(Reject::BadInput),
+                );
+            }
+        };
+        // A new PORT replaces whatever was arranged, also when refused.
+        self.arrangement = Arrangement::None;
+        match policy::active_target(requested, self.client_ip, self.policy.nat_traversal) {
+            Ok(target) => {
+                self.arrangement = Arrangement::Active(target.target());
+                Decision::Active(target)
+            }
+            Err(refusal) => {
+                let reject = if matches!(refusal, Refusal::LowPort(_)) {
+                    Reject::LowPort
+                } else {
+                    Reject::Bounce
+                };
+                refuse(
+                    504,
+                    &format!("{verb} refused: {refusal} (RFC 2577 bounce protection)"),
+                    Some(reject),
+                )
+            }
+        }
+    }
+
+    fn on_passive(&mut self, command: &Command) -> Decision {
+        let v4 = self.local_ip.is_ipv4();
+        if command.verb == Verb::Epsv {
+            match address::parse_epsv_arg(command.trimmed_arg()) {
+                Ok(EpsvArg::All) => {
+                    self.epsv_all = true;
+                    return refuse(200, "EPSV ALL command successful", None);
+                }
+                Ok(EpsvArg::Protocol(p)) if (p == 1) != v4 => {
+                    return refuse(
+                        522,
+                        &format!(
+                            "Network protocol not supported, use ({})",
+                            if v4 { 1 } else { 2 }
+                        ),
+                        None,
+                    );
+                }
+                Ok(_) => {}
+                Err(e @ AddressError::UnsupportedProtocol(_)) => {
+                    return refuse(522, &e.to_string(), Some(Reject::BadInput));
+                }
+                Err(e) => {
+                    return refuse(
+                        501,
+                        &format!("Invalid EPSV argument: {e}"),
+                        Some(Reject::BadInput),
+                    );
+                }
+            }
+            self.arrangement = Arrangement::Passive;
+            return Decision::OpenPassive(PassiveAnswer::Epsv);
+        }
+        if self.epsv_all {
+            return refuse(501, "PASV refused: EPSV ALL is in effect (RFC 2428)", None);
+        }
+        match self.policy.passive_address.unwrap_or(self.local_ip) {
+            IpAddr::V4(advertised) => {
+                self.arrangement = Arrangement::Passive;
+                Decision::OpenPassive(PassiveAnswer::Pasv(advertised))
+            }
+            IpAddr::V6(_) => refuse(522, "PASV cannot carry an IPv6 address; use EPSV", None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use tokio_util::codec::Decoder;
+
+    fn state(client: &str, local: &str) -> ControlState {
+        ControlState::new(
+            client.parse().unwrap(),
+            local.parse().unwrap(),
+            Policy {
+                nat_traversal: true,
+                passive_address: None,
+                upstream_mode: UpstreamMode::Client,
+            },
+        )
+    }
+
+    fn cmd(line: &str) -> Command {
+        Command::parse(line.as_bytes()).unwrap()
+    }
+
+    fn code(d: &Decision) -> Option<u16> {
+        match d {
+            Decision::Answer { reply, .. } => Some(reply.code),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn transfer_needs_an_arrangement_and_uses_it_up() {
+        let mut s = state("192.0.2.1", "198.51.100.1");
+        assert_eq!(code(&s.on_command(&cmd("RETR x"))), Some(425));
+        assert_eq!(
+            s.on_command(&cmd("PASV")),
+            Decision::OpenPassive(PassiveAnswer::Pasv("198.51.100.1".parse().unwrap()))
+        );
+        assert_eq!(
+            s.on_command(&cmd("RETR x")),
+            Decision::Transfer {
+                client: Arrangement::Passive,
+                server_passive: true
+            }
+        );
+        assert_eq!(code(&s.on_command(&cmd("RETR x"))), Some(425));
+        assert!(matches!(
+            s.on_command(&cmd("PORT 192,0,2,1,19,137")),
+            Decision::Active(ActiveTarget::Direct(_))
+        ));
+        assert_eq!(
+            s.on_command(&cmd("LIST")),
+            Decision::Transfer {
+                client: Arrangement::Active("192.0.2.1:5001".parse().unwrap()),
+                server_passive: false
+            }
+        );
+    }
+
+    #[test]
+    fn upstream_modes() {
+        for (mode, client_passive, want) in [
+            (UpstreamMode::Passive, false, true),
+            (UpstreamMode::Active, true, false),
+            (UpstreamMode::Client, true, true),
+            (UpstreamMode::Client, false, false),
+        ] {
+            let mut s = ControlState::new(
+                "10.0.0.1".parse().unwrap(),
+                "10.0.0.2".parse().unwrap(),
+                Policy {
+                    nat_traversal: true,
+                    passive_address: None,
+                    upstream_mode: mode,
+                },
+            );
+            s.on_command(&cmd(if client_passive {
+                "EPSV"
+            } else {
+                "PORT 10,0,0,1,20,0"
+            }));
+            assert!(
+                matches!(s.on_command(&cmd("STOR f")), Decision::Transfer { server_passive, .. } if server_passive == want)
+            );
+        }
+    }
+
+    #[test]
+    fn epsv_all_locks_out_other_data_commands_until_rein() {
+        let mut s = state("2001:db8::1", "2001:db8::2");
+        assert_eq!(code(&s.on_command(&cmd("PASV"))), Some(522));
+        assert_eq!(code(&s.on_command(&cmd("EPSV 1"))), Some(522));
+        assert_eq!(code(&s.on_command(&cmd("EPSV ALL"))), Some(200));
+        for line in ["PASV", "PORT 1,2,3,4,5,6", "EPRT |2|2001:db8::1|5000|"] {
+            assert_eq!(code(&s.on_command(&cmd(line))), Some(501), "{line}");
+        }
+        assert_eq!(
+            s.on_command(&cmd("EPSV")),
+            Decision::OpenPassive(PassiveAnswer::Epsv)
+        );
+        assert_eq!(s.on_command(&cmd("REIN")), Decision::Forward);
+        assert!(!s.epsv_all());
+    }
+
+    #[test]
+    fn refused_port_clears_the_arrangement() {
+        let mut s = state("192.0.2.1", "198.51.100.1");
+        s.on_command(&cmd("PASV"));
+        assert_eq!(code(&s.on_command(&cmd("PORT 8,8,8,8,19,137"))), Some(504));
+        assert_eq!(s.arrangement(), Arrangement::None);
+    }
+
+    proptest::proptest! {
+        /// Whatever the client sends, the gateway never arranges a
+        /// connection to another host or a privileged port, never answers
+        /// PORT/PASV after EPSV ALL, and starts a transfer only when arranged.
+        #[test]
+        fn invariants_hold_for_any_command_stream(lines in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::string::string_regex("(PORT|EPRT|PASV|EPSV|RETR|LIST|STOR|REIN|NOOP|QUIT) ?[ -~]{0,30}").unwrap(),
+                proptest::string::string_regex("PORT [0-9]{1,3},[0-9]{1,3},[0-9]{1,3},[0-9]{1,3},[0-9]{1,3},[0-9]{1,3}").unwrap(),
+                proptest::string::string_regex("EPRT \\|[12]\\|[0-9a-f:.]{2,20}\\|[0-9]{1,5}\\|").unwrap(),
+                proptest::string::string_regex("EPSV (ALL|1|2)").unwrap(),
+            ], 0..40)) {
+            let mut s = state("203.0.113.9", "198.51.100.1");
+            let mut codec = crate::protocol::CommandCodec::new(512);
+            let mut buf = BytesMut::from(lines.join("\r\n").as_bytes());
+            buf.extend_from_slice(b"\r\n");
+            while let Some(item) = codec.decode(&mut buf).unwrap() {
+                let before = s.clone();
+                let decision = match item { Ok(c) => s.on_command(&c), Err(e) => s.on_bad_line(&e) };
+                match decision {
+                    Decision::Active(target) => {
+                        proptest::prop_assert_eq!(target.target().ip(), "203.0.113.9".parse::<IpAddr>().unwrap());
+                        proptest::prop_assert!(target.target().port() >= 1024);
+                        proptest::prop_assert!(!before.epsv_all());
+                    }
+                    Decision::OpenPassive(PassiveAnswer::Pasv(_)) => proptest::prop_assert!(!before.epsv_all()),
+                    Decision::Transfer { client, .. } => {
+                        proptest::prop_assert_ne!(client, Arrangement::None);
+                        proptest::prop_assert_eq!(client, before.arrangement());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
