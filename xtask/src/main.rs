@@ -6,7 +6,8 @@
 //!   sets up in `target/demo`; with `--upstream HOST:PORT` it relays to that
 //!   server instead.
 //! - `test`: everything CI runs: setup, formatting, clippy, the whole test
-//!   suite.
+//!   suite, and a short run of every fuzz target.
+//! - `fuzz`: every fuzz target for longer (300 s each by default).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -30,6 +31,14 @@ enum Task {
         /// Arguments passed to ftp-proxy (e.g. --upstream ftp.example.net:21).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Fuzz every target (or one) for a while; crashes fail the task.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// Only this target (command, reply, address, session_state).
+        target: Option<String>,
     },
     /// Run what CI runs: setup, fmt, clippy, tests.
     Test {
@@ -82,6 +91,72 @@ fn setup() -> Result<()> {
     }
 }
 
+const FUZZ_TARGETS: [&str; 4] = ["command", "reply", "address", "session_state"];
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, installed once from crates.io at a pinned version.
+fn ensure_cargo_fuzz() -> Result<()> {
+    let have = cargo()
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION))
+        .unwrap_or(false);
+    if !have {
+        status(cargo().args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ]))?;
+    }
+    Ok(())
+}
+
+fn fuzz(seconds: u64, only: Option<&str>) -> Result<()> {
+    ensure_cargo_fuzz()?;
+    let fuzz_dir = root().join("fuzz");
+    let mut summary = Vec::new();
+    for target in FUZZ_TARGETS
+        .iter()
+        .filter(|t| only.is_none_or(|o| o == **t))
+    {
+        // cargo-fuzz needs nightly (sanitizers); rustup picks it.
+        let mut cmd = Command::new("rustup");
+        cmd.current_dir(&fuzz_dir)
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO")
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "fuzz",
+                "run",
+                target,
+                "--",
+                &format!("-max_total_time={seconds}"),
+            ]);
+        eprintln!("xtask: {cmd:?}");
+        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let runs = stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("Done "))
+            .unwrap_or("no summary")
+            .to_owned();
+        if !out.status.success() {
+            eprintln!("{stderr}");
+            bail!("fuzz target {target} failed (a crash is in fuzz/artifacts/{target}/)");
+        }
+        summary.push(format!("{target}: {runs}"));
+    }
+    for line in &summary {
+        eprintln!("fuzz: {line}");
+    }
+    Ok(())
+}
+
 fn test(no_lint: bool, args: &[String]) -> Result<()> {
     setup()?;
     if !no_lint {
@@ -99,7 +174,12 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         cargo()
             .args(["test", "--workspace", "--no-fail-fast"])
             .args(args),
-    )
+    )?;
+    if args.is_empty() {
+        // A bounded smoke run of every fuzz target; `cargo xtask fuzz` runs longer.
+        fuzz(20, None)?;
+    }
+    Ok(())
 }
 
 /// A demo vsftpd, killed on drop.
@@ -210,5 +290,6 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::Run { args } => run(&args),
         Task::Test { no_lint, args } => test(no_lint, &args),
+        Task::Fuzz { seconds, target } => fuzz(seconds, target.as_deref()),
     }
 }

@@ -1,0 +1,59 @@
+//! Fuzzes the session's protocol state with arbitrary client streams: the
+//! gateway never arranges a data connection to another host or a
+//! privileged port, never answers PORT/PASV after EPSV ALL, and never starts
+//! a transfer without an arrangement.
+#![no_main]
+
+use std::net::IpAddr;
+
+use bytes::BytesMut;
+use ftp_proxy::config::UpstreamMode;
+use ftp_proxy::protocol::CommandCodec;
+use ftp_proxy::session::state::{Arrangement, ControlState, Decision, PassiveAnswer, Policy};
+use libfuzzer_sys::fuzz_target;
+use tokio_util::codec::Decoder;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&flags, data)) = data.split_first() else { return };
+    let client: IpAddr = if flags & 1 == 0 { "203.0.113.9".parse().unwrap() } else { "2001:db8::9".parse().unwrap() };
+    let local: IpAddr = if flags & 1 == 0 { "198.51.100.1".parse().unwrap() } else { "2001:db8::1".parse().unwrap() };
+    let mode = match flags >> 1 & 3 {
+        0 => UpstreamMode::Client,
+        1 => UpstreamMode::Passive,
+        _ => UpstreamMode::Active,
+    };
+    let policy = Policy { nat_traversal: flags & 8 == 0, passive_address: None, upstream_mode: mode };
+    let mut state = ControlState::new(client, local, policy);
+    let mut codec = CommandCodec::new(256);
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some(item)) = codec.decode(&mut buf) {
+        let before = state.clone();
+        let decision = match item {
+            Ok(command) => state.on_command(&command),
+            Err(error) => state.on_bad_line(&error),
+        };
+        match decision {
+            Decision::Active(target) => {
+                assert_eq!(target.target().ip(), client);
+                assert!(target.target().port() >= 1024);
+                assert!(!before.epsv_all());
+            }
+            Decision::OpenPassive(PassiveAnswer::Pasv(_)) => {
+                assert!(!before.epsv_all());
+                assert!(local.is_ipv4());
+            }
+            Decision::Transfer { client: arranged, server_passive } => {
+                assert_ne!(arranged, Arrangement::None);
+                assert_eq!(arranged, before.arrangement());
+                assert_eq!(state.arrangement(), Arrangement::None);
+                match mode {
+                    UpstreamMode::Passive => assert!(server_passive),
+                    UpstreamMode::Active => assert!(!server_passive),
+                    UpstreamMode::Client => assert_eq!(server_passive, arranged == Arrangement::Passive),
+                }
+            }
+            Decision::Answer { reply, .. } => assert!((200..600).contains(&reply.code)),
+            Decision::Forward | Decision::Quit | Decision::OpenPassive(PassiveAnswer::Epsv) => {}
+        }
+    }
+});
