@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::metrics::http::Readiness;
 use crate::metrics::{Metrics, MetricsError, Reject};
+use crate::session::legs::LegRegistry;
 use crate::session::{self, Shared, data::PortPool};
 
 /// File descriptors a session holds at least: two control sockets.
@@ -50,6 +51,7 @@ pub struct Gateway {
     listeners: Vec<TcpListener>,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    legs: LegRegistry,
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -105,6 +107,7 @@ impl Generation {
     fn new(
         config: Arc<Config>,
         metrics: &Arc<Metrics>,
+        legs: &LegRegistry,
         shutdown: &CancellationToken,
         previous: Option<&Generation>,
     ) -> Generation {
@@ -139,6 +142,7 @@ impl Generation {
                 active_ports,
                 metrics: Arc::clone(metrics),
                 shutdown: shutdown.clone(),
+                legs: legs.clone(),
             },
             admission,
         }
@@ -162,6 +166,7 @@ impl Gateway {
             listeners,
             metrics: Arc::new(Metrics::new()?),
             readiness: Arc::new(Readiness::default()),
+            legs: LegRegistry::default(),
         })
     }
 
@@ -178,6 +183,11 @@ impl Gateway {
         Arc::clone(&self.metrics)
     }
 
+    /// Which session and leg each connection belongs to.
+    pub fn legs(&self) -> LegRegistry {
+        self.legs.clone()
+    }
+
     /// What `/readyz` reports.
     pub fn readiness(&self) -> Arc<Readiness> {
         Arc::clone(&self.readiness)
@@ -191,7 +201,13 @@ impl Gateway {
     /// after it; running sessions keep theirs. Listen addresses are not
     /// rebound.
     pub async fn run(self, shutdown: CancellationToken, mut reloads: watch::Receiver<Arc<Config>>) {
-        let first = Generation::new(Arc::clone(&self.config), &self.metrics, &shutdown, None);
+        let first = Generation::new(
+            Arc::clone(&self.config),
+            &self.metrics,
+            &self.legs,
+            &shutdown,
+            None,
+        );
         let (generation_tx, generation_rx) = watch::channel(first);
         let tracker = TaskTracker::new();
         let ids = Arc::new(std::sync::atomic::AtomicU64::new(1));
@@ -221,7 +237,7 @@ impl Gateway {
                         warn!("listen addresses changed: they take effect at the next restart");
                     }
                     drain = config.timeouts.drain;
-                    let next = Generation::new(config, &self.metrics, &shutdown, Some(&generation_rx.borrow()));
+                    let next = Generation::new(config, &self.metrics, &self.legs, &shutdown, Some(&generation_rx.borrow()));
                     generation_tx.send_replace(next);
                     info!("configuration reloaded: new sessions use it");
                 }

@@ -16,6 +16,7 @@
 
 pub mod control;
 pub mod data;
+pub mod legs;
 pub mod state;
 
 use std::collections::VecDeque;
@@ -36,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::Config;
-use crate::metrics::{DataMode, Leg, Metrics, Reject, SessionOutcome, TransferResult};
+use crate::metrics::{DataMode, Leg, Metrics, Reject, SessionOutcome, TcpLeg, TransferResult};
 use crate::protocol::address;
 use crate::protocol::feat::rewrite_feat;
 use crate::protocol::policy::{self, ActiveTarget, Refusal};
@@ -44,6 +45,7 @@ use crate::protocol::reply::{DEFAULT_MAX_REPLY_LINE, DEFAULT_MAX_REPLY_LINES};
 use crate::protocol::{Command, CommandCodec, CommandError, Reply, ReplyCodec, ReplyError, Verb};
 use crate::relay::{self, Direction, Flow, RelayHandle, RelayOptions};
 use data::{DataError, PortPool};
+use legs::{LegRegistry, Registration};
 use state::{Arrangement, ControlState, Decision, Policy};
 
 /// Commands read during a transfer and kept for after it.
@@ -64,6 +66,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the gateway starts shutting down.
     pub shutdown: CancellationToken,
+    /// Which session and leg each connection belongs to.
+    pub legs: LegRegistry,
 }
 
 /// Which side caused a session to end; it decides the reply, the log level
@@ -137,7 +141,7 @@ pub async fn run(client: TcpStream, id: u64, shared: Shared) {
     let span = info_span!("session", session_id = id, client = ?client_addr, server = tracing::field::Empty);
     async move {
         shared.metrics.session_started();
-        let outcome = match Session::start(client, &shared).await {
+        let outcome = match Session::start(client, id, &shared).await {
             Ok(mut session) => {
                 let outcome = session.serve().await;
                 session.finish(&outcome).await;
@@ -171,6 +175,7 @@ pub async fn run(client: TcpStream, id: u64, shared: Shared) {
 }
 
 struct Session<'a> {
+    id: u64,
     shared: &'a Shared,
     config: &'a Config,
     metrics: &'a Metrics,
@@ -189,7 +194,9 @@ struct Session<'a> {
     /// Commands read during a transfer.
     queued: VecDeque<Result<Command, CommandError>>,
     /// A finished transfer whose second direction may still be closing.
-    lingering: Option<RelayHandle>,
+    lingering: Option<(RelayHandle, [Registration; 2])>,
+    /// The control connections, as registered for the flow tracker.
+    _control_legs: [Registration; 2],
 }
 
 enum Event {
@@ -227,6 +234,7 @@ impl<'a> Session<'a> {
     /// so that the caller can answer 421.
     async fn start(
         client: TcpStream,
+        id: u64,
         shared: &'a Shared,
     ) -> Result<Session<'a>, (TcpStream, SessionError)> {
         let config = &*shared.config;
@@ -273,6 +281,7 @@ impl<'a> Session<'a> {
         let (server_read, server_tx) = server.into_split();
         let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
         Ok(Session {
+            id,
             shared,
             config,
             metrics: &shared.metrics,
@@ -299,6 +308,14 @@ impl<'a> Session<'a> {
             passive_listener: None,
             queued: VecDeque::new(),
             lingering: None,
+            _control_legs: [
+                shared
+                    .legs
+                    .register(id, TcpLeg::ClientControl, client_local, client_addr),
+                shared
+                    .legs
+                    .register(id, TcpLeg::ServerControl, server_local, server_addr),
+            ],
         })
     }
 
@@ -714,6 +731,19 @@ impl<'a> Session<'a> {
         client: TcpStream,
         server: TcpStream,
     ) -> Result<(), SessionError> {
+        let register = |leg, stream: &TcpStream| match (stream.local_addr(), stream.peer_addr()) {
+            (Ok(local), Ok(peer)) => Some(self.shared.legs.register(self.id, leg, local, peer)),
+            _ => None,
+        };
+        let (Some(client_leg), Some(server_leg)) = (
+            register(TcpLeg::ClientData, &client),
+            register(TcpLeg::ServerData, &server),
+        ) else {
+            return self
+                .reply(425, "Can't open data connection: it closed at once")
+                .await;
+        };
+        let registrations = [client_leg, server_leg];
         let upload = command.verb.is_upload();
         let direction = if upload {
             Direction::ClientToServer
@@ -810,7 +840,7 @@ impl<'a> Session<'a> {
             };
             self.send(&reply).await?;
         }
-        self.lingering = Some(relay);
+        self.lingering = Some((relay, registrations));
         Ok(())
     }
 
