@@ -1,7 +1,9 @@
 //! `cargo xtask`: the project's tasks.
 //!
 //! - `setup`: installs what the tests and the demo need, idempotently
-//!   (Debian packages through `scripts/install-deps.sh`).
+//!   (Debian packages through `scripts/install-deps.sh`; the eBPF toolchain,
+//!   nightly + rust-src + bpf-linker, through
+//!   `scripts/install-ebpf-toolchain.sh`).
 //! - `run`: builds the gateway and runs it in front of a demo vsftpd that it
 //!   sets up in `target/demo`; with `--upstream HOST:PORT` it relays to that
 //!   server instead.
@@ -75,11 +77,15 @@ fn is_root() -> bool {
 fn setup() -> Result<()> {
     let script = root().join("scripts/install-deps.sh");
     if is_root() {
-        status(Command::new("bash").arg(&script))
+        status(Command::new("bash").arg(&script))?;
     } else {
         status(Command::new("sudo").arg("bash").arg(&script))
-            .context("installing dependencies needs root")
+            .context("installing dependencies needs root")?;
     }
+    // The eBPF flow tracker's toolchain (pinned nightly + rust-src,
+    // bpf-linker); per user, no root needed.
+    status(Command::new("bash").arg(root().join("scripts/install-ebpf-toolchain.sh")))
+        .context("installing the eBPF toolchain")
 }
 
 fn test(no_lint: bool, args: &[String]) -> Result<()> {
