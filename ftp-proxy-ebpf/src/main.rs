@@ -147,7 +147,14 @@ fn lookup_or_open<P: Packet>(ctx: &P, key: &FlowKey, seg: &Segment) -> Option<*m
         count(counter::UNTRACKED);
         return None;
     }
-    if let Err(err) = FTPX_FLOWS.insert(key, FlowValue::EMPTY, u64::from(BPF_NOEXIST)) {
+    // `&FlowValue::EMPTY` is a promoted constant in .rodata; passed by
+    // value it would be a 104-byte copy on the 512-byte stack.
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "keeps the value off the BPF stack"
+    )]
+    let inserted = FTPX_FLOWS.insert(key, &FlowValue::EMPTY, u64::from(BPF_NOEXIST));
+    if let Err(err) = inserted {
         let bucket = insert_error_counter(i64::from(err));
         count(bucket);
         // EEXIST: another CPU opened it between our lookup and insert; use
