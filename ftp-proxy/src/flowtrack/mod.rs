@@ -107,6 +107,19 @@ impl Default for FlowtrackOptions {
     }
 }
 
+/// Whether the daemon runs the tracker (the value of an `--ebpf` option).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EbpfMode {
+    /// Never start it.
+    Off,
+    /// Start it if this binary has the programs and the kernel accepts
+    /// them; otherwise log a warning and run without it.
+    #[default]
+    Auto,
+    /// Start it or fail.
+    On,
+}
+
 /// Errors of the flow tracker.
 #[derive(Debug, thiserror::Error)]
 pub enum FlowtrackError {
@@ -428,6 +441,33 @@ impl FlowTracker {
             "flow tracker started"
         );
         Ok(tracker)
+    }
+
+    /// [`FlowTracker::start`] according to `mode`: `Ok(None)` when off, or
+    /// when `Auto` and the tracker cannot run (not built in, no
+    /// privileges, kernel refused, interface missing: logged as a warning
+    /// with the reason); `On` returns the error instead.
+    ///
+    /// # Errors
+    /// Only with [`EbpfMode::On`]: whatever [`FlowTracker::start`] returns.
+    pub fn start_with_mode(
+        mode: EbpfMode,
+        opts: &FlowtrackOptions,
+    ) -> Result<Option<Self>, FlowtrackError> {
+        match mode {
+            EbpfMode::Off => Ok(None),
+            EbpfMode::On => Self::start(opts).map(Some),
+            EbpfMode::Auto => match Self::start(opts) {
+                Ok(tracker) => Ok(Some(tracker)),
+                Err(err) => {
+                    warn!(
+                        error = %ErrorChain(&err),
+                        "eBPF flow tracker unavailable; running without it"
+                    );
+                    Ok(None)
+                }
+            },
+        }
     }
 
     /// Loads everything, attaches nothing, starts no task.
@@ -783,6 +823,21 @@ async fn sweep(
             Ok(removed) => debug!(removed, "flow tracker swept expired flows"),
             Err(err) => warn!(error = %err, "flow tracker sweep failed"),
         }
+    }
+}
+
+/// Displays an error with its sources: `a: b: c`.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
     }
 }
 

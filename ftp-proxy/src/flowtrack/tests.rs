@@ -450,6 +450,25 @@ fn expiry_limits_by_state() {
     assert!(t.expired(&at(state::FIN_WAIT, 6_399), now));
 }
 
+#[tokio::test]
+async fn modes() {
+    let none = FlowtrackOptions {
+        interfaces: vec!["no-such-if0".into()],
+        ..FlowtrackOptions::default()
+    };
+    assert!(matches!(
+        FlowTracker::start_with_mode(EbpfMode::Off, &none),
+        Ok(None)
+    ));
+    // Auto degrades to "no tracker" whatever the reason (here: no such
+    // interface, or not root, or not built in).
+    assert!(matches!(
+        FlowTracker::start_with_mode(EbpfMode::Auto, &none),
+        Ok(None)
+    ));
+    assert!(FlowTracker::start_with_mode(EbpfMode::On, &none).is_err());
+}
+
 #[test]
 fn tracker_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
