@@ -7,8 +7,9 @@
 //! - `run`: builds the gateway and runs it in front of a demo vsftpd that it
 //!   sets up in `target/demo`; with `--upstream HOST:PORT` it relays to that
 //!   server instead.
-//! - `test`: everything CI runs: setup, formatting, clippy, the whole test
-//!   suite.
+//! - `test`: everything CI runs: setup, formatting, clippy (a separate pass
+//!   for the eBPF crate), the whole test suite (with the eBPF flow tracker
+//!   required to be built).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -88,6 +89,27 @@ fn setup() -> Result<()> {
         .context("installing the eBPF toolchain")
 }
 
+/// The nightly pinned in ftp-proxy-ebpf/rust-toolchain.toml.
+fn ebpf_toolchain() -> Result<String> {
+    let path = root().join("ftp-proxy-ebpf/rust-toolchain.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("channel"))
+        .filter_map(|rest| rest.trim().strip_prefix('='))
+        .map(|value| value.trim().trim_matches('"').to_owned())
+        .next()
+        .with_context(|| format!("no channel in {}", path.display()))
+}
+
+/// `cargo` of the eBPF crate's pinned nightly, run in its directory (its
+/// own workspace, target and build-std from its .cargo/config.toml).
+fn ebpf_cargo() -> Result<Command> {
+    let mut c = Command::new("rustup");
+    c.args(["run", &ebpf_toolchain()?, "cargo"])
+        .current_dir(root().join("ftp-proxy-ebpf"));
+    Ok(c)
+}
+
 fn test(no_lint: bool, args: &[String]) -> Result<()> {
     setup()?;
     if !no_lint {
@@ -100,9 +122,15 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
             "-D",
             "warnings",
         ]))?;
+        // The eBPF crate is not a workspace member: its own pass.
+        status(ebpf_cargo()?.args(["fmt", "--", "--check"]))?;
+        status(ebpf_cargo()?.args(["clippy", "--release", "--", "-D", "warnings"]))?;
     }
+    // setup() installed the eBPF toolchain: a daemon without the flow
+    // tracker would be a silent CI gap, so its absence is an error here.
     status(
         cargo()
+            .env("FTPX_EBPF_BUILD", "require")
             .args(["test", "--workspace", "--no-fail-fast"])
             .args(args),
     )
