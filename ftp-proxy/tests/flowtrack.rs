@@ -134,10 +134,21 @@ fn assert_gone(before: &Objects) {
     }
     let now = ours();
     assert!(now.programs.is_empty() && now.links.is_empty(), "{now:?}");
-    // bpftool, when installed, must agree.
-    if let Ok(out) = Command::new("bpftool").args(["prog", "show"]).output() {
+    // bpftool (scripts/install-deps.sh installs it) must agree.
+    for (what, needle) in [("prog", "ftpx_"), ("map", "FTPX_")] {
+        if let Ok(out) = Command::new("bpftool").args([what, "show"]).output() {
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(!text.contains(needle), "bpftool {what} show:\n{text}");
+        }
+    }
+    if let Ok(out) = Command::new("bpftool").args(["link", "show"]).output() {
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(!text.contains("ftpx_"), "bpftool prog show:\n{text}");
+        for id in &before.programs {
+            assert!(
+                !text.contains(&format!("prog {id} ")),
+                "bpftool link show:\n{text}"
+            );
+        }
     }
 }
 
@@ -238,6 +249,14 @@ fn loopback_in_a_namespace() {
     let objects = ours();
     assert_eq!(objects.programs.len(), 2, "{objects:?}");
     assert_eq!(objects.links.len(), 1, "lo: egress only: {objects:?}");
+    // bpftool sees them too (so its "nothing left" check below means something).
+    if let Ok(out) = Command::new("bpftool").args(["prog", "show"]).output() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("ftpx_egress") && text.contains("ftpx_ingress"),
+            "{text}"
+        );
+    }
 
     let up = vec![b'u'; 1000];
     let down = vec![b'd'; 70_000]; // more than one segment, GSO on lo
@@ -442,6 +461,57 @@ fn a_thousand_short_connections() {
 
     drop(tracker);
     assert_gone(&objects);
+}
+
+/// A second connection from the same client address and port to the same
+/// server (the server's side is in TIME_WAIT, which accepts a new SYN):
+/// the closed entry restarts and both connections are reported.
+#[test]
+fn port_reuse_restarts_the_flow() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !can_run() {
+        return;
+    }
+    let rt = runtime();
+    let ns = NetNs::new();
+    let listener = ns.listen("127.0.0.1:0".parse().unwrap());
+    let server_addr = listener.local_addr().unwrap();
+    let tracker = start_in(
+        &ns,
+        &rt,
+        FlowtrackOptions {
+            interfaces: vec!["lo".into()],
+            ports: vec![server_addr.port()],
+            ..FlowtrackOptions::default()
+        },
+    );
+    let client_addr: SocketAddr = "127.0.0.1:47123".parse().unwrap();
+    for round in 0..2u8 {
+        let mut client = ns.connect_from(client_addr, server_addr).unwrap();
+        let (mut server, seen) = listener.accept().unwrap();
+        assert_eq!(seen, client_addr);
+        client.write_all(&[round; 100]).unwrap();
+        let mut buf = [0u8; 100];
+        server.read_exact(&mut buf).unwrap();
+        server.shutdown(Shutdown::Write).unwrap(); // server first: its TIME_WAIT
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        drop(client);
+        server.read_to_end(&mut rest).unwrap();
+        drop(server);
+        wait_for("the closed flow", || {
+            (tracker.closed().len() == usize::from(round) + 1).then_some(())
+        });
+    }
+    let closed = tracker.closed();
+    assert!(closed.iter().all(|r| r.client == client_addr
+        && r.state == FlowState::Closed
+        && r.from_client.bytes == 100
+        && r.first_fin == Some(Side::Server)));
+    assert!(closed[0].times.closed <= closed[1].times.first_syn);
+    let c = tracker.counters().unwrap();
+    assert_eq!((c.syn, c.restarts, c.closed), (2, 1, 2), "{c:#?}");
+    assert_eq!(tracker.snapshot().unwrap().len(), 1);
 }
 
 #[test]
