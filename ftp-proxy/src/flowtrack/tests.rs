@@ -474,3 +474,65 @@ fn tracker_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<FlowTracker>();
 }
+
+/// The programs' aya-log records come out as tracing events (target
+/// `ftp_proxy::flowtrack::ebpf`), with the level taken from tracing.
+#[test]
+fn ebpf_logs_reach_tracing() {
+    if !can_run() {
+        return;
+    }
+    use std::io::Write;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        // No background task: this thread flushes the logs itself, so the
+        // records meet this thread's subscriber.
+        let tracker = FlowTracker::load(&FlowtrackOptions {
+            ports: vec![21],
+            ..FlowtrackOptions::default()
+        })
+        .unwrap();
+        let mut ebpf = lock(&tracker.ebpf);
+        let mut logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, TracingLog).unwrap();
+        let syn = Frame {
+            src: "10.9.9.9:40000".parse().unwrap(),
+            dst: "10.9.9.1:21".parse().unwrap(),
+            flags: SYN,
+            seq: 1,
+            ack: 0,
+            payload: 0,
+        }
+        .bytes();
+        program::<Xdp>(&mut ebpf, names::PROG_INGRESS)
+            .unwrap()
+            .test_run(TestRunOptions {
+                data_in: Some(&syn),
+                ..TestRunOptions::default()
+            })
+            .unwrap();
+        logger.flush();
+    });
+    let out = String::from_utf8(lock(&buf.0).clone()).unwrap();
+    assert!(
+        out.contains("ftp_proxy::flowtrack::ebpf") && out.contains("flow opened: port 21 -> 40000"),
+        "{out}"
+    );
+}
