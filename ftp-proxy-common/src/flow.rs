@@ -56,7 +56,7 @@ pub mod tcp_flags {
 /// written by the kernel side.
 pub mod state {
     /// Entry created, no segment applied yet. Never seen outside a
-    /// [`transition`](crate::transition) call in a well-behaved datapath.
+    /// [`transition`](fn@crate::transition) call in a well-behaved datapath.
     pub const NONE: u8 = 0;
     /// First SYN seen.
     pub const SYN_SENT: u8 = 1;
@@ -239,7 +239,7 @@ const _: () = assert!(size_of::<FlowValue>() == 104);
 impl FlowValue {
     /// A fresh entry: state [`state::NONE`], no direction recorded. The
     /// datapath inserts this, then applies the opening SYN with
-    /// [`transition`](crate::transition).
+    /// [`transition`](fn@crate::transition).
     pub const EMPTY: Self = Self {
         first_syn_ns: 0,
         synack_ns: 0,

@@ -5,10 +5,10 @@
 //! with explicit padding and a size assertion, or an integer constant: no
 //! enums, no `Option`, no `bool` (the kernel side writes bytes the Rust
 //! compiler never validated). The daemon decodes these into ordinary Rust
-//! types; the eBPF side only reads and writes them around [`transition`].
+//! types; the eBPF side only reads and writes them around [`transition()`].
 //!
 //! - [`flow`]: the canonical flow key, the flow value, states, TCP flags.
-//! - [`transition`]: what one TCP segment does to a flow (pure, host-tested).
+//! - [`mod@transition`]: what one TCP segment does to a flow (pure, host-tested).
 //! - [`maps`]: map names and sizes, the port map, the closed-flow event,
 //!   per-CPU counter indices.
 //!
