@@ -545,4 +545,81 @@ mod tests {
         assert!(seq_ge(3, 0xffff_fffe));
         assert!(!seq_ge(0xffff_fffe, 3));
     }
+
+    mod prop {
+        extern crate std;
+        use std::vec::Vec;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn segment() -> impl Strategy<Value = Segment> {
+            (
+                0u8..2,
+                any::<u8>(),
+                any::<u32>(),
+                any::<u32>(),
+                0u32..70_000,
+            )
+                .prop_map(|(dir, flags, seq, ack, payload_len)| Segment {
+                    dir,
+                    flags,
+                    seq,
+                    ack,
+                    payload_len,
+                })
+        }
+
+        proptest! {
+            /// Whatever arrives, in any order: the state stays a known
+            /// value, counts add up, terminal states only leave through a
+            /// restart, and the lifecycle timestamps stay ordered.
+            #[test]
+            fn invariants_hold_for_any_segments(rest in proptest::collection::vec(segment(), 1..64)) {
+                // Open with a SYN so most cases exercise a live flow.
+                let open = Segment { dir: DIR_A_TO_B, flags: tcp_flags::SYN, seq: 0, ack: 0, payload_len: 0 };
+                let segs: Vec<Segment> = core::iter::once(open).chain(rest).collect();
+                let mut v = FlowValue::EMPTY;
+                let mut counted = 0u64;
+                let mut bytes = 0u64;
+                for (i, seg) in segs.iter().enumerate() {
+                    let before = v;
+                    let now = 1_000 + i as u64;
+                    let ev = transition(&mut v, seg, now);
+                    prop_assert!(v.state <= state::RESET);
+                    if ev & event::IGNORED != 0 {
+                        prop_assert_eq!(v, before);
+                        continue;
+                    }
+                    if ev & event::RESTART != 0 {
+                        prop_assert!(state::is_terminal(before.state));
+                        counted = 0;
+                        bytes = 0;
+                    }
+                    counted += 1;
+                    bytes += u64::from(seg.payload_len);
+                    prop_assert_eq!(v.ab.packets + v.ba.packets, counted);
+                    prop_assert_eq!(v.ab.bytes + v.ba.bytes, bytes);
+                    prop_assert_eq!(v.last_seen_ns, now);
+                    if state::is_terminal(before.state) && ev & event::RESTART == 0 {
+                        prop_assert_eq!(v.state, before.state);
+                        prop_assert_eq!(v.closed_ns, before.closed_ns);
+                    }
+                    // A restart is a pure SYN (never a RST): CLOSED exactly
+                    // when this segment made the flow terminal.
+                    prop_assert_eq!(
+                        ev & event::CLOSED != 0,
+                        state::is_terminal(v.state) && !state::is_terminal(before.state)
+                    );
+                    let times: Vec<u64> = [v.first_syn_ns, v.synack_ns, v.established_ns, v.first_fin_ns, v.closed_ns]
+                        .into_iter()
+                        .filter(|&t| t != 0)
+                        .collect();
+                    prop_assert!(times.windows(2).all(|w| w[0] <= w[1]), "{:?}", v);
+                    prop_assert!(v.syn_dir == DIR_A_TO_B || v.syn_dir == DIR_B_TO_A);
+                }
+            }
+        }
+    }
 }
