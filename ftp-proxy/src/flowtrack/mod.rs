@@ -107,7 +107,8 @@ impl Default for FlowtrackOptions {
     }
 }
 
-/// Whether the daemon runs the tracker (the value of an `--ebpf` option).
+/// Whether the daemon runs the tracker (the value of an `--ebpf
+/// off|auto|required` option).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum EbpfMode {
     /// Never start it.
@@ -116,8 +117,8 @@ pub enum EbpfMode {
     /// them; otherwise log a warning and run without it.
     #[default]
     Auto,
-    /// Start it or fail.
-    On,
+    /// Start it or fail (readiness should then depend on it).
+    Required,
 }
 
 /// Errors of the flow tracker.
@@ -195,7 +196,7 @@ pub enum FlowtrackError {
 
 /// Event and error counters: the kernel's per-CPU counters summed, plus
 /// the daemon side's own.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EventCounters {
     /// Flows opened by a first SYN (restarts included).
     pub syn: u64,
@@ -446,17 +447,18 @@ impl FlowTracker {
     /// [`FlowTracker::start`] according to `mode`: `Ok(None)` when off, or
     /// when `Auto` and the tracker cannot run (not built in, no
     /// privileges, kernel refused, interface missing: logged as a warning
-    /// with the reason); `On` returns the error instead.
+    /// with the reason); `Required` returns the error instead.
     ///
     /// # Errors
-    /// Only with [`EbpfMode::On`]: whatever [`FlowTracker::start`] returns.
+    /// Only with [`EbpfMode::Required`]: whatever [`FlowTracker::start`]
+    /// returns.
     pub fn start_with_mode(
         mode: EbpfMode,
         opts: &FlowtrackOptions,
     ) -> Result<Option<Self>, FlowtrackError> {
         match mode {
             EbpfMode::Off => Ok(None),
-            EbpfMode::On => Self::start(opts).map(Some),
+            EbpfMode::Required => Self::start(opts).map(Some),
             EbpfMode::Auto => match Self::start(opts) {
                 Ok(tracker) => Ok(Some(tracker)),
                 Err(err) => {

@@ -11,7 +11,8 @@ use ftp_proxy_common::{DirStats, FlowKey, FlowValue};
 /// The two sides of a TCP connection: the `client` sent the first SYN, the
 /// `server` answered it. (For an active-mode FTP data connection the FTP
 /// server is the TCP client.)
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Side {
     /// Sent the first SYN.
     Client,
@@ -20,7 +21,8 @@ pub enum Side {
 }
 
 /// Where a flow is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum FlowState {
     /// The client's SYN was seen.
     SynSent,
@@ -38,8 +40,48 @@ pub enum FlowState {
     Reset,
 }
 
+impl FlowState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [FlowState; 7] = [
+        FlowState::SynSent,
+        FlowState::SynReceived,
+        FlowState::Established,
+        FlowState::FinWait,
+        FlowState::Closing,
+        FlowState::Closed,
+        FlowState::Reset,
+    ];
+
+    /// A bounded label value (also the serialized form): `syn_sent`,
+    /// `syn_received`, `established`, `fin_wait`, `closing`, `closed`,
+    /// `reset`.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            FlowState::SynSent => "syn_sent",
+            FlowState::SynReceived => "syn_received",
+            FlowState::Established => "established",
+            FlowState::FinWait => "fin_wait",
+            FlowState::Closing => "closing",
+            FlowState::Closed => "closed",
+            FlowState::Reset => "reset",
+        }
+    }
+}
+
+impl Side {
+    /// `client` or `server`.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
+}
+
 /// What one side sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
 pub struct DirectionStats {
     /// TCP segments seen at the hooks (a GSO/TSO super-segment counts once).
     pub packets: u64,
@@ -56,7 +98,7 @@ pub struct DirectionStats {
 /// When things happened, on the kernel's CLOCK_MONOTONIC
 /// (`bpf_ktime_get_ns`): time since boot, suspend excluded. Compare with
 /// [`monotonic_now`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
 pub struct FlowTimes {
     /// The client's first SYN.
     pub first_syn: Option<Duration>,
@@ -73,7 +115,7 @@ pub struct FlowTimes {
 }
 
 /// One TCP connection as the tracker saw it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct FlowRecord {
     /// The side that sent the first SYN.
     pub client: SocketAddr,
@@ -238,6 +280,17 @@ mod tests {
         assert_eq!(r.reset_by, None);
         assert_eq!(r.times.first_syn, Some(Duration::from_nanos(7)));
         assert_eq!(r.times.closed, None);
+    }
+
+    #[test]
+    fn labels_match_serde() {
+        for state in FlowState::ALL {
+            assert_eq!(
+                serde_json::to_string(&state).unwrap(),
+                format!("\"{}\"", state.label())
+            );
+        }
+        assert_eq!(serde_json::to_string(&Side::Server).unwrap(), "\"server\"");
     }
 
     #[test]

@@ -466,7 +466,7 @@ async fn modes() {
         FlowTracker::start_with_mode(EbpfMode::Auto, &none),
         Ok(None)
     ));
-    assert!(FlowTracker::start_with_mode(EbpfMode::On, &none).is_err());
+    assert!(FlowTracker::start_with_mode(EbpfMode::Required, &none).is_err());
 }
 
 #[test]
