@@ -105,7 +105,11 @@ fn ebpf_toolchain() -> Result<String> {
 /// own workspace, target and build-std from its .cargo/config.toml).
 fn ebpf_cargo() -> Result<Command> {
     let mut c = Command::new("rustup");
-    c.args(["run", &ebpf_toolchain()?, "cargo"])
+    // Not the outer (stable) cargo's environment: rustup picks the pinned
+    // toolchain's cargo.
+    c.env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .args(["run", &ebpf_toolchain()?, "cargo"])
         .current_dir(root().join("ftp-proxy-ebpf"));
     Ok(c)
 }
