@@ -8,7 +8,8 @@
 # Usage: sudo scripts/install-deps.sh   (must run as root)
 set -euo pipefail
 
-PACKAGES=(vsftpd curl lftp iproute2 python3 procps prometheus)
+# bpftool: the flow tracker tests cross-check that nothing of ours stays loaded.
+PACKAGES=(vsftpd curl lftp iproute2 python3 procps prometheus bpftool)
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 

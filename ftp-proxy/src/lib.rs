@@ -10,12 +10,16 @@
 //!   connections on both sides.
 //! - [`relay`]: moves the bytes of a data connection (splice or copy),
 //!   passing half-close on in order. Knows nothing of FTP.
+//! - [`flowtrack`]: the eBPF flow tracker (the only user of aya): TCP
+//!   flows on watched ports, seen from the kernel, with their handshake,
+//!   close order, bytes and timestamps.
 //!
 //! Data path: client ⇄ (control) gateway session ⇄ (control) server; for a
 //! transfer the session opens one data connection on each side and hands
 //! both to [`relay`].
 
 pub mod config;
+pub mod flowtrack;
 pub mod gateway;
 pub mod metrics;
 pub mod protocol;

@@ -1,12 +1,15 @@
 //! `cargo xtask`: the project's tasks.
 //!
 //! - `setup`: installs what the tests and the demo need, idempotently
-//!   (Debian packages through `scripts/install-deps.sh`).
+//!   (Debian packages through `scripts/install-deps.sh`; the eBPF toolchain,
+//!   nightly + rust-src + bpf-linker, through
+//!   `scripts/install-ebpf-toolchain.sh`).
 //! - `run`: builds the gateway and runs it in front of a demo vsftpd that it
 //!   sets up in `target/demo`; with `--upstream HOST:PORT` it relays to that
 //!   server instead.
-//! - `test`: everything CI runs: setup, formatting, clippy, the whole test
-//!   suite, and a short run of every fuzz target.
+//! - `test`: everything CI runs: setup, formatting, clippy (a separate pass
+//!   for the eBPF crate), the whole test suite (with the eBPF flow tracker
+//!   required to be built), and a short run of every fuzz target.
 //! - `fuzz`: every fuzz target for longer (300 s each by default).
 
 use std::path::{Path, PathBuf};
@@ -84,11 +87,40 @@ fn is_root() -> bool {
 fn setup() -> Result<()> {
     let script = root().join("scripts/install-deps.sh");
     if is_root() {
-        status(Command::new("bash").arg(&script))
+        status(Command::new("bash").arg(&script))?;
     } else {
         status(Command::new("sudo").arg("bash").arg(&script))
-            .context("installing dependencies needs root")
+            .context("installing dependencies needs root")?;
     }
+    // The eBPF flow tracker's toolchain (pinned nightly + rust-src,
+    // bpf-linker); per user, no root needed.
+    status(Command::new("bash").arg(root().join("scripts/install-ebpf-toolchain.sh")))
+        .context("installing the eBPF toolchain")
+}
+
+/// The nightly pinned in ftp-proxy-ebpf/rust-toolchain.toml.
+fn ebpf_toolchain() -> Result<String> {
+    let path = root().join("ftp-proxy-ebpf/rust-toolchain.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("channel"))
+        .filter_map(|rest| rest.trim().strip_prefix('='))
+        .map(|value| value.trim().trim_matches('"').to_owned())
+        .next()
+        .with_context(|| format!("no channel in {}", path.display()))
+}
+
+/// `cargo` of the eBPF crate's pinned nightly, run in its directory (its
+/// own workspace, target and build-std from its .cargo/config.toml).
+fn ebpf_cargo() -> Result<Command> {
+    let mut c = Command::new("rustup");
+    // Not the outer (stable) cargo's environment: rustup picks the pinned
+    // toolchain's cargo.
+    c.env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .args(["run", &ebpf_toolchain()?, "cargo"])
+        .current_dir(root().join("ftp-proxy-ebpf"));
+    Ok(c)
 }
 
 const FUZZ_TARGETS: [&str; 4] = ["command", "reply", "address", "session_state"];
@@ -169,9 +201,15 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
             "-D",
             "warnings",
         ]))?;
+        // The eBPF crate is not a workspace member: its own pass.
+        status(ebpf_cargo()?.args(["fmt", "--", "--check"]))?;
+        status(ebpf_cargo()?.args(["clippy", "--release", "--", "-D", "warnings"]))?;
     }
+    // setup() installed the eBPF toolchain: a daemon without the flow
+    // tracker would be a silent CI gap, so its absence is an error here.
     status(
         cargo()
+            .env("FTPX_EBPF_BUILD", "require")
             .args(["test", "--workspace", "--no-fail-fast"])
             .args(args),
     )?;
