@@ -45,6 +45,19 @@ pub enum RelayMode {
     Copy,
 }
 
+/// Whether the eBPF flow tracker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum EbpfSetting {
+    /// Use it when it loads; otherwise say so once and run without it.
+    #[default]
+    Auto,
+    /// Exit with an error when it cannot be loaded and attached.
+    Required,
+    /// Never load it.
+    Off,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -87,6 +100,16 @@ pub struct Cli {
 pub enum Action {
     /// Validate the configuration and exit (same as --check-config).
     CheckConfig,
+    /// Print the TCP flows a running gateway's tracker sees, as a table
+    /// (fetched from its /flows endpoint).
+    Flows {
+        /// The running gateway's --metrics address [default: the configuration's metrics address].
+        #[arg(long, value_name = "ADDR:PORT")]
+        from: Option<SocketAddr>,
+        /// Print the JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Settings shared by the command line and the file.
@@ -173,6 +196,15 @@ pub struct Settings {
     /// Seconds that running transfers get to finish after SIGTERM [default: 300].
     #[arg(long, value_name = "SECS")]
     pub drain_timeout: Option<u64>,
+
+    /// eBPF flow tracker: auto (use it when it loads), required (exit if it cannot), off [default: auto].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub ebpf: Option<EbpfSetting>,
+
+    /// Interface the flow tracker attaches to (repeatable) [default: the interfaces of the listen addresses, loopback included].
+    #[arg(long = "interface", value_name = "NAME")]
+    #[serde(default)]
+    pub interface: Vec<String>,
 
     /// Log format.
     #[arg(long, value_enum, value_name = "FORMAT")]
@@ -402,8 +434,29 @@ pub struct Config {
     pub pipe_size: usize,
     /// HTTP endpoint address.
     pub metrics: Option<SocketAddr>,
+    /// Whether the flow tracker runs.
+    pub ebpf: EbpfSetting,
+    /// Interfaces the flow tracker attaches to (resolved: never empty).
+    pub interfaces: Vec<String>,
     /// Logging.
     pub log: LogConfig,
+}
+
+/// The interfaces that carry `listen` addresses, loopback included: every
+/// interface for a wildcard address.
+pub fn interfaces_of(listen: &[SocketAddr]) -> Vec<String> {
+    let all = if_addrs::get_if_addrs().unwrap_or_default();
+    let mut names = vec!["lo".to_owned()];
+    for addr in listen {
+        for interface in &all {
+            let wanted = addr.ip().is_unspecified() && interface.ip().is_ipv4() == addr.is_ipv4()
+                || interface.ip() == addr.ip().to_canonical();
+            if wanted && !names.contains(&interface.name) {
+                names.push(interface.name.clone());
+            }
+        }
+    }
+    names
 }
 
 fn secs(key: &'static str, value: Option<u64>, default: u64) -> Result<Duration, ConfigError> {
@@ -440,7 +493,11 @@ impl Settings {
     /// Fills every unset field from `lower`.
     pub fn over(self, lower: Settings) -> Settings {
         macro_rules! pick {
-            ($($field:ident),*) => { Settings { listen: if self.listen.is_empty() { lower.listen } else { self.listen }, $($field: self.$field.or(lower.$field)),* } };
+            ($($field:ident),*) => { Settings {
+                listen: if self.listen.is_empty() { lower.listen } else { self.listen },
+                interface: if self.interface.is_empty() { lower.interface } else { self.interface },
+                $($field: self.$field.or(lower.$field)),*
+            } };
         }
         pick!(
             upstream,
@@ -462,6 +519,7 @@ impl Settings {
             pipe_size,
             metrics,
             drain_timeout,
+            ebpf,
             log_format,
             log_level
         )
@@ -539,6 +597,11 @@ impl Settings {
             .unwrap_or_else(|| "info".to_owned());
         tracing_subscriber::EnvFilter::try_new(&log_filter)
             .map_err(|e| invalid("log-level", &log_filter, e))?;
+        let interfaces = if self.interface.is_empty() {
+            interfaces_of(&listen)
+        } else {
+            self.interface
+        };
         Ok(Config {
             listen,
             upstream,
@@ -573,6 +636,8 @@ impl Settings {
                         .map_err(|e| invalid("metrics", m, format!("{e} (expected ADDR:PORT)")))
                 })
                 .transpose()?,
+            ebpf: self.ebpf.unwrap_or_default(),
+            interfaces,
             relay_mode: self.relay_mode.unwrap_or_default(),
             pipe_size,
             log: LogConfig {

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::flows::FlowView;
 use crate::metrics::http::Readiness;
 use crate::metrics::{Metrics, MetricsError, Reject};
 use crate::session::legs::LegRegistry;
@@ -52,6 +53,7 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     legs: LegRegistry,
+    flows: Arc<FlowView>,
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -108,6 +110,7 @@ impl Generation {
         config: Arc<Config>,
         metrics: &Arc<Metrics>,
         legs: &LegRegistry,
+        flows: &Arc<FlowView>,
         shutdown: &CancellationToken,
         previous: Option<&Generation>,
     ) -> Generation {
@@ -143,6 +146,7 @@ impl Generation {
                 metrics: Arc::clone(metrics),
                 shutdown: shutdown.clone(),
                 legs: legs.clone(),
+                flows: Arc::clone(flows),
             },
             admission,
         }
@@ -161,12 +165,20 @@ impl Gateway {
             .iter()
             .map(|&addr| bind(addr).map_err(|source| GatewayError::Bind { addr, source }))
             .collect::<Result<Vec<_>, _>>()?;
+        let metrics = Arc::new(Metrics::new()?);
+        let legs = LegRegistry::default();
         Ok(Gateway {
             config: Arc::new(config),
             listeners,
-            metrics: Arc::new(Metrics::new()?),
+            flows: Arc::new(FlowView::new(
+                None,
+                Vec::new(),
+                legs.clone(),
+                Arc::clone(&metrics),
+            )),
+            metrics,
             readiness: Arc::new(Readiness::default()),
-            legs: LegRegistry::default(),
+            legs,
         })
     }
 
@@ -181,6 +193,11 @@ impl Gateway {
     /// The gateway's metrics.
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.metrics)
+    }
+
+    /// Uses `flows` (a view over a running flow tracker) for the sessions.
+    pub fn set_flows(&mut self, flows: Arc<FlowView>) {
+        self.flows = flows;
     }
 
     /// Which session and leg each connection belongs to.
@@ -205,6 +222,7 @@ impl Gateway {
             Arc::clone(&self.config),
             &self.metrics,
             &self.legs,
+            &self.flows,
             &shutdown,
             None,
         );
@@ -237,7 +255,7 @@ impl Gateway {
                         warn!("listen addresses changed: they take effect at the next restart");
                     }
                     drain = config.timeouts.drain;
-                    let next = Generation::new(config, &self.metrics, &self.legs, &shutdown, Some(&generation_rx.borrow()));
+                    let next = Generation::new(config, &self.metrics, &self.legs, &self.flows, &shutdown, Some(&generation_rx.borrow()));
                     generation_tx.send_replace(next);
                     info!("configuration reloaded: new sessions use it");
                 }

@@ -19,6 +19,7 @@
 //! both to [`relay`].
 
 pub mod config;
+pub mod flows;
 pub mod flowtrack;
 pub mod gateway;
 pub mod metrics;

@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use ftp_proxy::config::{Action, Cli, Config, EXIT_CONFIG, LogFormat, Settings};
+use ftp_proxy::config::{Action, Cli, Config, EXIT_CONFIG, EbpfSetting, LogFormat, Settings};
+use ftp_proxy::flows::FlowView;
+use ftp_proxy::flowtrack::{EbpfMode, FlowTracker, FlowtrackOptions};
 use ftp_proxy::metrics::http::{self, HttpState};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +46,40 @@ fn main() -> ExitCode {
         }
     };
     let settings = std::mem::take(&mut cli.settings);
+    if let Some(Action::Flows { from, json }) = &cli.command {
+        let from = match from {
+            Some(addr) => *addr,
+            None => match cli.load(settings.clone()).map(|c| c.metrics) {
+                Ok(Some(addr)) => addr,
+                Ok(None) => {
+                    eprintln!(
+                        "ftp-proxy flows: give --from ADDR:PORT (the gateway's --metrics address)"
+                    );
+                    return ExitCode::from(EXIT_CONFIG as u8);
+                }
+                Err(e) => {
+                    eprintln!("ftp-proxy flows: configuration error: {e}");
+                    return ExitCode::from(EXIT_CONFIG as u8);
+                }
+            },
+        };
+        return match fetch_flows(from).and_then(|doc| {
+            if *json {
+                Ok(doc)
+            } else {
+                ftp_proxy::flows::render_table(&doc).map_err(anyhow::Error::msg)
+            }
+        }) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ftp-proxy flows: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match cli.load(settings.clone()) {
         Ok(config) => config,
         Err(e) => {
@@ -66,6 +102,69 @@ fn main() -> ExitCode {
     }
 }
 
+/// GET /flows from a running gateway.
+fn fetch_flows(from: std::net::SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&from, std::time::Duration::from_secs(5))
+        .with_context(|| format!("connecting to the gateway's metrics endpoint {from}"))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    stream.write_all(b"GET /flows HTTP/1.0\r\nHost: ftp-proxy\r\n\r\n")?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .context("reading /flows")?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        anyhow::bail!(
+            "{from}/flows answered {}",
+            head.lines().next().unwrap_or_default()
+        );
+    }
+    Ok(body.to_owned())
+}
+
+/// Loads and attaches the flow tracker as `--ebpf` says.
+fn start_tracker(
+    config: &Config,
+    listening: &[std::net::SocketAddr],
+) -> anyhow::Result<Option<FlowTracker>> {
+    let mode = match config.ebpf {
+        EbpfSetting::Off => EbpfMode::Off,
+        EbpfSetting::Auto => EbpfMode::Auto,
+        EbpfSetting::Required => EbpfMode::Required,
+    };
+    let options = FlowtrackOptions {
+        interfaces: config.interfaces.clone(),
+        ports: Vec::new(),
+        ..FlowtrackOptions::default()
+    };
+    let tracker = FlowTracker::start_with_mode(mode, &options)
+        .context("--ebpf required: the flow tracker cannot run")?;
+    if tracker.is_some() {
+        tracing::info!(interfaces = ?config.interfaces, listening = ?listening, "eBPF flow tracker attached");
+    }
+    Ok(tracker)
+}
+
+/// Ports watched for the whole run: control listeners, the upstream port,
+/// port 20, and the configured data port ranges.
+fn fixed_ports(config: &Config, listening: &[std::net::SocketAddr]) -> Vec<u16> {
+    let mut ports: Vec<u16> = listening.iter().map(|a| a.port()).collect();
+    ports.push(config.upstream.port);
+    ports.push(20);
+    for range in [config.passive_ports, config.active_ports]
+        .into_iter()
+        .flatten()
+    {
+        ports.extend(range.low()..=range.high());
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
 fn notify(state: &[sd_notify::NotifyState<'_>]) {
     // Outside systemd NOTIFY_SOCKET is unset and this does nothing.
     if let Err(e) = sd_notify::notify(state) {
@@ -80,7 +179,19 @@ fn serve(config: Config, cli: Cli, settings: Settings) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     runtime.block_on(async move {
         let metrics_addr = config.metrics;
-        let gateway = ftp_proxy::Gateway::bind(config.clone()).context("binding listeners")?;
+        let mut gateway = ftp_proxy::Gateway::bind(config.clone()).context("binding listeners")?;
+        let tracker = start_tracker(&config, &gateway.local_addrs())?;
+        let attached = tracker.is_some();
+        let flows = Arc::new(FlowView::new(
+            tracker,
+            fixed_ports(&config, &gateway.local_addrs()),
+            gateway.legs(),
+            gateway.metrics(),
+        ));
+        gateway.set_flows(Arc::clone(&flows));
+        gateway
+            .readiness()
+            .set_tracker(config.ebpf == EbpfSetting::Required, attached);
         let shutdown = CancellationToken::new();
         // The endpoint outlives the drain: /healthz stays 200 and /readyz
         // turns 503 while transfers finish, so probes do not kill the pod.
@@ -97,12 +208,16 @@ fn serve(config: Config, cli: Cli, settings: Settings) -> anyhow::Result<()> {
             let state = HttpState {
                 metrics: gateway.metrics(),
                 readiness: gateway.readiness(),
-                flows: Arc::new(|| "{\"ebpf\":\"off\",\"flows\":[]}".to_owned()),
+                flows: {
+                    let flows = Arc::clone(&flows);
+                    Arc::new(move || flows.document())
+                },
             };
             tokio::spawn(http::serve(listener, state, http_shutdown.clone()))
         });
         let (reload_tx, reload_rx) = watch::channel(Arc::new(config));
         let signals = tokio::spawn(handle_signals(shutdown.clone(), reload_tx, cli, settings));
+        let refresh = tokio::spawn(Arc::clone(&flows).run(http_shutdown.clone()));
         notify(&[sd_notify::NotifyState::Ready]);
         gateway.run(shutdown.clone(), reload_rx).await;
         shutdown.cancel();
@@ -111,6 +226,9 @@ fn serve(config: Config, cli: Cli, settings: Settings) -> anyhow::Result<()> {
         if let Some(task) = http_task {
             let _ = task.await;
         }
+        let _ = refresh.await;
+        // The last owner of the tracker: dropping it detaches the programs.
+        drop(flows);
         Ok(())
     })
 }

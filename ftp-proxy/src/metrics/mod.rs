@@ -82,7 +82,7 @@ pub enum TransferResult {
 }
 
 /// Which TCP connection of a session a kernel-observed flow is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TcpLeg {
     /// Client ⇄ gateway control connection.
     ClientControl,
@@ -119,11 +119,12 @@ impl TcpLeg {
 }
 
 /// TCP states as the flow tracker reports them.
-pub const TCP_STATES: [&str; 6] = [
+pub const TCP_STATES: [&str; 7] = [
     "syn_sent",
     "syn_received",
     "established",
     "fin_wait",
+    "closing",
     "closed",
     "reset",
 ];

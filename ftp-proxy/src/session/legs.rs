@@ -27,6 +27,8 @@ pub struct Owner {
     pub session_id: u64,
     /// Which of its connections.
     pub leg: TcpLeg,
+    /// The gateway's end of the connection.
+    pub local: SocketAddr,
 }
 
 /// The endpoints of a connection, in a canonical order so that either
@@ -113,7 +115,14 @@ impl LegRegistry {
         let endpoints = Endpoints::new(local, peer);
         if let Ok(mut table) = self.0.lock() {
             table.closed.remove(&endpoints);
-            table.open.insert(endpoints, Owner { session_id, leg });
+            table.open.insert(
+                endpoints,
+                Owner {
+                    session_id,
+                    leg,
+                    local: canonical(local),
+                },
+            );
         }
         Registration {
             registry: self.clone(),
@@ -159,7 +168,8 @@ mod tests {
             r.owner(sa("127.0.0.1:5001"), sa("127.0.0.1:20")),
             Some(Owner {
                 session_id: 7,
-                leg: TcpLeg::ClientData
+                leg: TcpLeg::ClientData,
+                local: sa("127.0.0.1:20"),
             })
         );
         assert_eq!(

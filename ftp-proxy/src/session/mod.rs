@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::Config;
+use crate::flows::{FlowView, PortWatch};
 use crate::metrics::{DataMode, Leg, Metrics, Reject, SessionOutcome, TcpLeg, TransferResult};
 use crate::protocol::address;
 use crate::protocol::feat::rewrite_feat;
@@ -68,6 +69,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Which session and leg each connection belongs to.
     pub legs: LegRegistry,
+    /// The kernel's view of the flows (watches data ports).
+    pub flows: Arc<FlowView>,
 }
 
 /// Which side caused a session to end; it decides the reply, the log level
@@ -191,10 +194,13 @@ struct Session<'a> {
     state: ControlState,
     /// The listener of a passive arrangement.
     passive_listener: Option<tokio::net::TcpListener>,
+    /// Ports the flow tracker watches for the passive listener and the
+    /// transfer being set up.
+    data_watches: Vec<PortWatch>,
     /// Commands read during a transfer.
     queued: VecDeque<Result<Command, CommandError>>,
     /// A finished transfer whose second direction may still be closing.
-    lingering: Option<(RelayHandle, [Registration; 2])>,
+    lingering: Option<(RelayHandle, [Registration; 2], Vec<PortWatch>)>,
     /// The control connections, as registered for the flow tracker.
     _control_legs: [Registration; 2],
 }
@@ -306,6 +312,7 @@ impl<'a> Session<'a> {
                 },
             ),
             passive_listener: None,
+            data_watches: Vec::new(),
             queued: VecDeque::new(),
             lingering: None,
             _control_legs: [
@@ -499,6 +506,8 @@ impl<'a> Session<'a> {
                 match self.shared.passive_ports.listen(self.client_local.ip()) {
                     Ok(listener) => {
                         let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+                        self.data_watches.clear();
+                        self.data_watches.extend(self.shared.flows.watch(port));
                         self.passive_listener = Some(listener);
                         self.send(&answer.reply(port)).await?;
                     }
@@ -587,6 +596,8 @@ impl<'a> Session<'a> {
                     return Ok(Err(format!("server's passive address refused: {refusal}")));
                 }
             };
+            self.data_watches
+                .extend(self.shared.flows.watch(target.port()));
             match data::connect_from(
                 self.server_local.ip(),
                 target,
@@ -611,6 +622,7 @@ impl<'a> Session<'a> {
                 }
             };
             let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+            self.data_watches.extend(self.shared.flows.watch(port));
             let ours = SocketAddr::new(self.server_local.ip(), port);
             let command = match ours {
                 SocketAddr::V4(v4) => Command::new(Verb::Port, address::format_port(v4)),
@@ -636,6 +648,9 @@ impl<'a> Session<'a> {
         passive: bool,
     ) -> Result<(), SessionError> {
         self.lingering = None;
+        if client != Arrangement::Passive {
+            self.data_watches.clear();
+        }
         let client_data = match (client, self.passive_listener.take()) {
             (Arrangement::Active(target), _) => ClientData::Active(target),
             (Arrangement::Passive, Some(listener)) => ClientData::Passive(listener),
@@ -689,6 +704,8 @@ impl<'a> Session<'a> {
                 Some(result)
             }
             (Ok(_), ClientData::Active(target)) => {
+                self.data_watches
+                    .extend(self.shared.flows.watch(target.port()));
                 let result = data::connect_active(
                     &self.shared.active_ports,
                     self.client_local.ip(),
@@ -840,7 +857,7 @@ impl<'a> Session<'a> {
             };
             self.send(&reply).await?;
         }
-        self.lingering = Some((relay, registrations));
+        self.lingering = Some((relay, registrations, std::mem::take(&mut self.data_watches)));
         Ok(())
     }
 

@@ -1,0 +1,442 @@
+//! The kernel's view of the gateway's TCP flows, joined with FTP.
+//!
+//! Owns: which ports the flow tracker watches (fixed ones from the
+//! configuration, dynamic ones held by sessions while they use them), the
+//! join of the tracker's records with the sessions' legs, the bounded list
+//! of recently closed flows, the `/flows` document, and the `tcp_*` metrics.
+//!
+//! Does not touch aya: it uses [`crate::flowtrack`]'s API. Works without a
+//! tracker (everything is then empty and `ebpf` says `off`).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::flowtrack::{EventCounters, FlowRecord, FlowState, FlowTracker, Side};
+use crate::metrics::{Metrics, TcpLeg};
+use crate::session::legs::LegRegistry;
+
+/// Closed flows kept for `/flows`.
+const MAX_CLOSED: usize = 1024;
+/// How long a dynamic port stays watched after its last user is gone, so
+/// that the last segments of its flows are still seen.
+const UNWATCH_DELAY: Duration = Duration::from_secs(10);
+/// How often the metrics are refreshed from the tracker.
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// A flow with its session and leg.
+#[derive(Debug, Clone, Serialize)]
+pub struct JoinedFlow {
+    /// The session, when the flow is one of a session's connections.
+    pub session_id: Option<u64>,
+    /// Which connection of the session (`unknown` when not joined).
+    pub leg: &'static str,
+    /// Who sent the first FIN: `gateway`, `client` or `server` (the FTP
+    /// peer on that leg), or none yet.
+    pub closed_first_by: Option<&'static str>,
+    /// SYN to established, in milliseconds.
+    pub handshake_ms: Option<f64>,
+    /// The kernel's record.
+    #[serde(flatten)]
+    pub record: FlowRecord,
+}
+
+#[derive(Serialize)]
+struct Document<'a> {
+    ebpf: &'static str,
+    flows: Vec<JoinedFlow>,
+    closed: Vec<&'a JoinedFlow>,
+    counters: Option<EventCounters>,
+}
+
+#[derive(Debug, Default)]
+struct Watches {
+    users: HashMap<u16, usize>,
+    fixed: Vec<u16>,
+    idle_since: HashMap<u16, Instant>,
+}
+
+/// The joined view; shared by the sessions, the HTTP endpoint and the
+/// refresh task.
+pub struct FlowView {
+    tracker: Option<FlowTracker>,
+    legs: LegRegistry,
+    metrics: Arc<Metrics>,
+    closed: Mutex<VecDeque<JoinedFlow>>,
+    watches: Mutex<Watches>,
+    last_counters: Mutex<EventCounters>,
+}
+
+impl std::fmt::Debug for FlowView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowView")
+            .field("attached", &self.tracker.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A port watched while this value lives.
+#[derive(Debug)]
+pub struct PortWatch {
+    view: Arc<FlowView>,
+    port: u16,
+}
+
+impl Drop for PortWatch {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.view.watches.lock()
+            && let Some(n) = w.users.get_mut(&self.port)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                w.users.remove(&self.port);
+                w.idle_since.insert(self.port, Instant::now());
+            }
+        }
+    }
+}
+
+fn leg_of(owner: Option<crate::session::legs::Owner>) -> TcpLeg {
+    owner.map_or(TcpLeg::Unknown, |o| o.leg)
+}
+
+impl FlowView {
+    /// A view over `tracker` (None: no tracker), watching `fixed_ports` for good.
+    pub fn new(
+        tracker: Option<FlowTracker>,
+        fixed_ports: Vec<u16>,
+        legs: LegRegistry,
+        metrics: Arc<Metrics>,
+    ) -> FlowView {
+        metrics.set_ebpf_status(tracker.is_some());
+        if let Some(t) = &tracker {
+            for &port in &fixed_ports {
+                if let Err(e) = t.watch_port(port) {
+                    warn!(port, error = %e, "flow tracker: cannot watch port");
+                }
+            }
+        }
+        FlowView {
+            tracker,
+            legs,
+            metrics,
+            closed: Mutex::new(VecDeque::new()),
+            watches: Mutex::new(Watches {
+                fixed: fixed_ports,
+                ..Watches::default()
+            }),
+            last_counters: Mutex::new(EventCounters::default()),
+        }
+    }
+
+    /// Whether a tracker is attached.
+    pub fn attached(&self) -> bool {
+        self.tracker.is_some()
+    }
+
+    /// Watches `port` (a data port chosen at run time) while the returned
+    /// value lives; None without a tracker.
+    pub fn watch(self: &Arc<Self>, port: u16) -> Option<PortWatch> {
+        let tracker = self.tracker.as_ref()?;
+        let mut w = self.watches.lock().ok()?;
+        if w.fixed.contains(&port) {
+            return None;
+        }
+        let users = w.users.entry(port).or_insert(0);
+        *users += 1;
+        let first = *users == 1;
+        w.idle_since.remove(&port);
+        drop(w);
+        if first && let Err(e) = tracker.watch_port(port) {
+            debug!(port, error = %e, "flow tracker: cannot watch port");
+        }
+        Some(PortWatch {
+            view: Arc::clone(self),
+            port,
+        })
+    }
+
+    fn join(&self, record: FlowRecord) -> JoinedFlow {
+        let owner = self.legs.owner(record.client, record.server);
+        let leg = leg_of(owner);
+        let closed_first_by = record.first_fin.map(|side| {
+            let addr = match side {
+                Side::Client => record.client,
+                Side::Server => record.server,
+            };
+            match owner {
+                Some(o) if SocketAddr::new(addr.ip().to_canonical(), addr.port()) == o.local => {
+                    "gateway"
+                }
+                Some(o) if matches!(o.leg, TcpLeg::ServerControl | TcpLeg::ServerData) => "server",
+                Some(_) => "client",
+                None => side.label(),
+            }
+        });
+        let handshake_ms = match (record.times.first_syn, record.times.established) {
+            (Some(syn), Some(est)) => Some(est.saturating_sub(syn).as_secs_f64() * 1000.0),
+            _ => None,
+        };
+        JoinedFlow {
+            session_id: owner.map(|o| o.session_id),
+            leg: leg.label(),
+            closed_first_by,
+            handshake_ms,
+            record,
+        }
+    }
+
+    /// The `/flows` document: live flows, recently closed flows, counters.
+    pub fn document(&self) -> String {
+        let Some(tracker) = &self.tracker else {
+            return "{\"ebpf\":\"off\",\"flows\":[],\"closed\":[],\"counters\":null}".to_owned();
+        };
+        self.collect_closed();
+        let flows = tracker
+            .snapshot()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| self.join(r))
+            .collect();
+        let closed = self
+            .closed
+            .lock()
+            .map(|c| c.iter().cloned().collect::<Vec<_>>())
+            .unwrap_or_default();
+        let doc = Document {
+            ebpf: "on",
+            flows,
+            closed: closed.iter().collect(),
+            counters: tracker.counters().ok(),
+        };
+        serde_json::to_string(&doc).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// Takes the flows closed since the last look: joins them, counts
+    /// their events, keeps them for `/flows`.
+    fn collect_closed(&self) {
+        let Some(tracker) = &self.tracker else { return };
+        let fresh = tracker.take_closed();
+        if fresh.is_empty() {
+            return;
+        }
+        let Ok(mut closed) = self.closed.lock() else {
+            return;
+        };
+        for record in fresh {
+            let joined = self.join(record);
+            let leg = leg_of(self.legs.owner(record.client, record.server));
+            let times = &record.times;
+            for (seen, event) in [
+                (times.first_syn.is_some(), "syn"),
+                (times.syn_ack.is_some(), "synack"),
+                (times.established.is_some(), "established"),
+                (record.reset_by.is_some(), "rst"),
+            ] {
+                if seen {
+                    self.metrics.tcp_events(leg, event, 1);
+                }
+            }
+            let fins = u64::from(record.from_client.fin) + u64::from(record.from_server.fin);
+            if fins > 0 {
+                self.metrics.tcp_events(leg, "fin", fins);
+            }
+            if let (Some(syn), Some(est)) = (times.first_syn, times.established) {
+                self.metrics.tcp_handshake(leg, est.saturating_sub(syn));
+            }
+            closed.push_back(joined);
+            while closed.len() > MAX_CLOSED {
+                closed.pop_front();
+            }
+        }
+    }
+
+    fn refresh(&self) {
+        let Some(tracker) = &self.tracker else { return };
+        self.collect_closed();
+        if let Ok(snapshot) = tracker.snapshot() {
+            let mut counts: HashMap<(TcpLeg, &'static str), i64> = HashMap::new();
+            for record in &snapshot {
+                let leg = leg_of(self.legs.owner(record.client, record.server));
+                *counts.entry((leg, record.state.label())).or_default() += 1;
+            }
+            let counts: Vec<_> = counts
+                .into_iter()
+                .map(|((leg, state), n)| (leg, state, n))
+                .collect();
+            self.metrics.set_tcp_flows(&counts);
+        }
+        if let (Ok(now), Ok(mut last)) = (tracker.counters(), self.last_counters.lock()) {
+            let inserts = |c: &EventCounters| c.insert_enomem + c.insert_e2big + c.insert_other;
+            self.metrics
+                .flowtrack_map_errors("insert", inserts(&now).saturating_sub(inserts(&last)));
+            self.metrics.flowtrack_map_errors(
+                "lookup",
+                now.lookup_after_insert
+                    .saturating_sub(last.lookup_after_insert),
+            );
+            self.metrics
+                .flowtrack_map_errors("parse", now.parse_errors.saturating_sub(last.parse_errors));
+            self.metrics.flowtrack_map_errors(
+                "ringbuf_full",
+                now.ringbuf_full.saturating_sub(last.ringbuf_full),
+            );
+            *last = now;
+        }
+        // Dynamic ports nobody used for a while stop being watched.
+        let due: Vec<u16> = self
+            .watches
+            .lock()
+            .map(|mut w| {
+                let due: Vec<u16> = w
+                    .idle_since
+                    .iter()
+                    .filter(|(_, at)| at.elapsed() >= UNWATCH_DELAY)
+                    .map(|(p, _)| *p)
+                    .collect();
+                for p in &due {
+                    w.idle_since.remove(p);
+                }
+                due
+            })
+            .unwrap_or_default();
+        for port in due {
+            let _ = tracker.unwatch_port(port);
+        }
+    }
+
+    /// Refreshes the metrics every second until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        if self.tracker.is_none() {
+            return;
+        }
+        let mut tick = tokio::time::interval(REFRESH);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = tick.tick() => self.refresh(),
+            }
+        }
+        self.refresh();
+    }
+
+    /// States of the live flows, for tests and the CLI.
+    pub fn live_states(&self) -> Vec<FlowState> {
+        self.tracker
+            .as_ref()
+            .and_then(|t| t.snapshot().ok())
+            .unwrap_or_default()
+            .iter()
+            .map(|r| r.state)
+            .collect()
+    }
+}
+
+/// Renders a `/flows` document as a table for `ftp-proxy flows`.
+///
+/// # Errors
+/// A message when the document is not the JSON `/flows` serves.
+pub fn render_table(document: &str) -> Result<String, String> {
+    use std::fmt::Write as _;
+    let doc: serde_json::Value =
+        serde_json::from_str(document).map_err(|e| format!("not a /flows document: {e}"))?;
+    let mut out = String::new();
+    let ebpf = doc.get("ebpf").and_then(|v| v.as_str()).unwrap_or("?");
+    let _ = writeln!(out, "eBPF flow tracker: {ebpf}");
+    let _ = writeln!(
+        out,
+        "{:<8} {:<15} {:<47} {:<12} {:>12} {:>12} {:>10} {:<8}",
+        "SESSION",
+        "LEG",
+        "CLIENT -> SERVER (TCP)",
+        "STATE",
+        "BYTES C>S",
+        "BYTES S>C",
+        "HS MS",
+        "FIN 1ST"
+    );
+    for (title, key) in [("live", "flows"), ("recently closed", "closed")] {
+        let rows = doc
+            .get(key)
+            .and_then(|v| v.as_array())
+            .cloned()
+            .unwrap_or_default();
+        let _ = writeln!(out, "-- {title}: {}", rows.len());
+        for row in rows {
+            let text = |k: &str| {
+                row.get(k)
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                    .unwrap_or_default()
+            };
+            let bytes = |k: &str| {
+                row.get(k)
+                    .and_then(|d| d.get("bytes"))
+                    .and_then(|b| b.as_u64())
+                    .unwrap_or(0)
+            };
+            let session = row
+                .get("session_id")
+                .and_then(|v| v.as_u64())
+                .map_or_else(|| "-".to_owned(), |v| v.to_string());
+            let handshake = row
+                .get("handshake_ms")
+                .and_then(|v| v.as_f64())
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+            let first = row
+                .get("closed_first_by")
+                .and_then(|v| v.as_str())
+                .unwrap_or("-")
+                .to_owned();
+            let _ = writeln!(
+                out,
+                "{:<8} {:<15} {:<47} {:<12} {:>12} {:>12} {:>10} {:<8}",
+                session,
+                text("leg"),
+                format!("{} -> {}", text("client"), text("server")),
+                text("state"),
+                bytes("from_client"),
+                bytes("from_server"),
+                handshake,
+                first
+            );
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_document() {
+        let doc = r#"{"ebpf":"on","flows":[{"session_id":3,"leg":"client_data","closed_first_by":"gateway","handshake_ms":0.05,
+            "client":"127.0.0.1:20","server":"127.0.0.1:5001","state":"closed","from_client":{"bytes":42},"from_server":{"bytes":0}}],"closed":[]}"#;
+        let table = render_table(doc).unwrap();
+        assert!(
+            table.contains("client_data")
+                && table.contains("127.0.0.1:20 -> 127.0.0.1:5001")
+                && table.contains("gateway"),
+            "{table}"
+        );
+        assert!(render_table("nope").is_err());
+        assert!(
+            render_table(
+                &FlowView::new(
+                    None,
+                    Vec::new(),
+                    LegRegistry::default(),
+                    Arc::new(Metrics::new().unwrap())
+                )
+                .document()
+            )
+            .unwrap()
+            .contains("off")
+        );
+    }
+}
