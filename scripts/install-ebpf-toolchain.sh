@@ -38,7 +38,18 @@ if rustup toolchain list | grep -q "^$TOOLCHAIN-"; then
     log "toolchain $TOOLCHAIN already installed"
 else
     log "installing toolchain $TOOLCHAIN"
-    rustup toolchain install "$TOOLCHAIN" --profile minimal --component rust-src,clippy,rustfmt
+    if ! rustup toolchain install "$TOOLCHAIN" --profile minimal --component rust-src,clippy,rustfmt; then
+        # No download possible: fall back to the machine's own nightly when it
+        # is the same LLVM major, linked under the pinned name.
+        if rustup run nightly rustc -vV 2>/dev/null | grep -q '^LLVM version: 22\.'; then
+            log "cannot download $TOOLCHAIN: linking the installed nightly under that name"
+            rustup component add rust-src --toolchain nightly
+            rustup toolchain link "$TOOLCHAIN" "$(rustup run nightly rustc --print sysroot)"
+        else
+            log "cannot install $TOOLCHAIN and no usable nightly is installed"
+            exit 1
+        fi
+    fi
 fi
 if rustup component list --toolchain "$TOOLCHAIN" --installed 2>/dev/null | grep -q '^rust-src'; then
     log "rust-src already installed for $TOOLCHAIN"

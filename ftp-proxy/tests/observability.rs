@@ -62,6 +62,30 @@ fn http_endpoint_statuses_and_slow_clients() {
         out.starts_with("HTTP/1.1 405") && out.to_ascii_lowercase().contains("allow: get, head"),
         "{out}"
     );
+    // A malformed request gets 400.
+    let mut bad = lab.ns.connect(METRICS.parse().unwrap()).unwrap();
+    bad.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    bad.write_all(b"HELLO THERE\x00\x01\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = bad.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    // Headers beyond the bound are refused, not buffered.
+    let mut huge = lab.ns.connect(METRICS.parse().unwrap()).unwrap();
+    huge.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = huge.write_all(
+        format!(
+            "GET /metrics HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(64 * 1024)
+        )
+        .as_bytes(),
+    );
+    let mut out = String::new();
+    let _ = huge.read_to_string(&mut out);
+    assert!(
+        out.is_empty() || out.starts_with("HTTP/1.1 431") || out.starts_with("HTTP/1.1 400"),
+        "{out}"
+    );
     // A client sending one byte a second is cut off, not served forever.
     let mut slow = lab.ns.connect(METRICS.parse().unwrap()).unwrap();
     slow.set_write_timeout(Some(Duration::from_secs(2)))

@@ -11,6 +11,8 @@
 //!   for the eBPF crate), the whole test suite (with the eBPF flow tracker
 //!   required to be built), and a short run of every fuzz target.
 //! - `fuzz`: every fuzz target for longer (300 s each by default).
+//! - `soak`: the load and fault tests with more sessions, bigger files and
+//!   a longer hold than in CI.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -42,6 +44,18 @@ enum Task {
         seconds: u64,
         /// Only this target (command, reply, address, session_state).
         target: Option<String>,
+    },
+    /// The load and fault tests, longer and bigger than in CI.
+    Soak {
+        /// Concurrent sessions doing LIST and RETR.
+        #[arg(long, default_value_t = 2500)]
+        sessions: usize,
+        /// Size of the file each session retrieves, in KiB.
+        #[arg(long, default_value_t = 4096)]
+        file_kib: usize,
+        /// Seconds the 9,000 idle sessions are held.
+        #[arg(long, default_value_t = 600)]
+        hold: u64,
     },
     /// Run what CI runs: setup, fmt, clippy, tests.
     Test {
@@ -329,5 +343,30 @@ fn main() -> Result<()> {
         Task::Run { args } => run(&args),
         Task::Test { no_lint, args } => test(no_lint, &args),
         Task::Fuzz { seconds, target } => fuzz(seconds, target.as_deref()),
+        Task::Soak {
+            sessions,
+            file_kib,
+            hold,
+        } => {
+            setup()?;
+            status(
+                cargo()
+                    .env("FTPX_LOAD_SESSIONS", sessions.to_string())
+                    .env("FTPX_LOAD_FILE_KIB", file_kib.to_string())
+                    .env("FTPX_IDLE_HOLD_SECS", hold.to_string())
+                    .args([
+                        "test",
+                        "--release",
+                        "-p",
+                        "ftp-proxy",
+                        "--test",
+                        "load",
+                        "--",
+                        "--test-threads",
+                        "1",
+                        "--nocapture",
+                    ]),
+            )
+        }
     }
 }
