@@ -334,14 +334,7 @@ fn sigterm_lets_a_256_mib_transfer_finish_then_exits_0() {
     let want = sha256_file(&lab.server.public().join("big.bin"));
     let mut control = Control::connect(&lab.ns, GATEWAY4);
     control.login();
-    let reply = control.cmd("EPSV");
-    let port: u16 = reply.split('|').nth(3).unwrap().parse().unwrap();
-    let mut data = lab
-        .ns
-        .connect(format!("127.0.0.1:{port}").parse().unwrap())
-        .unwrap();
-    control.send(b"RETR pub/big.bin\r\n");
-    assert!(control.reply().starts_with("150"));
+    let mut data = control.epsv_download(&lab.ns, "127.0.0.1", "RETR pub/big.bin");
     let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0usize;

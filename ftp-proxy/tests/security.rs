@@ -384,14 +384,7 @@ fn server_dies_mid_transfer() {
     let mut control = Control::connect(&lab.ns, GATEWAY4);
     control.login();
     assert!(control.cmd("CWD pub").starts_with("250"));
-    let reply = control.cmd("EPSV");
-    let port: u16 = reply.split('|').nth(3).unwrap().parse().unwrap();
-    let mut data = lab
-        .ns
-        .connect(format!("127.0.0.1:{port}").parse().unwrap())
-        .unwrap();
-    control.send(b"RETR big.bin\r\n");
-    assert!(control.reply().starts_with("150"));
+    let mut data = control.epsv_download(&lab.ns, "127.0.0.1", "RETR big.bin");
     let mut buf = vec![0u8; 1 << 20];
     data.read_exact(&mut buf).unwrap();
     // SIGKILL the session processes, not the listener.
@@ -428,14 +421,7 @@ fn client_dies_mid_transfer() {
     let mut control = Control::connect(&lab.ns, GATEWAY4);
     control.login();
     assert!(control.cmd("CWD pub").starts_with("250"));
-    let reply = control.cmd("EPSV");
-    let port: u16 = reply.split('|').nth(3).unwrap().parse().unwrap();
-    let mut data = lab
-        .ns
-        .connect(format!("127.0.0.1:{port}").parse().unwrap())
-        .unwrap();
-    control.send(b"RETR big.bin\r\n");
-    assert!(control.reply().starts_with("150"));
+    let mut data = control.epsv_download(&lab.ns, "127.0.0.1", "RETR big.bin");
     let mut buf = vec![0u8; 1 << 20];
     data.read_exact(&mut buf).unwrap();
     // The client vanishes: both connections reset.

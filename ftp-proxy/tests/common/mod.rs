@@ -616,6 +616,21 @@ impl Control {
         lines.join("\n")
     }
 
+    /// Starts a download over EPSV: sends `command` once the data
+    /// connection is open, checks the 150, and returns the data connection.
+    pub fn epsv_download(&mut self, ns: &NetNs, host: &str, command: &str) -> TcpStream {
+        let reply = self.cmd("EPSV");
+        assert!(reply.starts_with("229"), "{reply}");
+        let port: u16 = reply.split('|').nth(3).unwrap().parse().unwrap();
+        let data = ns
+            .connect(format!("{host}:{port}").parse().unwrap())
+            .unwrap();
+        self.send(format!("{command}\r\n").as_bytes());
+        let first = self.reply();
+        assert!(first.starts_with("150"), "{command}: {first}");
+        data
+    }
+
     pub fn cmd(&mut self, line: &str) -> String {
         self.send(format!("{line}\r\n").as_bytes());
         self.reply()
