@@ -11,12 +11,18 @@
 //!   for the eBPF crate), the whole test suite (with the eBPF flow tracker
 //!   required to be built), and a short run of every fuzz target.
 //! - `fuzz`: every fuzz target for longer (300 s each by default).
+//! - `bench`: the gateway against vsftpd alone and against its peers
+//!   (ProFTPD mod_proxy, the SuSE proxy-suite, HAProxy), on loopback; writes
+//!   `BENCHMARKS.md` (`--quick`: a small run for CI, reported in
+//!   `target/bench/BENCHMARKS-quick.md`). See [`bench`].
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+
+mod bench;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -52,6 +58,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmark the gateway against vsftpd alone and its peers; writes BENCHMARKS.md.
+    Bench(bench::BenchArgs),
+    /// The benchmark's load client (started by `bench`).
+    #[command(hide = true)]
+    BenchLoad(bench::load::LoadArgs),
 }
 
 fn root() -> PathBuf {
@@ -329,5 +340,7 @@ fn main() -> Result<()> {
         Task::Run { args } => run(&args),
         Task::Test { no_lint, args } => test(no_lint, &args),
         Task::Fuzz { seconds, target } => fuzz(seconds, target.as_deref()),
+        Task::Bench(args) => bench::run(args),
+        Task::BenchLoad(args) => bench::load::main(args),
     }
 }
