@@ -70,6 +70,10 @@ pub struct BenchArgs {
     /// Don't install packages (they must be there already).
     #[arg(long)]
     pub no_install: bool,
+    /// An extra argument for the gateway (repeatable), e.g.
+    /// `--gateway-arg=--relay-mode --gateway-arg=copy`; for experiments.
+    #[arg(long, allow_hyphen_values = true)]
+    pub gateway_arg: Vec<String>,
 }
 
 /// The settings of a run, after defaults.
@@ -369,6 +373,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         gateway_bin,
         base: args.base_port,
         ebpf_flag,
+        gateway_args: args.gateway_arg.clone(),
     };
     let status = std::fs::read_to_string(peers_dir.join("status")).unwrap_or_default();
     let mut kinds = vec![Kind::Direct];
@@ -527,12 +532,20 @@ impl Bench {
                 continue;
             }
             match self.transfer(kind, xfer, daemon.as_ref(), rep) {
-                Ok(t) => self
-                    .results
-                    .transfers
-                    .entry((kind, xfer))
-                    .or_default()
-                    .push(t),
+                Ok(t) => {
+                    eprintln!(
+                        "xtask: bench:   {xfer:?} {:.0} MB/s; CPU s: client {:.2}, proxy {:.2}, server {:.2}",
+                        t.mb_per_s(),
+                        t.client_cpu,
+                        t.proxy_cpu,
+                        t.server_cpu
+                    );
+                    self.results
+                        .transfers
+                        .entry((kind, xfer))
+                        .or_default()
+                        .push(t);
+                }
                 Err(e) => self.record_error(kind, xfer, format!("{e:#}")),
             }
         }

@@ -41,6 +41,8 @@ pub struct Env {
     pub base: u16,
     /// How the gateway names its tracker switch, when it has one.
     pub ebpf_flag: Option<EbpfValues>,
+    /// Extra arguments for the gateway.
+    pub gateway_args: Vec<String>,
 }
 
 /// The values `--ebpf` takes.
@@ -417,6 +419,7 @@ pub fn gateway_command(env: &Env, tracker: Option<bool>) -> Command {
     if let (Some(on), Some(values)) = (tracker, &env.ebpf_flag) {
         cmd.args(["--ebpf", if on { &values.on } else { &values.off }]);
     }
+    cmd.args(&env.gateway_args);
     cmd
 }
 
@@ -645,6 +648,7 @@ mod tests {
             gateway_bin: "/g".into(),
             base: 10000,
             ebpf_flag: None,
+            gateway_args: Vec::new(),
         }
     }
 
