@@ -103,6 +103,14 @@ pub struct Settings {
     pub command: String,
 }
 
+/// Idle sessions per client process (one socket each, far from the
+/// open-file limit; several processes spread the logins over both CPUs).
+const IDLE_PER_CLIENT: usize = 3000;
+/// Logins in progress at once, over all client processes: below vsftpd's
+/// listen backlog (32), so that no SYN is dropped and retried a second later
+/// while the server forks.
+const IDLE_IN_FLIGHT: usize = 24;
+
 /// The transfers of measurements 1 and 2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Xfer {
@@ -766,14 +774,16 @@ impl Bench {
         let server_before = measure::tree_memory(self.vsftpd.pid);
         let addr = kind.addr(&self.env).to_string();
         let open_secs = 60 + n as u64 / 20;
-        let per_process = 3000;
+        let processes = n.div_ceil(IDLE_PER_CLIENT).max(1);
+        let in_flight = (IDLE_IN_FLIGHT / processes).max(1);
         let mut clients = Vec::new();
         let mut left = n;
         while left > 0 {
-            let count = left.min(per_process);
+            let count = left.min(IDLE_PER_CLIENT);
             left -= count;
             let mut cmd = self.load();
             cmd.args(["idle", "--addr", &addr, "--count", &count.to_string()])
+                .args(["--in-flight", &in_flight.to_string()])
                 .args(["--open-secs", &open_secs.to_string()])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())

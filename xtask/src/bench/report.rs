@@ -331,10 +331,14 @@ pub fn render(r: &Results, s: &Settings, env: &Env) -> Result<String> {
          connect, banner, `USER anonymous`, `PASS …`, `PWD`, [`EPSV`, `LIST` read to its end], \
          `QUIT`, waiting for the server to close. A 0.5 s warm-up run precedes each measurement.\n\
          - Idle sessions: `target/release/xtask bench-load idle --addr HOST:PORT --count N` \
-         (at most 3,000 per client process, 32 logins in flight each): logged-in sessions \
+         (at most {} per client process, {} logins in flight in all): logged-in sessions \
          held while Rss and Pss of the proxy's process tree are summed from \
          /proc/PID/smaps_rollup; per session = (held − before) / sessions held.\n",
-        s.rate_secs, s.concurrency, s.concurrency
+        s.rate_secs,
+        s.concurrency,
+        s.concurrency,
+        super::IDLE_PER_CLIENT,
+        super::IDLE_IN_FLIGHT
     );
 
     // --- 1 & 2: throughput ---------------------------------------------
