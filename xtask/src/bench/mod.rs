@@ -52,8 +52,9 @@ pub struct BenchArgs {
     /// Concurrent sessions of the rate client.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
-    /// Only these paths (direct, ftp-proxy, ftp-proxy-ebpf-off, proftpd,
-    /// proxy-suite, haproxy-splice, haproxy); direct is always included.
+    /// Only these paths (direct, ftp-proxy, ftp-proxy-ebpf-off,
+    /// ftp-proxy-copy, proftpd, proxy-suite, haproxy-splice, haproxy);
+    /// direct is always included.
     #[arg(long, value_delimiter = ',')]
     pub paths: Option<Vec<String>>,
     /// Only these measurements (transfers, rate, idle).
@@ -137,6 +138,24 @@ pub struct RateRun {
     pub failed: u64,
     /// The first failure.
     pub error: Option<String>,
+    /// CPU milliseconds per completed session: the client's.
+    pub client_ms: f64,
+    /// The proxy's process tree.
+    pub proxy_ms: f64,
+    /// vsftpd's process tree.
+    pub server_ms: f64,
+}
+
+impl RateRun {
+    /// The proxy's CPU milliseconds per session.
+    pub fn proxy(&self) -> f64 {
+        self.proxy_ms
+    }
+
+    /// CPU milliseconds per session, summed over client, proxy and server.
+    pub fn total_ms(&self) -> f64 {
+        self.client_ms + self.proxy_ms + self.server_ms
+    }
 }
 
 /// One idle-session measurement.
@@ -191,6 +210,18 @@ pub struct Results {
     pub tracker_built: bool,
     /// Wall-clock seconds of the run.
     pub elapsed: f64,
+    /// /proc/loadavg when the measurements started and when they ended
+    /// (other jobs share the machine).
+    pub load: (String, String),
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn settings(args: &BenchArgs, root: &Path) -> Settings {
@@ -390,6 +421,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         kinds.push(Kind::Gateway(None));
     }
+    kinds.push(Kind::GatewayCopy);
     kinds.extend([
         Kind::Suse,
         Kind::Haproxy { splice: true },
@@ -446,7 +478,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ..Results::default()
         },
     };
+    bench.results.load.0 = loadavg();
     let outcome = bench.measure_all();
+    bench.results.load.1 = loadavg();
     bench.results.elapsed = started.elapsed().as_secs_f64();
     bench.vsftpd.stop(Duration::from_secs(5));
     // The data is large and on tmpfs: don't leave it behind.
@@ -659,33 +693,57 @@ impl Bench {
             }
         };
         let addr = kind.addr(&self.env).to_string();
+        let settle = |d: &Daemon| {
+            measure::settle(d.pid, d.baseline_processes, Duration::from_secs(10));
+        };
         // Warm up (first forks, caches), not counted.
         let _ = self.rate_run(&addr, 0.5, true);
         for list in [false, true] {
-            let run = match self.rate_run(&addr, self.s.rate_secs, list) {
+            settle(&self.vsftpd);
+            if let Some(d) = &daemon {
+                settle(d);
+            }
+            let c0 = measure::children_ticks();
+            let p0 = daemon.as_ref().map(|d| measure::tree_ticks(d.pid));
+            let s0 = measure::tree_ticks(self.vsftpd.pid);
+            let mut run = match self.rate_run(&addr, self.s.rate_secs, list) {
                 Ok(r) => r,
                 Err(e) => RateRun {
                     error: Some(format!("{e:#}")),
                     ..RateRun::default()
                 },
             };
+            // Let the sessions of forking daemons end and be reaped, so
+            // that their CPU time is in their parent's.
+            settle(&self.vsftpd);
+            if let Some(d) = &daemon {
+                settle(d);
+            }
+            if run.ok > 0 {
+                let ms = |a: u64, b: u64| {
+                    b.saturating_sub(a) as f64 / self.ticks * 1000.0 / run.ok as f64
+                };
+                run.client_ms = ms(c0, measure::children_ticks());
+                run.proxy_ms = match (p0, daemon.as_ref()) {
+                    (Some(p0), Some(d)) => ms(p0, measure::tree_ticks(d.pid)),
+                    _ => 0.0,
+                };
+                run.server_ms = ms(s0, measure::tree_ticks(self.vsftpd.pid));
+            }
             eprintln!(
-                "xtask: bench:   {} sessions/s{} ({} failed)",
+                "xtask: bench:   {} sessions/s{} ({} failed); CPU ms/session: client {:.3}, proxy {:.3}, server {:.3}",
                 run.per_sec.round(),
                 if list { " with LIST" } else { "" },
-                run.failed
+                run.failed,
+                run.client_ms,
+                run.proxy_ms,
+                run.server_ms
             );
             self.results
                 .rates
                 .entry((kind, list))
                 .or_default()
                 .push(run);
-            // Let the sessions of a forking server end before the next run.
-            measure::settle(
-                self.vsftpd.pid,
-                self.vsftpd.baseline_processes,
-                Duration::from_secs(10),
-            );
         }
         drop(daemon);
         Ok(())
@@ -717,6 +775,7 @@ impl Bench {
                 .get("first_error")
                 .filter(|e| *e != "-")
                 .map(|e| e.replace('_', " ")),
+            ..RateRun::default()
         })
     }
 

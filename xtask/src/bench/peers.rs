@@ -69,6 +69,8 @@ pub enum Kind {
     /// The gateway; `Some(true)` tracker on, `Some(false)` `--ebpf off`,
     /// `None` a gateway without a tracker switch.
     Gateway(Option<bool>),
+    /// The gateway with `--relay-mode copy` (tracker as in the first row).
+    GatewayCopy,
     /// ProFTPD with mod_proxy as a reverse proxy.
     ModProxy,
     /// The SuSE proxy-suite.
@@ -88,6 +90,7 @@ impl Kind {
             Kind::Gateway(None) => "ftp-proxy",
             Kind::Gateway(Some(true)) => "ftp-proxy",
             Kind::Gateway(Some(false)) => "ftp-proxy-ebpf-off",
+            Kind::GatewayCopy => "ftp-proxy-copy",
             Kind::ModProxy => "proftpd",
             Kind::Suse => "proxy-suite",
             Kind::Haproxy { splice: true } => "haproxy-splice",
@@ -102,6 +105,7 @@ impl Kind {
             Kind::Gateway(None) => "ftp-proxy",
             Kind::Gateway(Some(true)) => "ftp-proxy (tracker on)",
             Kind::Gateway(Some(false)) => "ftp-proxy --ebpf off",
+            Kind::GatewayCopy => "ftp-proxy --relay-mode copy",
             Kind::ModProxy => "ProFTPD mod_proxy",
             Kind::Suse => "proxy-suite ftp-proxy",
             Kind::Haproxy { splice: true } => "HAProxy TCP, splice",
@@ -133,7 +137,7 @@ impl Kind {
             Kind::Suse => (Ipv4Addr::LOCALHOST, b + 41),
             Kind::Haproxy { splice: true } => (Ipv4Addr::new(127, 0, 0, 2), b + 51),
             Kind::Haproxy { splice: false } => (Ipv4Addr::new(127, 0, 0, 3), b + 51),
-            Kind::Gateway(_) => (Ipv4Addr::LOCALHOST, b + 61),
+            Kind::Gateway(_) | Kind::GatewayCopy => (Ipv4Addr::LOCALHOST, b + 61),
         };
         SocketAddr::from((ip, port))
     }
@@ -423,6 +427,13 @@ pub fn gateway_command(env: &Env, tracker: Option<bool>) -> Command {
     cmd
 }
 
+/// The gateway copying through user space instead of splicing.
+fn copy_gateway_command(env: &Env) -> Command {
+    let mut cmd = gateway_command(env, env.ebpf_flag.as_ref().map(|_| true));
+    cmd.args(["--relay-mode", "copy"]);
+    cmd
+}
+
 /// Starts the daemon(s) of a path. `None` for direct (vsftpd is always on).
 pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
     let dir = env.run_dir.join(kind.id());
@@ -434,6 +445,7 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
     let cmd = match kind {
         Kind::Direct => return Ok(None),
         Kind::Gateway(tracker) => gateway_command(env, tracker),
+        Kind::GatewayCopy => copy_gateway_command(env),
         Kind::ModProxy => {
             let root = env.peers_dir.join("proftpd");
             let conf = dir.join("proftpd.conf");
@@ -592,7 +604,7 @@ pub fn config_files(kind: Kind, env: &Env) -> Vec<PathBuf> {
     let dir = env.run_dir.join(kind.id());
     let name = match kind {
         Kind::Direct => return vec![env.run_dir.join("vsftpd.conf")],
-        Kind::Gateway(_) => return Vec::new(),
+        Kind::Gateway(_) | Kind::GatewayCopy => return Vec::new(),
         Kind::ModProxy => "proftpd.conf",
         Kind::Suse => "ftp-proxy.conf",
         Kind::Haproxy { .. } => "haproxy.cfg",
@@ -609,8 +621,11 @@ pub fn command_line(kind: Kind, env: &Env) -> String {
             "/usr/sbin/vsftpd {}",
             env.run_dir.join("vsftpd.conf").display()
         ),
-        Kind::Gateway(tracker) => {
-            let cmd = gateway_command(env, tracker);
+        Kind::Gateway(_) | Kind::GatewayCopy => {
+            let cmd = match kind {
+                Kind::Gateway(tracker) => gateway_command(env, tracker),
+                _ => copy_gateway_command(env),
+            };
             let mut s = cmd.get_program().to_string_lossy().into_owned();
             for a in cmd.get_args() {
                 s.push(' ');
@@ -674,6 +689,7 @@ mod tests {
         let kinds = [
             Kind::Direct,
             Kind::Gateway(None),
+            Kind::GatewayCopy,
             Kind::ModProxy,
             Kind::Suse,
             Kind::Haproxy { splice: true },

@@ -129,6 +129,23 @@ impl View<'_> {
         )
     }
 
+    /// A CPU figure of the rate runs that completed sessions.
+    fn rate_cpu(&self, k: Kind, list: bool, f: fn(&RateRun) -> f64) -> Option<Summary> {
+        let runs: Vec<f64> = self
+            .rates(k, list)
+            .iter()
+            .filter(|r| r.ok > 0)
+            .map(f)
+            .collect();
+        summary(&runs)
+    }
+
+    /// MB/s of RETR passive at which the path would use every CPU.
+    fn ceiling(&self, k: Kind, cpus: f64) -> Option<f64> {
+        let total = self.total_cpu(k, Xfer::RetrPassive)?.median;
+        (total > 0.0).then(|| cpus / total * 1000.0)
+    }
+
     fn idle(&self, k: Kind, n: usize) -> Option<&IdleRun> {
         self.r.idle.get(&(k, n))
     }
@@ -165,6 +182,7 @@ fn unavailable_row(out: &mut String, k: Kind, why: &str, columns: usize) {
 pub fn render(r: &Results, s: &Settings, env: &Env) -> Result<String> {
     let v = View { r };
     let ours = ours(r);
+    let cpus = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
     let mut o = String::new();
     let date = sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     let mib = s.file_bytes >> 20;
@@ -224,6 +242,11 @@ pub fn render(r: &Results, s: &Settings, env: &Env) -> Result<String> {
             .trim()
     );
     let _ = writeln!(o, "| Open files (soft / hard) | {nofile} |");
+    let _ = writeln!(
+        o,
+        "| Load average (1, 5, 15 min) | {} at the start of the measurements, {} at the end |",
+        r.load.0, r.load.1
+    );
     let _ = writeln!(
         o,
         "| kernel.pid_max | {} |",
@@ -393,12 +416,19 @@ pub fn render(r: &Results, s: &Settings, env: &Env) -> Result<String> {
     );
     let _ = writeln!(
         o,
-        "| path | RETR passive: proxy | total | added | STOR passive: proxy | total | added |\n\
-         |---|---|---|---|---|---|---|"
+        "\"ceiling\": the RETR passive throughput at which the path would use all {cpus} CPUs \
+         at its measured total CPU per GB ({cpus} / total), as MB/s and as a ratio to direct's \
+         measured throughput. A path whose ceiling is below a target cannot meet it on this \
+         machine without using less CPU per byte.\n"
+    );
+    let _ = writeln!(
+        o,
+        "| path | RETR passive: proxy | total | added | ceiling MB/s | ceiling × direct | STOR passive: proxy | total | added |\n\
+         |---|---|---|---|---|---|---|---|---|"
     );
     for (k, avail) in &r.paths {
         if let Err(e) = avail {
-            unavailable_row(&mut o, *k, e, 6);
+            unavailable_row(&mut o, *k, e, 8);
             continue;
         }
         let _ = write!(o, "| {} |", k.label());
@@ -419,6 +449,15 @@ pub fn render(r: &Results, s: &Settings, env: &Env) -> Result<String> {
                 " {proxy} | {} | {added} |",
                 fmt_summary(v.total_cpu(*k, x), 2)
             );
+            if x == Xfer::RetrPassive {
+                let ceiling = v.ceiling(*k, cpus);
+                let _ = write!(
+                    o,
+                    " {} | {} |",
+                    ceiling.map_or("–".into(), |c| format!("{c:.0}")),
+                    fmt_ratio(ratio(ceiling, v.speed(Kind::Direct, x).map(|s| s.median)))
+                );
+            }
         }
         o.push('\n');
     }
@@ -461,6 +500,44 @@ pub fn render(r: &Results, s: &Settings, env: &Env) -> Result<String> {
             fmt_summary(v.rate(*k, true), 0),
             fmt_ratio(v.rate_ratio(*k, true)),
         );
+    }
+
+    let _ = writeln!(
+        o,
+        "\nCPU milliseconds per session (medians over the runs): the proxy's own, and the total \
+         of client + proxy + server. \"ceiling\": the rate at which the path would use all {cpus} \
+         CPUs at that total ({cpus} / total), and its ratio to direct's measured rate.\n"
+    );
+    let _ = writeln!(
+        o,
+        "| path | proxy ms | total ms | ceiling /s | ceiling × direct | + LIST: proxy ms | total ms | ceiling /s | ceiling × direct |\n\
+         |---|---|---|---|---|---|---|---|---|"
+    );
+    for (k, avail) in &r.paths {
+        if let Err(e) = avail {
+            unavailable_row(&mut o, *k, e, 8);
+            continue;
+        }
+        let _ = write!(o, "| {} |", k.label());
+        for list in [false, true] {
+            let proxy = if *k == Kind::Direct {
+                "–".into()
+            } else {
+                fmt_summary(v.rate_cpu(*k, list, RateRun::proxy), 3)
+            };
+            let total = v.rate_cpu(*k, list, RateRun::total_ms);
+            let ceiling = total
+                .filter(|t| t.median > 0.0)
+                .map(|t| cpus * 1000.0 / t.median);
+            let _ = write!(
+                o,
+                " {proxy} | {} | {} | {} |",
+                fmt_summary(total, 3),
+                ceiling.map_or("–".into(), |c| format!("{c:.0}")),
+                fmt_ratio(ratio(ceiling, v.rate(Kind::Direct, list).map(|s| s.median)))
+            );
+        }
+        o.push('\n');
     }
 
     // --- 5: idle sessions ---------------------------------------------
