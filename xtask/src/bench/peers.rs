@@ -183,7 +183,21 @@ fn signal(pid: u32, sig: rustix::process::Signal) {
 }
 
 impl Daemon {
-    fn spawn(name: &str, mut cmd: Command, log: PathBuf, stdin_is_log: bool) -> Result<Daemon> {
+    /// Starts `cmd`, after checking that nothing else listens on `addr`:
+    /// otherwise the readiness probe would greet someone else's daemon.
+    fn spawn(
+        name: &str,
+        addr: SocketAddr,
+        mut cmd: Command,
+        log: PathBuf,
+        stdin_is_log: bool,
+    ) -> Result<Daemon> {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            bail!(
+                "{name}: {addr} is taken ({e}): another process listens there; \
+                 stop it or choose another range with --base-port"
+            );
+        }
         let out = OpenOptions::new()
             .create(true)
             .append(true)
@@ -230,6 +244,9 @@ impl Daemon {
                 );
             }
             match banner(addr) {
+                Ok(()) if matches!(self.child.try_wait(), Ok(Some(_))) => {
+                    bail!("{} exited: {}", self.name, tail(&self.log));
+                }
                 Ok(()) => {
                     // The probe session may still be ending in a forking daemon.
                     measure::settle(self.pid, 1, Duration::from_secs(2));
@@ -397,7 +414,7 @@ pub fn start_vsftpd(env: &Env, template: &str) -> Result<Daemon> {
     std::fs::File::create(&log)?;
     let mut cmd = Command::new("/usr/sbin/vsftpd");
     cmd.arg(&conf);
-    let mut d = Daemon::spawn("vsftpd", cmd, log, true)?;
+    let mut d = Daemon::spawn("vsftpd", env.server_addr(), cmd, log, true)?;
     d.wait_ready(env.server_addr())?;
     Ok(d)
 }
@@ -470,7 +487,7 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
                      TransferLog none\n\
                      UseReverseDNS off\n\
                      MaxInstances 20000\n\
-                     TCPBacklog 1024\n\
+                     TCPBacklog 255\n\
                      TimeoutIdle 900\n\
                      TimeoutNoTransfer 900\n\
                      PassivePorts {p0} {p1}\n\
@@ -594,7 +611,7 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
             cmd
         }
     };
-    let mut d = Daemon::spawn(kind.id(), cmd, log, false)?;
+    let mut d = Daemon::spawn(kind.id(), kind.addr(env), cmd, log, false)?;
     d.wait_ready(kind.addr(env))?;
     Ok(Some(d))
 }
