@@ -796,7 +796,8 @@ impl Bench {
             ));
             return Ok(run);
         }
-        // Memory: estimated from a smaller count of the same path.
+        // Memory: estimated from a smaller count of the same path; at most
+        // 40 % of what is available, since other jobs share the machine.
         let estimate = self
             .results
             .idle
@@ -808,7 +809,7 @@ impl Bench {
             })
             .fold(0.0, f64::max);
         let available = measure::meminfo_kib("MemAvailable").unwrap_or(0) as f64;
-        if estimate * n as f64 > 0.5 * available {
+        if estimate * n as f64 > 0.4 * available {
             run.skipped = Some(format!(
                 "skipped: would need about {:.1} GiB, {:.1} GiB available",
                 estimate * n as f64 / 1048576.0,
