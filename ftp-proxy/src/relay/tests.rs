@@ -200,8 +200,26 @@ fn copy_moves_as_much_per_read_as_splice() {
             pipe_size,
             ..options(RelayMode::Copy)
         };
-        assert_eq!(pump::copy_buffer_len(&options), pipe_size);
+        assert_eq!(pump::copy_buffer_max(&options), pipe_size);
     }
+}
+
+#[test]
+fn copy_buffer_grows_only_when_reads_fill_it() {
+    let max = 1 << 20;
+    // Small reads keep it small.
+    assert_eq!(pump::grown(16 << 10, 61, max), 16 << 10);
+    // Full reads double it, up to the maximum, in a few steps.
+    let mut len = 16 << 10;
+    let mut steps = 0;
+    while len < max {
+        len = pump::grown(len, len, max);
+        steps += 1;
+    }
+    assert_eq!((len, steps), (max, 6));
+    assert_eq!(pump::grown(max, max, max), max);
+    // A maximum that is not a power of two is reached exactly.
+    assert_eq!(pump::grown(16 << 10, 16 << 10, 20_000), 20_000);
 }
 
 suite!(
