@@ -544,8 +544,10 @@ pub fn render(r: &Results, s: &Settings, env: &Env) -> Result<String> {
     let _ = writeln!(o, "\n### 5. Concurrent idle logged-in sessions\n");
     let _ = writeln!(
         o,
-        "Memory per session of the proxy's process tree (for direct: vsftpd's). \"server\": \
-         what vsftpd's tree grew by per session, for reference.\n"
+        "Memory per session held: (tree with the sessions − tree before) / sessions held, for \
+         the proxy's process tree (for direct: vsftpd's own, the cost of a session in the \
+         server). PSS divides shared pages among the processes that map them, so it is the \
+         figure that compares forking and threaded proxies.\n"
     );
     let mut header = String::from("| path |");
     let mut rule = String::from("|---|");
@@ -553,14 +555,13 @@ pub fn render(r: &Results, s: &Settings, env: &Env) -> Result<String> {
         let _ = write!(header, " {n}: served | PSS KiB/session | RSS KiB/session |");
         rule.push_str("---|---|---|");
     }
-    let _ = writeln!(o, "{header} server PSS KiB/session |\n{rule}---|");
+    let _ = writeln!(o, "{header}\n{rule}");
     for (k, avail) in &r.paths {
         if let Err(e) = avail {
-            unavailable_row(&mut o, *k, e, 3 * s.idle.len() + 1);
+            unavailable_row(&mut o, *k, e, 3 * s.idle.len());
             continue;
         }
         let _ = write!(o, "| {} |", k.label());
-        let mut server = "–".to_owned();
         for n in &s.idle {
             match v.idle(*k, *n) {
                 None => o.push_str(" – | – | – |"),
@@ -588,13 +589,10 @@ pub fn render(r: &Results, s: &Settings, env: &Env) -> Result<String> {
                         per(run.pss_per_session()),
                         per(run.rss_per_session())
                     );
-                    if run.ok > 0 {
-                        server = format!("{:.0}", run.server_growth.pss_kib as f64 / run.ok as f64);
-                    }
                 }
             }
         }
-        let _ = writeln!(o, " {server} |");
+        o.push('\n');
     }
 
     // --- 6: tracker ------------------------------------------------------
