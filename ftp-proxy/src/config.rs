@@ -185,7 +185,7 @@ pub struct Settings {
     #[arg(long, value_enum, value_name = "MODE")]
     pub relay_mode: Option<RelayMode>,
 
-    /// Size of each splice pipe in bytes [default: 1048576].
+    /// Size of each splice pipe, and of each copy buffer, in bytes [default: 1048576].
     #[arg(long, value_name = "BYTES")]
     pub pipe_size: Option<usize>,
 
@@ -430,7 +430,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Relay mode.
     pub relay_mode: RelayMode,
-    /// Pipe size for splice.
+    /// Pipe size for splice; also the copy buffer size.
     pub pipe_size: usize,
     /// HTTP endpoint address.
     pub metrics: Option<SocketAddr>,

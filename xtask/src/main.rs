@@ -13,12 +13,18 @@
 //! - `fuzz`: every fuzz target for longer (300 s each by default).
 //! - `soak`: the load and fault tests with more sessions, bigger files and
 //!   a longer hold than in CI.
+//! - `bench`: the gateway against vsftpd alone and against its peers
+//!   (ProFTPD mod_proxy, the SuSE proxy-suite, HAProxy), on loopback; writes
+//!   `BENCHMARKS.md` (`--quick`: a small run for CI, reported in
+//!   `target/bench/BENCHMARKS-quick.md`). See [`bench`].
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+
+mod bench;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -66,6 +72,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmark the gateway against vsftpd alone and its peers; writes BENCHMARKS.md.
+    Bench(bench::BenchArgs),
+    /// The benchmark's load client (started by `bench`).
+    #[command(hide = true)]
+    BenchLoad(bench::load::LoadArgs),
 }
 
 fn root() -> PathBuf {
@@ -368,5 +379,7 @@ fn main() -> Result<()> {
                     ]),
             )
         }
+        Task::Bench(args) => bench::run(args),
+        Task::BenchLoad(args) => bench::load::main(args),
     }
 }

@@ -32,8 +32,23 @@ fn pattern(len: usize) -> Vec<u8> {
 }
 
 async fn both_directions_with_counts(mode: RelayMode) {
+    both_directions(options(mode)).await;
+}
+
+/// A megabyte per system call (the default pipe size): chunks larger than
+/// the socket buffers, partial writes.
+async fn both_directions_with_large_chunks(mode: RelayMode) {
+    both_directions(RelayOptions {
+        pipe_size: 1 << 20,
+        ..options(mode)
+    })
+    .await;
+}
+
+async fn both_directions(options: RelayOptions) {
+    let mode = options.mode;
     let ((mut client, gw_client), (gw_server, mut server)) = pairs().await;
-    let mut relay = spawn(gw_client, gw_server, options(mode));
+    let mut relay = spawn(gw_client, gw_server, options);
     let up = pattern(3 << 20);
     let down = pattern(5 << 20 | 17);
     let (up2, down2) = (up.clone(), down.clone());
@@ -178,8 +193,38 @@ macro_rules! suite {
     };
 }
 
+#[test]
+fn copy_moves_as_much_per_read_as_splice() {
+    for pipe_size in [4096, 1 << 16, 1 << 20] {
+        let options = RelayOptions {
+            pipe_size,
+            ..options(RelayMode::Copy)
+        };
+        assert_eq!(pump::copy_buffer_max(&options), pipe_size);
+    }
+}
+
+#[test]
+fn copy_buffer_grows_only_when_reads_fill_it() {
+    let max = 1 << 20;
+    // Small reads keep it small.
+    assert_eq!(pump::grown(16 << 10, 61, max), 16 << 10);
+    // Full reads double it, up to the maximum, in a few steps.
+    let mut len = 16 << 10;
+    let mut steps = 0;
+    while len < max {
+        len = pump::grown(len, len, max);
+        steps += 1;
+    }
+    assert_eq!((len, steps), (max, 6));
+    assert_eq!(pump::grown(max, max, max), max);
+    // A maximum that is not a power of two is reached exactly.
+    assert_eq!(pump::grown(16 << 10, 16 << 10, 20_000), 20_000);
+}
+
 suite!(
     both_directions_with_counts,
+    both_directions_with_large_chunks,
     half_close_in_order,
     reset_is_propagated,
     idle_timeout_fails_both,

@@ -51,6 +51,11 @@ use state::{Arrangement, ControlState, Decision, Policy};
 
 /// Commands read during a transfer and kept for after it.
 const MAX_QUEUED_COMMANDS: usize = 32;
+/// Initial capacity of each control connection's read buffer. Commands and
+/// most replies are a few dozen bytes; longer ones grow the buffer (up to
+/// the line and reply bounds). tokio-util's default of 8 KiB per buffer,
+/// two per session, was most of an idle session's memory.
+const CONTROL_BUFFER: usize = 512;
 /// How long to wait for the second reply after an `ABOR`.
 const ABORT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -295,11 +300,16 @@ impl<'a> Session<'a> {
             client_local: canonical(client_local),
             server_ip: server_addr.ip().to_canonical(),
             server_local: canonical(server_local),
-            client_rx: FramedRead::new(client_read, CommandCodec::new(config.limits.max_line)),
+            client_rx: FramedRead::with_capacity(
+                client_read,
+                CommandCodec::new(config.limits.max_line),
+                CONTROL_BUFFER,
+            ),
             client_tx,
-            server_rx: FramedRead::new(
+            server_rx: FramedRead::with_capacity(
                 server_read,
                 ReplyCodec::new(DEFAULT_MAX_REPLY_LINE, DEFAULT_MAX_REPLY_LINES),
+                CONTROL_BUFFER,
             ),
             server_tx,
             state: ControlState::new(

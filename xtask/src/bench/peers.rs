@@ -1,0 +1,722 @@
+//! The paths under test and their daemons: vsftpd (the server of every
+//! path), the gateway, ProFTPD with mod_proxy, the SuSE proxy-suite and
+//! HAProxy. Each daemon runs in the foreground as a child of the harness,
+//! with its own configuration file under the run directory, on loopback
+//! ports only; it is stopped (with everything it forked) when its
+//! [`Daemon`] is dropped.
+//!
+//! Ports, from `base` (10000 by default):
+//!
+//! | daemon | control | data ports |
+//! |---|---|---|
+//! | vsftpd | 127.0.0.1:base+21 | passive base+100..399 |
+//! | ProFTPD mod_proxy | 127.0.0.1:base+31 | passive base+400..699 |
+//! | proxy-suite | 127.0.0.1:base+41 | passive base+700..999, active base+1000..1299 |
+//! | HAProxy (splice / no splice) | 127.0.0.2 / 127.0.0.3:base+51 | base+100..399 forwarded to vsftpd's |
+//! | ftp-proxy | 127.0.0.1:base+61 | passive base+1300..1599, active base+1600..1899 |
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::measure;
+
+/// Where the harness keeps things.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// Configurations and logs.
+    pub run_dir: PathBuf,
+    /// The FTP root (on tmpfs when possible): `ftproot/pub/big.bin`.
+    pub data_dir: PathBuf,
+    /// Unpacked peers (scripts/install-bench-deps.sh).
+    pub peers_dir: PathBuf,
+    /// The gateway binary.
+    pub gateway_bin: PathBuf,
+    /// The first port of the range the harness uses.
+    pub base: u16,
+    /// How the gateway names its tracker switch, when it has one.
+    pub ebpf_flag: Option<EbpfValues>,
+    /// Extra arguments for the gateway.
+    pub gateway_args: Vec<String>,
+}
+
+/// The values `--ebpf` takes.
+#[derive(Debug, Clone)]
+pub struct EbpfValues {
+    /// Tracker on.
+    pub on: String,
+    /// Tracker off.
+    pub off: String,
+}
+
+impl Env {
+    /// vsftpd's control address.
+    pub fn server_addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.base + 21))
+    }
+}
+
+/// A path the client can take to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// vsftpd alone.
+    Direct,
+    /// The gateway; `Some(true)` tracker on, `Some(false)` `--ebpf off`,
+    /// `None` a gateway without a tracker switch.
+    Gateway(Option<bool>),
+    /// The gateway with `--relay-mode copy` (tracker as in the first row).
+    GatewayCopy,
+    /// ProFTPD with mod_proxy as a reverse proxy.
+    ModProxy,
+    /// The SuSE proxy-suite.
+    Suse,
+    /// HAProxy in TCP mode, with or without splice.
+    Haproxy {
+        /// `option splice-request` + `option splice-response`.
+        splice: bool,
+    },
+}
+
+impl Kind {
+    /// A stable identifier (for `--paths`).
+    pub fn id(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Gateway(None) => "ftp-proxy",
+            Kind::Gateway(Some(true)) => "ftp-proxy",
+            Kind::Gateway(Some(false)) => "ftp-proxy-ebpf-off",
+            Kind::GatewayCopy => "ftp-proxy-copy",
+            Kind::ModProxy => "proftpd",
+            Kind::Suse => "proxy-suite",
+            Kind::Haproxy { splice: true } => "haproxy-splice",
+            Kind::Haproxy { splice: false } => "haproxy",
+        }
+    }
+
+    /// The name in the report.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct (vsftpd alone)",
+            Kind::Gateway(None) => "ftp-proxy",
+            Kind::Gateway(Some(true)) => "ftp-proxy (tracker on)",
+            Kind::Gateway(Some(false)) => "ftp-proxy --ebpf off",
+            Kind::GatewayCopy => "ftp-proxy --relay-mode copy",
+            Kind::ModProxy => "ProFTPD mod_proxy",
+            Kind::Suse => "proxy-suite ftp-proxy",
+            Kind::Haproxy { splice: true } => "HAProxy TCP, splice",
+            Kind::Haproxy { splice: false } => "HAProxy TCP, no splice",
+        }
+    }
+
+    /// Whether the path is a peer (not the gateway, not direct).
+    pub fn is_peer(self) -> bool {
+        matches!(self, Kind::ModProxy | Kind::Suse | Kind::Haproxy { .. })
+    }
+
+    /// The peer's name in PEERS_DIR/status.
+    pub fn package(self) -> Option<&'static str> {
+        match self {
+            Kind::ModProxy => Some("proftpd"),
+            Kind::Suse => Some("suse"),
+            Kind::Haproxy { .. } => Some("haproxy"),
+            _ => None,
+        }
+    }
+
+    /// The address clients connect to.
+    pub fn addr(self, env: &Env) -> SocketAddr {
+        let b = env.base;
+        let (ip, port) = match self {
+            Kind::Direct => (Ipv4Addr::LOCALHOST, b + 21),
+            Kind::ModProxy => (Ipv4Addr::LOCALHOST, b + 31),
+            Kind::Suse => (Ipv4Addr::LOCALHOST, b + 41),
+            Kind::Haproxy { splice: true } => (Ipv4Addr::new(127, 0, 0, 2), b + 51),
+            Kind::Haproxy { splice: false } => (Ipv4Addr::new(127, 0, 0, 3), b + 51),
+            Kind::Gateway(_) | Kind::GatewayCopy => (Ipv4Addr::LOCALHOST, b + 61),
+        };
+        SocketAddr::from((ip, port))
+    }
+
+    /// Why active mode is not measured on this path, if it is not.
+    pub fn no_active(self) -> Option<&'static str> {
+        match self {
+            // The server connects to the client itself: the data bypasses
+            // a TCP relay, so there is nothing of HAProxy to measure.
+            Kind::Haproxy { .. } => Some("n/a: active data bypasses a TCP relay"),
+            _ => None,
+        }
+    }
+
+    /// Processes the path adds per session (for the pid budget of the
+    /// idle-session test), besides the server's.
+    pub fn processes_per_session(self) -> usize {
+        match self {
+            Kind::ModProxy | Kind::Suse => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// A daemon started by the harness; dropping it stops it and everything it
+/// forked.
+#[derive(Debug)]
+pub struct Daemon {
+    name: String,
+    child: Child,
+    /// The process whose tree is measured.
+    pub pid: u32,
+    /// The file its output goes to.
+    pub log: PathBuf,
+    /// Processes in its tree when idle.
+    pub baseline_processes: usize,
+}
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+impl Daemon {
+    /// Starts `cmd`, after checking that nothing else listens on `addr`:
+    /// otherwise the readiness probe would greet someone else's daemon.
+    fn spawn(
+        name: &str,
+        addr: SocketAddr,
+        mut cmd: Command,
+        log: PathBuf,
+        stdin_is_log: bool,
+    ) -> Result<Daemon> {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            bail!(
+                "{name}: {addr} is taken ({e}): another process listens there; \
+                 stop it or choose another range with --base-port"
+            );
+        }
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        // vsftpd writes its fatal startup errors to fd 0.
+        let stdin = if stdin_is_log {
+            Stdio::from(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&log)
+                    .context("reopening the log")?,
+            )
+        } else {
+            Stdio::null()
+        };
+        cmd.stdin(stdin)
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out));
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        let pid = child.id();
+        Ok(Daemon {
+            name: name.to_owned(),
+            child,
+            pid,
+            log,
+            baseline_processes: 1,
+        })
+    }
+
+    /// Waits until `addr` accepts and sends a `220` banner.
+    fn wait_ready(&mut self, addr: SocketAddr) -> Result<()> {
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < Duration::from_secs(15) {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited with {status} before it was ready: {}",
+                    self.name,
+                    tail(&self.log)
+                );
+            }
+            match banner(addr) {
+                Ok(()) if matches!(self.child.try_wait(), Ok(Some(_))) => {
+                    bail!("{} exited: {}", self.name, tail(&self.log));
+                }
+                Ok(()) => {
+                    // The probe session may still be ending in a forking daemon.
+                    measure::settle(self.pid, 1, Duration::from_secs(2));
+                    self.baseline_processes = measure::tree(self.pid).len();
+                    return Ok(());
+                }
+                Err(e) => last = format!("{e:#}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "{} not ready on {addr} after 15 s ({last}): {}",
+            self.name,
+            tail(&self.log)
+        )
+    }
+
+    /// Stops the daemon: SIGTERM, then SIGKILL for whatever of its tree
+    /// is still there after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let before = measure::tree(self.pid);
+        signal(self.pid, rustix::process::Signal::TERM);
+        let start = Instant::now();
+        while start.elapsed() < grace {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Sessions of forking daemons outlive their listener (vsftpd's
+        // call setsid): kill what is left, children first. A session whose
+        // listener died was reparented to init.
+        let mut left = measure::tree(self.pid);
+        left.extend(
+            before
+                .into_iter()
+                .filter(|&p| orphaned(p) || still_ours(p, &self.log)),
+        );
+        for pid in left.iter().rev() {
+            if *pid != self.pid {
+                signal(*pid, rustix::process::Signal::KILL);
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `pid` is alive with init as its parent.
+fn orphaned(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| measure::parse_stat(&s))
+        .is_some_and(|s| s.ppid == 1)
+}
+
+/// Whether `pid` is still a process of the run (its command line names a
+/// file of the run directory, as every daemon's does).
+fn still_ours(pid: u32, log: &Path) -> bool {
+    let Some(run_dir) = log.parent().and_then(Path::to_str) else {
+        return false;
+    };
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(run_dir))
+        .unwrap_or(false)
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+fn banner(addr: SocketAddr) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = [0u8; 512];
+    let mut got = Vec::new();
+    for _ in 0..16 {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(buf.get(..n).unwrap_or_default());
+        if got.ends_with(b"\n") {
+            break;
+        }
+    }
+    if !got.starts_with(b"220") {
+        bail!("banner {:?}", String::from_utf8_lossy(&got));
+    }
+    let _ = s.write_all(b"QUIT\r\n");
+    // Read the 221 so that the session ends cleanly before measurements.
+    let _ = s.read(&mut buf);
+    Ok(())
+}
+
+/// The last lines of a log, for error messages.
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// vsftpd's configuration: the test fixture's template
+/// (deploy/demo/vsftpd.conf.in) with benchmark settings.
+pub fn vsftpd_config(template: &str, env: &Env) -> String {
+    let b = env.base;
+    let base = template
+        .replace(
+            "@LISTEN@",
+            "listen=YES\nlisten_ipv6=NO\nlisten_address=127.0.0.1",
+        )
+        .replace("@PORT@", &(b + 21).to_string())
+        .replace("@ROOT@", &env.data_dir.display().to_string())
+        .replace("@PASV_MIN@", &(b + 100).to_string())
+        .replace("@PASV_MAX@", &(b + 399).to_string())
+        .replace(
+            &format!("vsftpd_log_file={}/vsftpd.log", env.data_dir.display()),
+            &format!("vsftpd_log_file={}/vsftpd.log", env.run_dir.display()),
+        );
+    let overrides = [
+        // Logging every command and transfer would be measured too.
+        ("xferlog_enable", "NO"),
+        ("log_ftp_protocol", "NO"),
+        // Idle sessions are held for minutes.
+        ("idle_session_timeout", "900"),
+        ("data_connection_timeout", "300"),
+        // One process per session instead of two: 9,000 idle sessions
+        // behind a forking proxy would otherwise need 27,000 of the
+        // machine's 32,768 process ids. The same for every path.
+        ("one_process_model", "YES"),
+        ("max_clients", "0"),
+        ("max_per_ip", "0"),
+    ];
+    let mut out = String::new();
+    for line in base.lines() {
+        let key = line.split('=').next().unwrap_or("");
+        if overrides.iter().any(|(k, _)| *k == key) {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push_str("# benchmark settings\n");
+    for (k, v) in overrides {
+        out.push_str(&format!("{k}={v}\n"));
+    }
+    out
+}
+
+/// Starts vsftpd, the server of every path.
+pub fn start_vsftpd(env: &Env, template: &str) -> Result<Daemon> {
+    let conf = env.run_dir.join("vsftpd.conf");
+    write(&conf, &vsftpd_config(template, env))?;
+    let log = env.run_dir.join("vsftpd.err");
+    let _ = std::fs::remove_file(&log);
+    std::fs::File::create(&log)?;
+    let mut cmd = Command::new("/usr/sbin/vsftpd");
+    cmd.arg(&conf);
+    let mut d = Daemon::spawn("vsftpd", env.server_addr(), cmd, log, true)?;
+    d.wait_ready(env.server_addr())?;
+    Ok(d)
+}
+
+/// The command line of the gateway for `kind`.
+pub fn gateway_command(env: &Env, tracker: Option<bool>) -> Command {
+    let b = env.base;
+    let mut cmd = Command::new(&env.gateway_bin);
+    cmd.args([
+        "--listen",
+        &format!("127.0.0.1:{}", b + 61),
+        "--upstream",
+        &env.server_addr().to_string(),
+        "--passive-ports",
+        &format!("{}-{}", b + 1300, b + 1599),
+        "--active-ports",
+        &format!("{}-{}", b + 1600, b + 1899),
+        "--max-sessions",
+        "20000",
+        "--max-sessions-per-client",
+        "20000",
+    ]);
+    if let (Some(on), Some(values)) = (tracker, &env.ebpf_flag) {
+        cmd.args(["--ebpf", if on { &values.on } else { &values.off }]);
+    }
+    cmd.args(&env.gateway_args);
+    cmd
+}
+
+/// The gateway copying through user space instead of splicing.
+fn copy_gateway_command(env: &Env) -> Command {
+    let mut cmd = gateway_command(env, env.ebpf_flag.as_ref().map(|_| true));
+    cmd.args(["--relay-mode", "copy"]);
+    cmd
+}
+
+/// Starts the daemon(s) of a path. `None` for direct (vsftpd is always on).
+pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
+    let dir = env.run_dir.join(kind.id());
+    std::fs::create_dir_all(&dir)?;
+    let log = dir.join("daemon.log");
+    let _ = std::fs::remove_file(&log);
+    let b = env.base;
+    let server = env.server_addr();
+    let cmd = match kind {
+        Kind::Direct => return Ok(None),
+        Kind::Gateway(tracker) => gateway_command(env, tracker),
+        Kind::GatewayCopy => copy_gateway_command(env),
+        Kind::ModProxy => {
+            let root = env.peers_dir.join("proftpd");
+            let conf = dir.join("proftpd.conf");
+            let tables = env.data_dir.join("proftpd-tables");
+            std::fs::create_dir_all(&tables)?;
+            write(
+                &conf,
+                &format!(
+                    "# ProFTPD {ver} with mod_proxy as a reverse proxy in front of vsftpd.\n\
+                     ServerName \"bench mod_proxy\"\n\
+                     ServerType standalone\n\
+                     Port {port}\n\
+                     DefaultAddress 127.0.0.1\n\
+                     SocketBindTight on\n\
+                     UseIPv6 off\n\
+                     User nobody\n\
+                     Group nogroup\n\
+                     PidFile {dir}/proftpd.pid\n\
+                     ScoreboardFile {dir}/proftpd.scoreboard\n\
+                     SystemLog {dir}/system.log\n\
+                     WtmpLog off\n\
+                     TransferLog none\n\
+                     UseReverseDNS off\n\
+                     MaxInstances 20000\n\
+                     TCPBacklog 255\n\
+                     TimeoutIdle 900\n\
+                     TimeoutNoTransfer 900\n\
+                     PassivePorts {p0} {p1}\n\
+                     ModulePath {modules}\n\
+                     # mod_delay slows logins down on purpose.\n\
+                     <IfModule mod_delay.c>\n  DelayEngine off\n</IfModule>\n\
+                     # Not the system's /run/proftpd.sock.\n\
+                     <IfModule mod_ctrls.c>\n  ControlsEngine off\n  ControlsSocket {dir}/proftpd.sock\n</IfModule>\n\
+                     # Debian's mod_proxy.so needs mod_tls (libssl) loaded first.\n\
+                     LoadModule mod_tls.c\n\
+                     LoadModule mod_proxy.c\n\
+                     <IfModule mod_proxy.c>\n\
+                     \x20 ProxyEngine on\n\
+                     \x20 # The backend is plain FTP: no CA bundle to load per session.\n\
+                     \x20 ProxyTLSEngine off\n\
+                     \x20 # SQLite tables, synced per session: on tmpfs like the data.\n\
+                     \x20 ProxyTables {tables}\n\
+                     \x20 ProxyRole reverse\n\
+                     \x20 ProxyReverseConnectPolicy RoundRobin\n\
+                     \x20 ProxyReverseServers ftp://{server}\n\
+                     </IfModule>\n",
+                    ver = "1.3.8",
+                    port = b + 31,
+                    dir = dir.display(),
+                    p0 = b + 400,
+                    p1 = b + 699,
+                    modules = root.join("usr/lib/proftpd").display(),
+                    tables = tables.display(),
+                ),
+            )?;
+            let mut cmd = Command::new(root.join("usr/sbin/proftpd"));
+            cmd.args(["-n", "-q", "-c"]).arg(&conf);
+            cmd
+        }
+        Kind::Suse => {
+            let root = env.peers_dir.join("suse");
+            let conf = dir.join("ftp-proxy.conf");
+            // The daemon drops to nobody before it opens its log.
+            let logs = dir.join("log");
+            std::fs::create_dir_all(&logs)?;
+            let _ = Command::new("chown").arg("nobody").arg(&logs).status();
+            write(
+                &conf,
+                &format!(
+                    "# SuSE proxy-suite ftp-proxy in front of vsftpd.\n\
+                     [-Global-]\n\
+                     Listen 127.0.0.1\n\
+                     Port {port}\n\
+                     DestinationAddress 127.0.0.1\n\
+                     DestinationPort {sport}\n\
+                     DestinationTransferMode client\n\
+                     PassiveMinDataPort {p0}\n\
+                     PassiveMaxDataPort {p1}\n\
+                     ActiveMinDataPort {a0}\n\
+                     ActiveMaxDataPort {a1}\n\
+                     # 512 is the largest value it accepts.\n\
+                     MaxClients 512\n\
+                     # Default: 40 connections per minute.\n\
+                     ForkLimit 1000000\n\
+                     TimeOut 900\n\
+                     ServerType standalone\n\
+                     LogDestination {logs}/proxy-suite.log\n\
+                     LogLevel WRN\n\
+                     User nobody\n\
+                     Group nogroup\n",
+                    port = b + 41,
+                    sport = server.port(),
+                    p0 = b + 700,
+                    p1 = b + 999,
+                    a0 = b + 1000,
+                    a1 = b + 1299,
+                    logs = logs.display(),
+                ),
+            )?;
+            // Named like our binary: always called by its full path.
+            let mut cmd = Command::new(root.join("usr/sbin/ftp-proxy"));
+            cmd.args(["-d", "-n", "-f"]).arg(&conf);
+            cmd
+        }
+        Kind::Haproxy { splice } => {
+            let root = env.peers_dir.join("haproxy");
+            let conf = dir.join("haproxy.cfg");
+            let ip = kind.addr(env).ip();
+            write(
+                &conf,
+                &format!(
+                    "# HAProxy as a raw TCP relay: control and vsftpd's passive ports.\n\
+                     global\n\
+                     \x20   # 2 x 9,300 sockets + 301 listeners + pipes fit the 20,000 open files.\n\
+                     \x20   maxconn 9300\n\
+                     \x20   maxpipes 64\n\
+                     defaults\n\
+                     \x20   mode tcp\n\
+                     \x20   timeout connect 10s\n\
+                     \x20   timeout client 900s\n\
+                     \x20   timeout server 900s\n\
+                     {splice}\
+                     frontend control\n\
+                     \x20   bind {ip}:{port}\n\
+                     \x20   default_backend control\n\
+                     backend control\n\
+                     \x20   server vsftpd {server}\n\
+                     frontend data\n\
+                     \x20   bind {ip}:{p0}-{p1}\n\
+                     \x20   default_backend data\n\
+                     backend data\n\
+                     \x20   # No port: the one the client connected to.\n\
+                     \x20   server vsftpd 127.0.0.1\n",
+                    splice = if splice {
+                        "    option splice-request\n    option splice-response\n"
+                    } else {
+                        ""
+                    },
+                    port = b + 51,
+                    p0 = b + 100,
+                    p1 = b + 399,
+                ),
+            )?;
+            let mut cmd = Command::new(root.join("usr/sbin/haproxy"));
+            cmd.args(["-db", "-f"]).arg(&conf);
+            cmd
+        }
+    };
+    let mut d = Daemon::spawn(kind.id(), kind.addr(env), cmd, log, false)?;
+    d.wait_ready(kind.addr(env))?;
+    Ok(Some(d))
+}
+
+/// The configuration files a path uses (for the report's appendix).
+pub fn config_files(kind: Kind, env: &Env) -> Vec<PathBuf> {
+    let dir = env.run_dir.join(kind.id());
+    let name = match kind {
+        Kind::Direct => return vec![env.run_dir.join("vsftpd.conf")],
+        Kind::Gateway(_) | Kind::GatewayCopy => return Vec::new(),
+        Kind::ModProxy => "proftpd.conf",
+        Kind::Suse => "ftp-proxy.conf",
+        Kind::Haproxy { .. } => "haproxy.cfg",
+    };
+    vec![dir.join(name)]
+}
+
+/// The command line that started a path's daemon, for the report.
+pub fn command_line(kind: Kind, env: &Env) -> String {
+    let dir = env.run_dir.join(kind.id());
+    let peers = &env.peers_dir;
+    match kind {
+        Kind::Direct => format!(
+            "/usr/sbin/vsftpd {}",
+            env.run_dir.join("vsftpd.conf").display()
+        ),
+        Kind::Gateway(_) | Kind::GatewayCopy => {
+            let cmd = match kind {
+                Kind::Gateway(tracker) => gateway_command(env, tracker),
+                _ => copy_gateway_command(env),
+            };
+            let mut s = cmd.get_program().to_string_lossy().into_owned();
+            for a in cmd.get_args() {
+                s.push(' ');
+                s.push_str(&a.to_string_lossy());
+            }
+            s
+        }
+        Kind::ModProxy => format!(
+            "{} -n -q -c {}",
+            peers.join("proftpd/usr/sbin/proftpd").display(),
+            dir.join("proftpd.conf").display()
+        ),
+        Kind::Suse => format!(
+            "{} -d -n -f {}",
+            peers.join("suse/usr/sbin/ftp-proxy").display(),
+            dir.join("ftp-proxy.conf").display()
+        ),
+        Kind::Haproxy { .. } => format!(
+            "{} -db -f {}",
+            peers.join("haproxy/usr/sbin/haproxy").display(),
+            dir.join("haproxy.cfg").display()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> Env {
+        Env {
+            run_dir: "/r".into(),
+            data_dir: "/d".into(),
+            peers_dir: "/p".into(),
+            gateway_bin: "/g".into(),
+            base: 10000,
+            ebpf_flag: None,
+            gateway_args: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn vsftpd_config_overrides_the_fixture() {
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/demo/vsftpd.conf.in"),
+        )
+        .unwrap();
+        let c = vsftpd_config(&template, &env());
+        assert!(c.contains("listen_port=10021\n"));
+        assert!(c.contains("pasv_min_port=10100\n") && c.contains("pasv_max_port=10399\n"));
+        assert!(c.contains("anon_root=/d/ftproot\n"));
+        assert!(c.contains("vsftpd_log_file=/r/vsftpd.log\n"));
+        assert_eq!(c.matches("xferlog_enable=").count(), 1);
+        assert!(c.contains("xferlog_enable=NO\n"));
+        assert!(!c.contains('@'));
+    }
+
+    #[test]
+    fn paths_use_distinct_addresses() {
+        let e = env();
+        let kinds = [
+            Kind::Direct,
+            Kind::Gateway(None),
+            Kind::ModProxy,
+            Kind::Suse,
+            Kind::Haproxy { splice: true },
+            Kind::Haproxy { splice: false },
+        ];
+        let mut addrs: Vec<_> = kinds.iter().map(|k| k.addr(&e)).collect();
+        addrs.sort();
+        addrs.dedup();
+        assert_eq!(addrs.len(), kinds.len());
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()));
+        // The gateway's variants run one at a time on the same address.
+        assert_eq!(Kind::GatewayCopy.addr(&e), Kind::Gateway(None).addr(&e));
+    }
+}

@@ -1,0 +1,817 @@
+//! `BENCHMARKS.md`: machine, versions, exact commands, the tables, the
+//! targets of issue 6 checked against the numbers, and a short reading.
+//! Everything is generated from the run; nothing in it is written by hand,
+//! so that a new run never leaves a stale sentence behind.
+
+use std::fmt::Write as _;
+use std::process::Command;
+
+use anyhow::Result;
+
+use super::measure::{Summary, Transfer, summary};
+use super::peers::{self, Env, Kind};
+use super::{IdleRun, RateRun, Results, Settings, Xfer};
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "?".into())
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("?")
+}
+
+fn fmt_summary(s: Option<Summary>, digits: usize) -> String {
+    match s {
+        None => "–".into(),
+        Some(s) if s.n == 1 => format!("{:.*}", digits, s.median),
+        Some(s) => format!(
+            "{:.*} ({:.*}–{:.*})",
+            digits, s.median, digits, s.min, digits, s.max
+        ),
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "–".into(), |r| format!("{r:.2}"))
+}
+
+/// The gateway row that the targets are about.
+fn ours(results: &Results) -> Kind {
+    if results.tracker_built {
+        Kind::Gateway(Some(true))
+    } else {
+        Kind::Gateway(None)
+    }
+}
+
+struct View<'a> {
+    r: &'a Results,
+}
+
+impl View<'_> {
+    fn transfers(&self, k: Kind, x: Xfer) -> &[Transfer] {
+        self.r.transfers.get(&(k, x)).map_or(&[], Vec::as_slice)
+    }
+
+    fn speed(&self, k: Kind, x: Xfer) -> Option<Summary> {
+        summary(
+            &self
+                .transfers(k, x)
+                .iter()
+                .map(Transfer::mb_per_s)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn proxy_cpu(&self, k: Kind, x: Xfer) -> Option<Summary> {
+        summary(
+            &self
+                .transfers(k, x)
+                .iter()
+                .map(Transfer::proxy_per_gb)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn total_cpu(&self, k: Kind, x: Xfer) -> Option<Summary> {
+        summary(
+            &self
+                .transfers(k, x)
+                .iter()
+                .map(Transfer::total_per_gb)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// CPU seconds per GB the path adds over direct (medians).
+    fn added_cpu(&self, k: Kind, x: Xfer) -> Option<f64> {
+        Some(self.total_cpu(k, x)?.median - self.total_cpu(Kind::Direct, x)?.median)
+    }
+
+    fn speed_ratio(&self, k: Kind, x: Xfer) -> Option<f64> {
+        ratio(
+            self.speed(k, x).map(|s| s.median),
+            self.speed(Kind::Direct, x).map(|s| s.median),
+        )
+    }
+
+    fn rates(&self, k: Kind, list: bool) -> &[RateRun] {
+        self.r.rates.get(&(k, list)).map_or(&[], Vec::as_slice)
+    }
+
+    fn rate(&self, k: Kind, list: bool) -> Option<Summary> {
+        let runs: Vec<f64> = self
+            .rates(k, list)
+            .iter()
+            .filter(|r| r.ok > 0)
+            .map(|r| r.per_sec)
+            .collect();
+        summary(&runs)
+    }
+
+    fn rate_ratio(&self, k: Kind, list: bool) -> Option<f64> {
+        ratio(
+            self.rate(k, list).map(|s| s.median),
+            self.rate(Kind::Direct, list).map(|s| s.median),
+        )
+    }
+
+    /// A CPU figure of the rate runs that completed sessions.
+    fn rate_cpu(&self, k: Kind, list: bool, f: fn(&RateRun) -> f64) -> Option<Summary> {
+        let runs: Vec<f64> = self
+            .rates(k, list)
+            .iter()
+            .filter(|r| r.ok > 0)
+            .map(f)
+            .collect();
+        summary(&runs)
+    }
+
+    /// MB/s of RETR passive at which the path would use every CPU.
+    fn ceiling(&self, k: Kind, cpus: f64) -> Option<f64> {
+        let total = self.total_cpu(k, Xfer::RetrPassive)?.median;
+        (total > 0.0).then(|| cpus / total * 1000.0)
+    }
+
+    fn idle(&self, k: Kind, n: usize) -> Option<&IdleRun> {
+        self.r.idle.get(&(k, n))
+    }
+
+    fn available(&self) -> impl Iterator<Item = Kind> + '_ {
+        self.r
+            .paths
+            .iter()
+            .filter(|(_, a)| a.is_ok())
+            .map(|(k, _)| *k)
+    }
+
+    fn peers(&self) -> impl Iterator<Item = Kind> + '_ {
+        self.available().filter(|k| k.is_peer())
+    }
+
+    fn errors(&self, k: Kind, x: Xfer) -> Option<String> {
+        self.r
+            .transfer_errors
+            .get(&(k, x))
+            .and_then(|e| e.first().cloned())
+    }
+}
+
+fn unavailable_row(out: &mut String, k: Kind, why: &str, columns: usize) {
+    let _ = write!(out, "| {} | {why} |", k.label());
+    for _ in 1..columns {
+        out.push_str(" |");
+    }
+    out.push('\n');
+}
+
+/// Renders the report.
+pub fn render(r: &Results, s: &Settings, env: &Env) -> Result<String> {
+    let v = View { r };
+    let ours = ours(r);
+    let cpus = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+    let mut o = String::new();
+    let date = sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let mib = s.file_bytes >> 20;
+    let _ = writeln!(o, "# Benchmarks\n");
+    let _ = writeln!(
+        o,
+        "Generated by `{}` on {date} ({:.0} min). {} Regenerate with `cargo xtask bench` \
+         (root; installs its Debian packages, builds in release, uses loopback only: \
+         127.0.0.1–127.0.0.3, ports {}–{}).\n",
+        s.command,
+        r.elapsed / 60.0,
+        if s.quick {
+            "**Quick mode** (CI): one repetition, small file, few sessions; the numbers are not meant to be compared."
+        } else {
+            ""
+        },
+        env.base,
+        env.base + 1899
+    );
+    let _ = writeln!(
+        o,
+        "Absolute numbers drift on a shared machine (this one is a 2-vCPU virtual machine \
+         that other jobs use at the same time): read the **ratios to direct**, measured in the \
+         same run, with the paths interleaved repetition by repetition. Cells show the median \
+         of {} repetition{} with (min–max).\n",
+        s.reps,
+        if s.reps == 1 { "" } else { "s" }
+    );
+
+    // --- machine and versions -----------------------------------------
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_owned();
+    let vm = cpuinfo.contains(" hypervisor");
+    let mem_gib = super::measure::meminfo_kib("MemTotal").unwrap_or(0) as f64 / 1048576.0;
+    let nofile = sh("sh", &["-c", "ulimit -Sn; ulimit -Hn"]).replace('\n', " / ");
+    let _ = writeln!(o, "## Machine\n");
+    let _ = writeln!(o, "| | |\n|---|---|");
+    let _ = writeln!(
+        o,
+        "| CPU | {model}, {} logical CPUs{} |",
+        sh("nproc", &[]),
+        if vm { ", virtual machine" } else { "" }
+    );
+    let _ = writeln!(o, "| Memory | {mem_gib:.1} GiB |");
+    let _ = writeln!(o, "| Kernel | Linux {} |", sh("uname", &["-r"]));
+    let _ = writeln!(
+        o,
+        "| System | Debian {} |",
+        std::fs::read_to_string("/etc/debian_version")
+            .unwrap_or_default()
+            .trim()
+    );
+    let _ = writeln!(o, "| Open files (soft / hard) | {nofile} |");
+    let _ = writeln!(
+        o,
+        "| Load average (1, 5, 15 min) | {} at the start of the measurements, {} at the end |",
+        r.load.0, r.load.1
+    );
+    let _ = writeln!(
+        o,
+        "| kernel.pid_max | {} |",
+        super::measure::sysctl("kernel/pid_max").unwrap_or_default()
+    );
+    let _ = writeln!(
+        o,
+        "| TCP buffers (rmem / wmem) | {} / {} |",
+        super::measure::sysctl("net/ipv4/tcp_rmem")
+            .unwrap_or_default()
+            .replace('\t', " "),
+        super::measure::sysctl("net/ipv4/tcp_wmem")
+            .unwrap_or_default()
+            .replace('\t', " ")
+    );
+    let _ = writeln!(
+        o,
+        "| Data | served from {} |\n",
+        if env.data_dir.starts_with("/dev/shm") {
+            "tmpfs (/dev/shm)"
+        } else {
+            "disk (target/bench/data)"
+        }
+    );
+
+    let status = std::fs::read_to_string(env.peers_dir.join("status")).unwrap_or_default();
+    let peer_version = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.split(' ').next() == Some(name))
+            .map(|l| l.split(' ').skip(1).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| "not installed".into())
+    };
+    let root = crate::root();
+    let git = sh(
+        "git",
+        &[
+            "-C",
+            &root.display().to_string(),
+            "describe",
+            "--always",
+            "--dirty",
+        ],
+    );
+    let _ = writeln!(o, "## Versions\n");
+    let _ = writeln!(o, "| component | version |\n|---|---|");
+    let _ = writeln!(
+        o,
+        "| ftp-proxy | {} (git {git}), release build; eBPF tracker: {} |",
+        sh(&env.gateway_bin.display().to_string(), &["--version"]),
+        if r.tracker_built {
+            "built (`--ebpf`)"
+        } else {
+            "not built (no `--ebpf` in `--help`)"
+        }
+    );
+    let _ = writeln!(o, "| rustc | {} |", sh("rustc", &["--version"]));
+    let _ = writeln!(
+        o,
+        "| vsftpd (server of every path) | {} |",
+        sh("dpkg-query", &["-W", "-f=${Version}", "vsftpd"])
+    );
+    let _ = writeln!(
+        o,
+        "| curl (transfer client) | {} |",
+        first_line(&sh("curl", &["--version"]))
+    );
+    let _ = writeln!(o, "| ProFTPD + mod_proxy | {} |", peer_version("proftpd"));
+    let _ = writeln!(o, "| SuSE proxy-suite | {} |", peer_version("suse"));
+    let _ = writeln!(o, "| HAProxy | {} |\n", peer_version("haproxy"));
+
+    // --- method -------------------------------------------------------
+    let _ = writeln!(o, "## How\n");
+    let _ = writeln!(
+        o,
+        "vsftpd (one process per session, anonymous login with a password, no transfer log) \
+         serves every path from 127.0.0.1:{}. Each proxy relays to it and is started by the \
+         harness in the foreground for its measurements, then stopped. Paths and the daemons' \
+         command lines (configuration files in the appendix):\n",
+        env.base + 21
+    );
+    let _ = writeln!(o, "| path | client connects to | daemon |\n|---|---|---|");
+    for (k, avail) in &r.paths {
+        let cmd = match avail {
+            Ok(()) => format!("`{}`", peers::command_line(*k, env)),
+            Err(e) => e.clone(),
+        };
+        let _ = writeln!(o, "| {} | {} | {cmd} |", k.label(), k.addr(env));
+    }
+    let url = "ftp://anonymous:bench%40example.org@HOST:PORT/pub";
+    let _ = writeln!(
+        o,
+        "\nClients, the same for every path:\n\n\
+         - Transfers ({mib} MiB of pseudo-random data, on tmpfs), curl with \
+         `-sS --fail -w '%{{size_download}} %{{size_upload}} %{{time_total}} %{{time_pretransfer}}'` and:\n\
+         \x20 - RETR passive: `curl --ftp-pasv -o /dev/null {url}/big.bin` (EPSV)\n\
+         \x20 - RETR active: `curl -P 127.0.0.1 -o /dev/null {url}/big.bin` (EPRT)\n\
+         \x20 - STOR passive: `curl --ftp-pasv -T big.bin {url}/up-PATH-REP.bin`\n\
+         \x20 MB/s = 10^6 bytes / (time_total − time_pretransfer). CPU: utime+stime+cutime+cstime \
+         of every process of the proxy's and of vsftpd's tree from /proc/PID/stat (read after \
+         the sessions ended and were reaped), and curl's from the harness's cutime/cstime; \
+         per GB = 10^9 bytes.\n\
+         - Session rate: `target/release/xtask bench-load rate --addr HOST:PORT --secs {} \
+         --concurrency {} [--list]` (tokio, one thread): {} sessions back to back, each \
+         connect, banner, `USER anonymous`, `PASS …`, `PWD`, [`EPSV`, `LIST` read to its end], \
+         `QUIT`, waiting for the server to close. A 0.5 s warm-up run precedes each measurement.\n\
+         - Idle sessions: `target/release/xtask bench-load idle --addr HOST:PORT --count N` \
+         (at most {} per client process, {} logins in flight in all): logged-in sessions \
+         held while Rss and Pss of the proxy's process tree are summed from \
+         /proc/PID/smaps_rollup; per session = (held − before) / sessions held.\n",
+        s.rate_secs,
+        s.concurrency,
+        s.concurrency,
+        super::IDLE_PER_CLIENT,
+        super::IDLE_IN_FLIGHT
+    );
+
+    // --- 1 & 2: throughput ---------------------------------------------
+    let _ = writeln!(o, "## Results\n");
+    let _ = writeln!(o, "### 1–2. Throughput ({mib} MiB file), MB/s\n");
+    let _ = writeln!(
+        o,
+        "| path | RETR passive | × direct | RETR active | × direct | STOR passive | × direct |\n\
+         |---|---|---|---|---|---|---|"
+    );
+    for (k, avail) in &r.paths {
+        if let Err(e) = avail {
+            unavailable_row(&mut o, *k, e, 6);
+            continue;
+        }
+        let _ = write!(o, "| {} |", k.label());
+        for x in Xfer::ALL {
+            if x == Xfer::RetrActive
+                && let Some(why) = k.no_active()
+            {
+                let _ = write!(o, " {why} | – |");
+                continue;
+            }
+            let cell = match (v.speed(*k, x), v.errors(*k, x)) {
+                (None, Some(e)) => format!("failed: {}", e.replace('|', "/")),
+                (s, e) => {
+                    let mut c = fmt_summary(s, 0);
+                    if let Some(e) = e {
+                        let _ = write!(
+                            c,
+                            " ({} failed: {})",
+                            r.transfer_errors[&(*k, x)].len(),
+                            e.replace('|', "/")
+                        );
+                    }
+                    c
+                }
+            };
+            let _ = write!(o, " {cell} | {} |", fmt_ratio(v.speed_ratio(*k, x)));
+        }
+        o.push('\n');
+    }
+
+    // --- 3: CPU --------------------------------------------------------
+    let _ = writeln!(o, "\n### 3. CPU seconds per GB moved\n");
+    let _ = writeln!(
+        o,
+        "\"proxy\": the proxy's own processes. \"total\": client + proxy + server. \"added\": \
+         the path's total minus direct's total (medians). On loopback the kernel charges much \
+         of a TCP receive to the sending process, so only the totals and the added CPU compare \
+         across paths.\n"
+    );
+    let _ = writeln!(
+        o,
+        "\"ceiling\": the RETR passive throughput at which the path would use all {cpus} CPUs \
+         at its measured total CPU per GB ({cpus} / total), as MB/s and as a ratio to direct's \
+         measured throughput. A path whose ceiling is below a target cannot meet it on this \
+         machine without using less CPU per byte.\n"
+    );
+    let _ = writeln!(
+        o,
+        "| path | RETR passive: proxy | total | added | ceiling MB/s | ceiling × direct | STOR passive: proxy | total | added |\n\
+         |---|---|---|---|---|---|---|---|---|"
+    );
+    for (k, avail) in &r.paths {
+        if let Err(e) = avail {
+            unavailable_row(&mut o, *k, e, 8);
+            continue;
+        }
+        let _ = write!(o, "| {} |", k.label());
+        for x in [Xfer::RetrPassive, Xfer::StorPassive] {
+            let proxy = if *k == Kind::Direct {
+                "–".into()
+            } else {
+                fmt_summary(v.proxy_cpu(*k, x), 2)
+            };
+            let added = if *k == Kind::Direct {
+                "–".into()
+            } else {
+                v.added_cpu(*k, x)
+                    .map_or("–".into(), |a| format!("{a:+.2}"))
+            };
+            let _ = write!(
+                o,
+                " {proxy} | {} | {added} |",
+                fmt_summary(v.total_cpu(*k, x), 2)
+            );
+            if x == Xfer::RetrPassive {
+                let ceiling = v.ceiling(*k, cpus);
+                let _ = write!(
+                    o,
+                    " {} | {} |",
+                    ceiling.map_or("–".into(), |c| format!("{c:.0}")),
+                    fmt_ratio(ratio(ceiling, v.speed(Kind::Direct, x).map(|s| s.median)))
+                );
+            }
+        }
+        o.push('\n');
+    }
+
+    // --- 4: session rate ----------------------------------------------
+    let _ = writeln!(
+        o,
+        "\n### 4. Sessions per second ({} concurrent, {} s runs)\n",
+        s.concurrency, s.rate_secs
+    );
+    let _ = writeln!(
+        o,
+        "| path | login + PWD + QUIT | × direct | + EPSV + LIST | × direct | failed sessions |\n\
+         |---|---|---|---|---|---|"
+    );
+    for (k, avail) in &r.paths {
+        if let Err(e) = avail {
+            unavailable_row(&mut o, *k, e, 5);
+            continue;
+        }
+        let failed: u64 = [false, true]
+            .iter()
+            .flat_map(|l| v.rates(*k, *l))
+            .map(|r| r.failed)
+            .sum();
+        let error = [false, true]
+            .iter()
+            .flat_map(|l| v.rates(*k, *l))
+            .find_map(|r| r.error.clone());
+        let failed = match error {
+            Some(e) => format!("{failed}: {}", e.replace('|', "/")),
+            None => failed.to_string(),
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} | {failed} |",
+            k.label(),
+            fmt_summary(v.rate(*k, false), 0),
+            fmt_ratio(v.rate_ratio(*k, false)),
+            fmt_summary(v.rate(*k, true), 0),
+            fmt_ratio(v.rate_ratio(*k, true)),
+        );
+    }
+
+    let _ = writeln!(
+        o,
+        "\nCPU milliseconds per session (medians over the runs): the proxy's own, and the total \
+         of client + proxy + server. \"ceiling\": the rate at which the path would use all {cpus} \
+         CPUs at that total ({cpus} / total), and its ratio to direct's measured rate.\n"
+    );
+    let _ = writeln!(
+        o,
+        "| path | proxy ms | total ms | ceiling /s | ceiling × direct | + LIST: proxy ms | total ms | ceiling /s | ceiling × direct |\n\
+         |---|---|---|---|---|---|---|---|---|"
+    );
+    for (k, avail) in &r.paths {
+        if let Err(e) = avail {
+            unavailable_row(&mut o, *k, e, 8);
+            continue;
+        }
+        let _ = write!(o, "| {} |", k.label());
+        for list in [false, true] {
+            let proxy = if *k == Kind::Direct {
+                "–".into()
+            } else {
+                fmt_summary(v.rate_cpu(*k, list, RateRun::proxy), 3)
+            };
+            let total = v.rate_cpu(*k, list, RateRun::total_ms);
+            let ceiling = total
+                .filter(|t| t.median > 0.0)
+                .map(|t| cpus * 1000.0 / t.median);
+            let _ = write!(
+                o,
+                " {proxy} | {} | {} | {} |",
+                fmt_summary(total, 3),
+                ceiling.map_or("–".into(), |c| format!("{c:.0}")),
+                fmt_ratio(ratio(ceiling, v.rate(Kind::Direct, list).map(|s| s.median)))
+            );
+        }
+        o.push('\n');
+    }
+
+    // --- 5: idle sessions ---------------------------------------------
+    let _ = writeln!(o, "\n### 5. Concurrent idle logged-in sessions\n");
+    let _ = writeln!(
+        o,
+        "Memory per session held: (tree with the sessions − tree before) / sessions held, for \
+         the proxy's process tree (for direct: vsftpd's own, the cost of a session in the \
+         server). PSS divides shared pages among the processes that map them, so it is the \
+         figure that compares forking and threaded proxies.\n"
+    );
+    let mut header = String::from("| path |");
+    let mut rule = String::from("|---|");
+    for n in &s.idle {
+        let _ = write!(header, " {n}: served | PSS KiB/session | RSS KiB/session |");
+        rule.push_str("---|---|---|");
+    }
+    let _ = writeln!(o, "{header}\n{rule}");
+    for (k, avail) in &r.paths {
+        if let Err(e) = avail {
+            unavailable_row(&mut o, *k, e, 3 * s.idle.len());
+            continue;
+        }
+        let _ = write!(o, "| {} |", k.label());
+        for n in &s.idle {
+            match v.idle(*k, *n) {
+                None => o.push_str(" – | – | – |"),
+                Some(run) if run.skipped.is_some() => {
+                    let _ = write!(o, " {} | – | – |", run.skipped.as_deref().unwrap_or(""));
+                }
+                Some(run) => {
+                    let served = if run.ok == run.wanted {
+                        format!("all {} ({:.0} s)", run.ok, run.open_secs)
+                    } else {
+                        format!(
+                            "**{} of {}**{}",
+                            run.ok,
+                            run.wanted,
+                            run.error
+                                .as_deref()
+                                .map(|e| format!(": {}", e.replace('|', "/")))
+                                .unwrap_or_default()
+                        )
+                    };
+                    let per = |x: Option<f64>| x.map_or("–".into(), |x| format!("{x:.1}"));
+                    let _ = write!(
+                        o,
+                        " {served} | {} | {} |",
+                        per(run.pss_per_session()),
+                        per(run.rss_per_session())
+                    );
+                }
+            }
+        }
+        o.push('\n');
+    }
+
+    // --- 6: tracker ------------------------------------------------------
+    let _ = writeln!(
+        o,
+        "\n### 6. Tracker overhead (RETR, tracker on vs `--ebpf off`)\n"
+    );
+    if r.tracker_built {
+        let on = Kind::Gateway(Some(true));
+        let off = Kind::Gateway(Some(false));
+        let _ = writeln!(
+            o,
+            "| transfer | on MB/s | off MB/s | on / off | on CPU s/GB (total) | off CPU s/GB (total) |\n|---|---|---|---|---|---|"
+        );
+        for x in [Xfer::RetrPassive, Xfer::RetrActive] {
+            let _ = writeln!(
+                o,
+                "| {x:?} | {} | {} | {} | {} | {} |",
+                fmt_summary(v.speed(on, x), 0),
+                fmt_summary(v.speed(off, x), 0),
+                fmt_ratio(ratio(
+                    v.speed(on, x).map(|s| s.median),
+                    v.speed(off, x).map(|s| s.median)
+                )),
+                fmt_summary(v.total_cpu(on, x), 2),
+                fmt_summary(v.total_cpu(off, x), 2),
+            );
+        }
+    } else {
+        let _ = writeln!(
+            o,
+            "| transfer | tracker on | `--ebpf off` | overhead |\n|---|---|---|---|"
+        );
+        for x in ["RETR passive", "RETR active"] {
+            let _ = writeln!(
+                o,
+                "| {x} | n/a (tracker not built) | n/a (tracker not built) | n/a (tracker not built) |"
+            );
+        }
+    }
+
+    // --- targets ---------------------------------------------------------
+    let _ = writeln!(o, "\n## Targets (issue 6)\n");
+    let _ = writeln!(o, "| target | measured | verdict |\n|---|---|---|");
+    let verdict = |ok: Option<bool>| match ok {
+        Some(true) => "met",
+        Some(false) => "**missed**",
+        None => "not measured",
+    };
+    let rp = v.speed_ratio(ours, Xfer::RetrPassive);
+    let _ = writeln!(
+        o,
+        "| RETR passive ≥ 0.95 × direct | {} × direct | {} |",
+        fmt_ratio(rp),
+        verdict(rp.map(|x| x >= 0.95))
+    );
+    let peer_ratios: Vec<(Kind, Option<f64>)> = v
+        .peers()
+        .map(|k| (k, v.speed_ratio(k, Xfer::RetrPassive)))
+        .collect();
+    let best_peer = peer_ratios
+        .iter()
+        .filter_map(|(k, r)| r.map(|r| (k, r)))
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    let _ = writeln!(
+        o,
+        "| RETR passive ahead of every peer | ftp-proxy {}; best peer {} | {} |",
+        fmt_ratio(rp),
+        best_peer.map_or("–".into(), |(k, r)| format!("{} {r:.2}", k.label())),
+        verdict(match (rp, best_peer) {
+            (Some(a), Some((_, b))) => Some(a > b),
+            _ => None,
+        })
+    );
+    let ours_added = v.added_cpu(ours, Xfer::RetrPassive);
+    let best_added = v
+        .peers()
+        .filter_map(|k| v.added_cpu(k, Xfer::RetrPassive).map(|a| (k, a)))
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    let _ = writeln!(
+        o,
+        "| CPU added per GB over direct (RETR passive) ≤ 0.5 × the best peer's | ftp-proxy {}; best peer {} | {} |",
+        ours_added.map_or("–".into(), |a| format!("{a:+.2} s/GB")),
+        best_added.map_or("–".into(), |(k, a)| format!("{} {a:+.2} s/GB", k.label())),
+        verdict(match (ours_added, best_added) {
+            (Some(a), Some((_, b))) => Some(a <= 0.5 * b.max(0.0)),
+            _ => None,
+        })
+    );
+    for list in [false, true] {
+        let rr = v.rate_ratio(ours, list);
+        let _ = writeln!(
+            o,
+            "| Session rate ≥ 0.9 × direct{} | {} × direct | {} |",
+            if list { ", with LIST" } else { "" },
+            fmt_ratio(rr),
+            verdict(rr.map(|x| x >= 0.9))
+        );
+    }
+    let biggest = s.idle.iter().copied().max().unwrap_or(0);
+    let idle = v.idle(ours, biggest).filter(|r| r.skipped.is_none());
+    let _ = writeln!(
+        o,
+        "| ≤ 16 KiB per idle session at {biggest} sessions, all served | {} | {} |",
+        idle.map_or("–".into(), |r| format!(
+            "{} of {} served, {} KiB PSS / {} KiB RSS per session",
+            r.ok,
+            r.wanted,
+            r.pss_per_session()
+                .map_or("–".into(), |x| format!("{x:.1}")),
+            r.rss_per_session()
+                .map_or("–".into(), |x| format!("{x:.1}"))
+        )),
+        verdict(idle.map(|r| r.ok == r.wanted
+            && r.pss_per_session().is_some_and(|x| x <= 16.0)
+            && r.rss_per_session().is_some_and(|x| x <= 16.0)))
+    );
+    if r.tracker_built {
+        let on = v
+            .speed(Kind::Gateway(Some(true)), Xfer::RetrPassive)
+            .map(|s| s.median);
+        let off = v
+            .speed(Kind::Gateway(Some(false)), Xfer::RetrPassive)
+            .map(|s| s.median);
+        let overhead = ratio(on, off).map(|x| (1.0 - x) * 100.0);
+        let _ = writeln!(
+            o,
+            "| Tracker overhead ≤ 3 % | {} | {} |",
+            overhead.map_or("–".into(), |x| format!("{x:.1} %")),
+            verdict(overhead.map(|x| x <= 3.0))
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "| Tracker overhead ≤ 3 % | n/a (tracker not built) | not measured |"
+        );
+    }
+
+    // --- reading -------------------------------------------------------
+    let _ = writeln!(o, "\n## Reading\n");
+    let mut ranking: Vec<(Kind, f64)> = v
+        .available()
+        .filter(|k| *k != Kind::Direct)
+        .filter_map(|k| v.speed_ratio(k, Xfer::RetrPassive).map(|r| (k, r)))
+        .collect();
+    ranking.sort_by(|a, b| b.1.total_cmp(&a.1));
+    if !ranking.is_empty() {
+        let list: Vec<String> = ranking
+            .iter()
+            .map(|(k, r)| format!("{} {r:.2}", k.label()))
+            .collect();
+        let _ = writeln!(
+            o,
+            "- RETR passive, × direct, best first: {}.",
+            list.join(", ")
+        );
+    }
+    let mut cpu: Vec<(Kind, f64)> = v
+        .available()
+        .filter(|k| *k != Kind::Direct)
+        .filter_map(|k| v.added_cpu(k, Xfer::RetrPassive).map(|a| (k, a)))
+        .collect();
+    cpu.sort_by(|a, b| a.1.total_cmp(&b.1));
+    if !cpu.is_empty() {
+        let list: Vec<String> = cpu
+            .iter()
+            .map(|(k, a)| format!("{} {a:+.2}", k.label()))
+            .collect();
+        let _ = writeln!(
+            o,
+            "- CPU added over direct, s/GB, RETR passive, least first: {}.",
+            list.join(", ")
+        );
+    }
+    for list in [false, true] {
+        let mut rates: Vec<(Kind, f64)> = v
+            .available()
+            .filter(|k| *k != Kind::Direct)
+            .filter_map(|k| v.rate_ratio(k, list).map(|a| (k, a)))
+            .collect();
+        rates.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if !rates.is_empty() {
+            let l: Vec<String> = rates
+                .iter()
+                .map(|(k, a)| format!("{} {a:.2}", k.label()))
+                .collect();
+            let _ = writeln!(
+                o,
+                "- Sessions per second{}, × direct: {}.",
+                if list { " with LIST" } else { "" },
+                l.join(", ")
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "- The profile behind these numbers, and what was changed because of it, is in \
+         [docs/bench-notes.md](docs/bench-notes.md)."
+    );
+
+    // --- appendix --------------------------------------------------------
+    let _ = writeln!(o, "\n## Appendix: configuration files\n");
+    for (k, avail) in &r.paths {
+        if avail.is_err() {
+            continue;
+        }
+        for f in peers::config_files(*k, env) {
+            if let Ok(text) = std::fs::read_to_string(&f) {
+                let _ = writeln!(
+                    o,
+                    "<details><summary>{} — {}</summary>\n\n```\n{}```\n</details>\n",
+                    k.label(),
+                    f.file_name()
+                        .map(|n| n.to_string_lossy())
+                        .unwrap_or_default(),
+                    text
+                );
+            }
+        }
+    }
+    Ok(o)
+}
