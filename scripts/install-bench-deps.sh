@@ -121,7 +121,11 @@ install_peer() {
         mkdir -p "$dest"
         local deb libs=()
         for deb in "$dl"/*.deb; do
-            dpkg-deb -x "$deb" "$dest"
+            if ! dpkg-deb -x "$deb" "$dest"; then
+                rm -rf "$dest"
+                echo "$name unavailable unpack-failed"
+                return
+            fi
             mapfile -t -O "${#libs[@]}" libs < <(lib_depends "$deb")
         done
         printf '%s\n' "${libs[@]}" | sort -u >"$dest/.libs"
