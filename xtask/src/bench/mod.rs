@@ -273,14 +273,21 @@ fn ebpf_values(gateway: &Path) -> Result<Option<EbpfValues>> {
     Ok(parse_ebpf_help(&String::from_utf8_lossy(&out.stdout)))
 }
 
-/// `--ebpf` in a `--help` text: a boolean option takes true/false, any
-/// other on/off.
+/// `--ebpf` in a `--help` text. "On" is the value that makes the tracker
+/// mandatory where there is one (`required`: with `auto` a tracker that
+/// failed to load would be measured as "on"), else `on` or `true`.
 fn parse_ebpf_help(help: &str) -> Option<EbpfValues> {
     let at = help.find("--ebpf")?;
-    let text: String = help.get(at..)?.chars().take(400).collect();
+    let text: String = help.get(at..)?.chars().take(1000).collect();
     let text = text.split("\n      --").next().unwrap_or("");
-    let boolean = text.contains("<BOOL>") || text.contains("possible values: true");
-    let (on, off) = if boolean {
+    let word = |w: &str| {
+        text.split(|c: char| !c.is_ascii_alphanumeric() && c != '-')
+            .any(|t| t == w)
+    };
+    let boolean = word("BOOL") || (word("true") && word("false"));
+    let (on, off) = if word("required") {
+        ("required", "off")
+    } else if boolean {
         ("true", "false")
     } else {
         ("on", "off")
@@ -982,6 +989,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!((v.on.as_str(), v.off.as_str()), ("true", "false"));
+        let help = "      --ebpf <MODE>\n          eBPF flow tracker: auto (use it when it \
+                    loads), required (exit if it cannot), off [default: auto]\n\n          \
+                    Possible values:\n          - auto:     Use it\n          - required: \
+                    Exit\n          - off:      Never load it\n\n      --interface <NAME>\n";
+        let v = parse_ebpf_help(help).unwrap();
+        assert_eq!((v.on.as_str(), v.off.as_str()), ("required", "off"));
     }
 
     #[test]
