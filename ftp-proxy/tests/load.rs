@@ -13,10 +13,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -235,19 +232,7 @@ fn thousand_concurrent_sessions_list_and_retr() {
 #[test]
 fn idle_sessions_9000_held_for_a_minute() {
     let ns = NetNs::new();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/fakeftpd.py");
-    let mut fake = ns
-        .command("python3")
-        .arg(script)
-        .args(["127.0.0.1", "2121"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut ready = String::new();
-    BufReader::new(fake.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    assert_eq!(ready.trim(), "ready");
+    let fake = FakeFtpd::start(&ns);
     let gateway = Gateway::start(
         &ns,
         &[
@@ -323,8 +308,7 @@ fn idle_sessions_9000_held_for_a_minute() {
         "gateway RSS: {rss_baseline} KiB idle, {rss_loaded} KiB with 9,000 sessions: {per_session} B per session"
     );
     gateway.assert_fds_back_to(fd_baseline);
-    let _ = fake.kill();
-    let _ = fake.wait();
+    drop(fake);
 }
 
 #[test]

@@ -15,8 +15,6 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -68,19 +66,7 @@ async fn open_sessions(target: SocketAddr, n: usize) -> Vec<tokio::net::TcpStrea
 #[test]
 fn idle_session_costs_at_most_16_kib() {
     let ns = NetNs::new();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/fakeftpd.py");
-    let mut fake = ns
-        .command("python3")
-        .arg(script)
-        .args(["127.0.0.1", "2121"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut ready = String::new();
-    BufReader::new(fake.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    assert_eq!(ready.trim(), "ready");
+    let fake = FakeFtpd::start(&ns);
     let gateway = Gateway::start(
         &ns,
         &[
@@ -115,8 +101,7 @@ fn idle_session_costs_at_most_16_kib() {
         per_session <= 16 * 1024,
         "{per_session} B per idle session, over the 16 KiB budget"
     );
-    let _ = fake.kill();
-    let _ = fake.wait();
+    drop(fake);
 }
 
 /// The control buffers start small and must grow for long lines: a

@@ -636,3 +636,34 @@ impl Control {
         self.reply()
     }
 }
+
+/// The minimal FTP server of `tests/clients/fakeftpd.py` (any login, NOOP,
+/// PWD, QUIT) on 127.0.0.1:2121 of `ns`, for tests of many idle sessions.
+/// Killed on drop.
+pub struct FakeFtpd(Child);
+
+impl FakeFtpd {
+    pub fn start(ns: &NetNs) -> FakeFtpd {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/fakeftpd.py");
+        let mut child = ns
+            .command("python3")
+            .arg(script)
+            .args(["127.0.0.1", "2121"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert_eq!(ready.trim(), "ready");
+        FakeFtpd(child)
+    }
+}
+
+impl Drop for FakeFtpd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
