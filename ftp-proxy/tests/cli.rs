@@ -41,6 +41,7 @@ fn help_documents_every_option() {
         "--reply-timeout",
         "--relay-mode",
         "--pipe-size",
+        "--copy-buffer",
         "--log-format",
         "--log-level",
         "--config",

@@ -123,18 +123,30 @@ fn ipv6_upstream_active() {
 }
 
 /// 256 MiB both ways, passive and active on the client side, through the
-/// splice relay.
+/// splice relay (forced: on loopback the default copies).
 #[test]
 fn large_transfers_ipv4() {
-    let lab = Lab::new(&[]);
+    let lab = Lab::new(&["--relay-mode", "splice"]);
     matrix(&lab, "127.0.0.1", &["pasv", "port"], &[BIG]);
     lab.gateway.expect_logs("\"bytes\":268435456", 4);
+    lab.gateway.expect_logs("\"relay\":\"splice\"", 4);
 }
 
+/// The default relay mode copies toward peers on this host; and the forced
+/// copy mode with a small buffer, which many reads fill.
 #[test]
 fn large_transfers_ipv6_and_forced_modes() {
     let lab = Lab::with_upstream(SERVER6, &["--upstream-mode", "active"]);
     matrix(&lab, "::1", &["epsv"], &[BIG]);
-    let lab = Lab::new(&["--upstream-mode", "passive", "--relay-mode", "copy"]);
+    lab.gateway.expect_logs("\"relay\":\"copy\"", 2);
+    let lab = Lab::new(&[
+        "--upstream-mode",
+        "passive",
+        "--relay-mode",
+        "copy",
+        "--copy-buffer",
+        "65536",
+    ]);
     matrix(&lab, "127.0.0.1", &["eprt"], &[BIG]);
+    lab.gateway.expect_logs("\"relay\":\"copy\"", 2);
 }

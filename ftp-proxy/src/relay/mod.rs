@@ -12,7 +12,7 @@
 
 mod pump;
 
-use std::net::Shutdown;
+use std::net::{IpAddr, Ipv4Addr, Shutdown};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -27,10 +27,12 @@ pub use crate::config::RelayMode;
 /// How to relay.
 #[derive(Debug, Clone, Copy)]
 pub struct RelayOptions {
-    /// splice or copy.
+    /// auto, splice or copy.
     pub mode: RelayMode,
     /// Pipe capacity requested for splice.
     pub pipe_size: usize,
+    /// Largest copy buffer.
+    pub copy_buffer: usize,
     /// The relay fails when no byte moves in either direction for this long.
     pub idle_timeout: Duration,
 }
@@ -70,6 +72,41 @@ impl Method {
             Method::Splice => "splice",
             Method::Copy => "copy",
         }
+    }
+}
+
+/// The method a direction starts with, for a receiver at `peer` reached
+/// from the local address `local`. In auto mode a receiver on this host (a
+/// loopback address, or the gateway's own address) gets copied bytes: it
+/// copies them out of its socket anyway, and cache-warm buffers written by
+/// the relay cost it less than page references no CPU has read, more than
+/// the relay's two copies cost (docs/bench-notes.md). Toward other hosts
+/// splice saves both copies and nobody downstream on this host pays.
+pub fn method_for(mode: RelayMode, peer: IpAddr, local: IpAddr) -> Method {
+    match mode {
+        RelayMode::Splice => Method::Splice,
+        RelayMode::Copy => Method::Copy,
+        RelayMode::Auto => {
+            let peer = peer.to_canonical();
+            if peer.is_loopback() || peer == local.to_canonical() {
+                Method::Copy
+            } else {
+                Method::Splice
+            }
+        }
+    }
+}
+
+/// [`method_for`] on a connected socket; splice when its addresses are
+/// unknown (the socket is failing, the pump will say so).
+fn method_toward(mode: RelayMode, to: &TcpStream) -> Method {
+    match (to.peer_addr(), to.local_addr()) {
+        (Ok(peer), Ok(local)) => method_for(mode, peer.ip(), local.ip()),
+        _ => method_for(
+            mode,
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V4(Ipv4Addr::BROADCAST),
+        ),
     }
 }
 
@@ -233,7 +270,8 @@ async fn one_way(
     tx: &watch::Sender<Progress>,
     activity: &Activity,
 ) -> Result<(), ()> {
-    let result = pump::pump(from, to, direction, options, &|| activity.touch()).await;
+    let method = method_toward(options.mode, to);
+    let result = pump::pump(from, to, direction, method, options, &|| activity.touch()).await;
     let flow = match &result {
         Ok((bytes, method)) => Flow::Finished {
             bytes: *bytes,

@@ -9,15 +9,7 @@ use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::{Direction, Method, RelayError, RelayMode, RelayOptions};
-
-/// The most a copy moves per read: the pipe size, so that both modes move
-/// as much per system call. A fixed 64 KiB cost copy mode two to three
-/// times the CPU per byte of splice (issue 6's benchmark: 0.75–0.97 s per
-/// GB of the gateway's own CPU against 0.29–0.46 with 1 MiB).
-pub(super) fn copy_buffer_max(options: &RelayOptions) -> usize {
-    options.pipe_size
-}
+use super::{Direction, Method, RelayError, RelayOptions};
 
 /// The first length of a copy buffer. Starting at the maximum would zero a
 /// megabyte per direction for every listing (issue 6's benchmark: 0.74 ms
@@ -44,25 +36,27 @@ fn io_error(direction: Direction, error: io::Error) -> RelayError {
     }
 }
 
-/// Moves bytes from `from` to `to` until end of stream, then shuts down the
-/// writing side of `to`. Calls `touch` after every chunk.
+/// Moves bytes from `from` to `to` with `method` (splice falls back to
+/// copying where the kernel refuses it) until end of stream, then shuts
+/// down the writing side of `to`. Calls `touch` after every chunk.
 pub(super) async fn pump(
     from: &TcpStream,
     to: &TcpStream,
     direction: Direction,
+    method: Method,
     options: RelayOptions,
     touch: &(dyn Fn() + Sync),
 ) -> PumpResult {
-    let outcome = match options.mode {
-        RelayMode::Splice => match splice_pump(from, to, options.pipe_size, touch).await {
+    let outcome = match method {
+        Method::Splice => match splice_pump(from, to, options.pipe_size, touch).await {
             SpliceOutcome::Done(bytes) => Ok((bytes, Method::Splice)),
             SpliceOutcome::Failed(bytes, error) => Err((bytes, io_error(direction, error))),
-            SpliceOutcome::Unsupported => copy_pump(from, to, copy_buffer_max(&options), touch)
+            SpliceOutcome::Unsupported => copy_pump(from, to, options.copy_buffer, touch)
                 .await
                 .map(|bytes| (bytes, Method::Copy))
                 .map_err(|(bytes, e)| (bytes, io_error(direction, e))),
         },
-        RelayMode::Copy => copy_pump(from, to, copy_buffer_max(&options), touch)
+        Method::Copy => copy_pump(from, to, options.copy_buffer, touch)
             .await
             .map(|bytes| (bytes, Method::Copy))
             .map_err(|(bytes, e)| (bytes, io_error(direction, e))),

@@ -23,6 +23,7 @@ fn options(mode: RelayMode) -> RelayOptions {
     RelayOptions {
         mode,
         pipe_size: 1 << 16,
+        copy_buffer: 1 << 16,
         idle_timeout: Duration::from_secs(5),
     }
 }
@@ -40,6 +41,7 @@ async fn both_directions_with_counts(mode: RelayMode) {
 async fn both_directions_with_large_chunks(mode: RelayMode) {
     both_directions(RelayOptions {
         pipe_size: 1 << 20,
+        copy_buffer: 1 << 20,
         ..options(mode)
     })
     .await;
@@ -79,6 +81,7 @@ async fn both_directions(options: RelayOptions) {
     assert_eq!(client_task.await.unwrap(), down);
     assert_eq!(server_task.await.unwrap(), up);
     let progress = relay.wait_all().await;
+    // Every pair is on loopback, where auto copies.
     let want_method = if mode == RelayMode::Splice {
         Method::Splice
     } else {
@@ -190,17 +193,37 @@ macro_rules! suite {
     ($($name:ident),*) => {
         mod splice_mode { $( #[tokio::test] async fn $name() { super::$name(super::RelayMode::Splice).await } )* }
         mod copy_mode { $( #[tokio::test] async fn $name() { super::$name(super::RelayMode::Copy).await } )* }
+        mod auto_mode { $( #[tokio::test] async fn $name() { super::$name(super::RelayMode::Auto).await } )* }
     };
 }
 
 #[test]
-fn copy_moves_as_much_per_read_as_splice() {
-    for pipe_size in [4096, 1 << 16, 1 << 20] {
-        let options = RelayOptions {
-            pipe_size,
-            ..options(RelayMode::Copy)
-        };
-        assert_eq!(pump::copy_buffer_max(&options), pipe_size);
+fn auto_copies_toward_this_host_and_splices_toward_others() {
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let auto = |peer: &str, local: &str| method_for(RelayMode::Auto, ip(peer), ip(local));
+    // Loopback, in either family and as a v4-mapped address.
+    assert_eq!(auto("127.0.0.1", "127.0.0.1"), Method::Copy);
+    assert_eq!(auto("127.0.0.3", "127.0.0.1"), Method::Copy);
+    assert_eq!(auto("::1", "::1"), Method::Copy);
+    assert_eq!(auto("::ffff:127.0.0.1", "::ffff:127.0.0.1"), Method::Copy);
+    // The gateway's own address: a process on this host.
+    assert_eq!(auto("192.0.2.10", "192.0.2.10"), Method::Copy);
+    assert_eq!(auto("::ffff:192.0.2.10", "192.0.2.10"), Method::Copy);
+    assert_eq!(auto("2001:db8::1", "2001:db8::1"), Method::Copy);
+    // Another host.
+    assert_eq!(auto("192.0.2.20", "192.0.2.10"), Method::Splice);
+    assert_eq!(auto("2001:db8::2", "2001:db8::1"), Method::Splice);
+    assert_eq!(auto("10.0.0.1", "127.0.0.1"), Method::Splice);
+    // The fixed modes ignore the addresses.
+    for (peer, local) in [("127.0.0.1", "127.0.0.1"), ("192.0.2.20", "192.0.2.10")] {
+        assert_eq!(
+            method_for(RelayMode::Splice, ip(peer), ip(local)),
+            Method::Splice
+        );
+        assert_eq!(
+            method_for(RelayMode::Copy, ip(peer), ip(local)),
+            Method::Copy
+        );
     }
 }
 

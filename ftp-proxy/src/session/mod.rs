@@ -780,6 +780,7 @@ impl<'a> Session<'a> {
         let options = RelayOptions {
             mode: self.config.relay_mode,
             pipe_size: self.config.pipe_size,
+            copy_buffer: self.config.copy_buffer,
             idle_timeout: self.config.timeouts.transfer_idle,
         };
         let started = Instant::now();
@@ -825,16 +826,16 @@ impl<'a> Session<'a> {
         let (Some(flow), Some(reply)) = (data_flow, final_reply) else {
             return Ok(());
         };
-        let (bytes, relayed) = match &flow {
+        let (bytes, relayed, relay_method) = match &flow {
             Flow::Finished { bytes, method } => {
                 self.metrics.relay_used(*method);
-                (*bytes, true)
+                (*bytes, true, method.label())
             }
             Flow::Failed { bytes, error } => {
                 warn!(error = %error, "data relay failed");
-                (*bytes, false)
+                (*bytes, false, "failed")
             }
-            Flow::Running => (0, false),
+            Flow::Running => (0, false, "failed"),
         };
         let result = if relayed && reply.is_success() {
             TransferResult::Ok
@@ -846,6 +847,7 @@ impl<'a> Session<'a> {
             direction = direction.label(),
             bytes,
             code = reply.code,
+            relay = relay_method,
             took_ms = started.elapsed().as_millis() as u64,
             "transfer finished"
         );

@@ -53,7 +53,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
     /// Only these paths (direct, ftp-proxy, ftp-proxy-ebpf-off,
-    /// ftp-proxy-copy, proftpd, proxy-suite, haproxy-splice, haproxy);
+    /// ftp-proxy-splice, proftpd, proxy-suite, haproxy-splice, haproxy);
     /// direct is always included.
     #[arg(long, value_delimiter = ',')]
     pub paths: Option<Vec<String>>,
@@ -72,7 +72,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub no_install: bool,
     /// An extra argument for the gateway (repeatable), e.g.
-    /// `--gateway-arg=--relay-mode --gateway-arg=copy`; for experiments.
+    /// `--gateway-arg=--copy-buffer --gateway-arg=1048576`; for experiments.
     #[arg(long, allow_hyphen_values = true)]
     pub gateway_arg: Vec<String>,
 }
@@ -428,7 +428,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         kinds.push(Kind::Gateway(None));
     }
-    kinds.push(Kind::GatewayCopy);
+    kinds.push(Kind::GatewaySplice);
     kinds.extend([
         Kind::Suse,
         Kind::Haproxy { splice: true },

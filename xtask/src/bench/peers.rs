@@ -69,8 +69,8 @@ pub enum Kind {
     /// The gateway; `Some(true)` tracker on, `Some(false)` `--ebpf off`,
     /// `None` a gateway without a tracker switch.
     Gateway(Option<bool>),
-    /// The gateway with `--relay-mode copy` (tracker as in the first row).
-    GatewayCopy,
+    /// The gateway with `--relay-mode splice` (tracker as in the first row).
+    GatewaySplice,
     /// ProFTPD with mod_proxy as a reverse proxy.
     ModProxy,
     /// The SuSE proxy-suite.
@@ -90,7 +90,7 @@ impl Kind {
             Kind::Gateway(None) => "ftp-proxy",
             Kind::Gateway(Some(true)) => "ftp-proxy",
             Kind::Gateway(Some(false)) => "ftp-proxy-ebpf-off",
-            Kind::GatewayCopy => "ftp-proxy-copy",
+            Kind::GatewaySplice => "ftp-proxy-splice",
             Kind::ModProxy => "proftpd",
             Kind::Suse => "proxy-suite",
             Kind::Haproxy { splice: true } => "haproxy-splice",
@@ -105,7 +105,7 @@ impl Kind {
             Kind::Gateway(None) => "ftp-proxy",
             Kind::Gateway(Some(true)) => "ftp-proxy (tracker on)",
             Kind::Gateway(Some(false)) => "ftp-proxy --ebpf off",
-            Kind::GatewayCopy => "ftp-proxy --relay-mode copy",
+            Kind::GatewaySplice => "ftp-proxy --relay-mode splice",
             Kind::ModProxy => "ProFTPD mod_proxy",
             Kind::Suse => "proxy-suite ftp-proxy",
             Kind::Haproxy { splice: true } => "HAProxy TCP, splice",
@@ -137,7 +137,7 @@ impl Kind {
             Kind::Suse => (Ipv4Addr::LOCALHOST, b + 41),
             Kind::Haproxy { splice: true } => (Ipv4Addr::new(127, 0, 0, 2), b + 51),
             Kind::Haproxy { splice: false } => (Ipv4Addr::new(127, 0, 0, 3), b + 51),
-            Kind::Gateway(_) | Kind::GatewayCopy => (Ipv4Addr::LOCALHOST, b + 61),
+            Kind::Gateway(_) | Kind::GatewaySplice => (Ipv4Addr::LOCALHOST, b + 61),
         };
         SocketAddr::from((ip, port))
     }
@@ -444,10 +444,10 @@ pub fn gateway_command(env: &Env, tracker: Option<bool>) -> Command {
     cmd
 }
 
-/// The gateway copying through user space instead of splicing.
-fn copy_gateway_command(env: &Env) -> Command {
+/// The gateway splicing whatever the peers (on loopback the default copies).
+fn splice_gateway_command(env: &Env) -> Command {
     let mut cmd = gateway_command(env, env.ebpf_flag.as_ref().map(|_| true));
-    cmd.args(["--relay-mode", "copy"]);
+    cmd.args(["--relay-mode", "splice"]);
     cmd
 }
 
@@ -462,7 +462,7 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
     let cmd = match kind {
         Kind::Direct => return Ok(None),
         Kind::Gateway(tracker) => gateway_command(env, tracker),
-        Kind::GatewayCopy => copy_gateway_command(env),
+        Kind::GatewaySplice => splice_gateway_command(env),
         Kind::ModProxy => {
             let root = env.peers_dir.join("proftpd");
             let conf = dir.join("proftpd.conf");
@@ -621,7 +621,7 @@ pub fn config_files(kind: Kind, env: &Env) -> Vec<PathBuf> {
     let dir = env.run_dir.join(kind.id());
     let name = match kind {
         Kind::Direct => return vec![env.run_dir.join("vsftpd.conf")],
-        Kind::Gateway(_) | Kind::GatewayCopy => return Vec::new(),
+        Kind::Gateway(_) | Kind::GatewaySplice => return Vec::new(),
         Kind::ModProxy => "proftpd.conf",
         Kind::Suse => "ftp-proxy.conf",
         Kind::Haproxy { .. } => "haproxy.cfg",
@@ -638,10 +638,10 @@ pub fn command_line(kind: Kind, env: &Env) -> String {
             "/usr/sbin/vsftpd {}",
             env.run_dir.join("vsftpd.conf").display()
         ),
-        Kind::Gateway(_) | Kind::GatewayCopy => {
+        Kind::Gateway(_) | Kind::GatewaySplice => {
             let cmd = match kind {
                 Kind::Gateway(tracker) => gateway_command(env, tracker),
-                _ => copy_gateway_command(env),
+                _ => splice_gateway_command(env),
             };
             let mut s = cmd.get_program().to_string_lossy().into_owned();
             for a in cmd.get_args() {
@@ -717,6 +717,6 @@ mod tests {
         assert_eq!(addrs.len(), kinds.len());
         assert!(addrs.iter().all(|a| a.ip().is_loopback()));
         // The gateway's variants run one at a time on the same address.
-        assert_eq!(Kind::GatewayCopy.addr(&e), Kind::Gateway(None).addr(&e));
+        assert_eq!(Kind::GatewaySplice.addr(&e), Kind::Gateway(None).addr(&e));
     }
 }

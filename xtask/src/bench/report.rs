@@ -649,7 +649,7 @@ pub fn render(r: &Results, s: &Settings, env: &Env) -> Result<String> {
     let _ = writeln!(o, "\n## Targets (issue 6)\n");
     let _ = writeln!(
         o,
-        "Checked on the row \"{}\" (splice relay, the default; tracker on where the gateway has one).\n",
+        "Checked on the row \"{}\" (default relay mode `auto`, which copies on loopback; tracker on where the gateway has one).\n",
         ours.label()
     );
     let _ = writeln!(o, "| target | measured | verdict |\n|---|---|---|");
