@@ -7,9 +7,16 @@
 //! go to the `FTPX_CLOSED` ring buffer; every event and every error is
 //! counted in `FTPX_COUNTERS`.
 //!
+//! A flow's entry is deleted when the flow closes, right after its record
+//! went to the ring buffer: the table holds live flows only, so a busy
+//! gateway's closed flows neither make the daemon's reads of the table
+//! longer nor push live, quiet flows (idle control connections) out of the
+//! LRU table. Segments after the end find no entry and are counted as
+//! untracked. Flows that never close are the daemon's sweeper's.
+//!
 //! What they do not do: drop, modify or redirect a packet (they always pass
-//! it: fail open), delete map entries (the daemon's sweeper does), walk IPv6
-//! extension headers, parse VLAN tags, or look at anything but TCP.
+//! it: fail open), walk IPv6 extension headers, parse VLAN tags, or look at
+//! anything but TCP.
 //!
 //! The layouts and the transition live in `ftp-proxy-common`; this crate
 //! only reads packets and maps around them.
@@ -133,6 +140,14 @@ fn track<P: Packet>(ctx: &P) {
     if ev & event::CLOSED != 0 {
         // SAFETY: as above; read-only copy into the ring buffer.
         push_closed(ctx, &key, unsafe { &*value });
+        // The record is in the ring buffer (or counted as lost there): the
+        // entry has nothing left to say. A new SYN on the same 5-tuple
+        // opens a fresh one. Failure means another CPU removed it first.
+        #[expect(
+            clippy::needless_borrows_for_generic_args,
+            reason = "by value the 40-byte key is one more copy on the 512-byte stack: over the limit"
+        )]
+        let _ = FTPX_FLOWS.remove(&key);
     }
 }
 

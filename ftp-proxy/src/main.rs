@@ -207,6 +207,10 @@ fn serve(config: Config, cli: Cli, settings: Settings) -> anyhow::Result<()> {
         let http_task = http_listener.map(|listener| {
             let state = HttpState {
                 metrics: gateway.metrics(),
+                refresh: {
+                    let flows = Arc::clone(&flows);
+                    Arc::new(move || flows.refresh_flow_gauges())
+                },
                 readiness: gateway.readiness(),
                 flows: {
                     let flows = Arc::clone(&flows);

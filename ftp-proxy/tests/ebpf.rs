@@ -283,6 +283,12 @@ fn a_thousand_short_sessions_are_all_counted() {
         "--max-sessions-per-client",
         "2000",
     ]);
+    // One session stays open through the churn.
+    let mut held = lab.ns.connect(GATEWAY4.parse().unwrap()).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut banner = [0u8; 4];
+    held.read_exact(&mut banner).unwrap();
     for i in 0..1000 {
         let mut s = lab.ns.connect(GATEWAY4.parse().unwrap()).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -318,6 +324,34 @@ fn a_thousand_short_sessions_are_all_counted() {
         assert_eq!(metric(&last, leg, "rst"), 0, "{leg}");
     }
     assert!(last.contains("ftp_proxy_ebpf_status 1"));
+    // The live-flow gauges, read from the kernel's table at the scrape:
+    // the held session's two connections; the 2,000 closed ones left it.
+    let gauge = |text: &str, leg: &str, state: &str| -> Option<i64> {
+        let needle = format!("ftp_proxy_tcp_flows{{leg=\"{leg}\",state=\"{state}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let text = http_get(&lab.ns, "127.0.0.1:9121", "/metrics");
+    for leg in ["client_control", "server_control"] {
+        assert_eq!(gauge(&text, leg, "established"), Some(1), "{leg}\n{text}");
+        for state in ["closed", "reset", "syn_sent"] {
+            assert_eq!(gauge(&text, leg, state).unwrap_or(0), 0, "{leg} {state}");
+        }
+    }
+    assert!(flows(&lab.ns)["flows"].as_array().unwrap().len() == 2);
+    held.write_all(b"QUIT\r\n").unwrap();
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).unwrap();
+    wait_until(
+        "the held session's flows closed",
+        Duration::from_secs(10),
+        || {
+            let text = http_get(&lab.ns, "127.0.0.1:9121", "/metrics");
+            gauge(&text, "client_control", "established").unwrap_or(0) == 0
+                && gauge(&text, "server_control", "established").unwrap_or(0) == 0
+        },
+    );
     let counters = flows(&lab.ns)["counters"].clone();
     for k in [
         "insert_enomem",

@@ -149,12 +149,20 @@ impl FlowView {
         }
         let users = w.users.entry(port).or_insert(0);
         *users += 1;
-        let first = *users == 1;
-        w.idle_since.remove(&port);
-        drop(w);
-        if first && let Err(e) = tracker.watch_port(port) {
+        let first_user = *users == 1;
+        // A port whose last user left less than UNWATCH_DELAY ago is still
+        // in the kernel's set: a busy server hands out the same few passive
+        // ports over and over, one system call saved per transfer.
+        let still_watched = w.idle_since.remove(&port).is_some();
+        // The kernel's set is changed under the lock, so that a concurrent
+        // unwatch of the same port (in `refresh`) cannot undo this watch.
+        if first_user
+            && !still_watched
+            && let Err(e) = tracker.watch_port(port)
+        {
             debug!(port, error = %e, "flow tracker: cannot watch port");
         }
+        drop(w);
         Some(PortWatch {
             view: Arc::clone(self),
             port,
@@ -256,9 +264,13 @@ impl FlowView {
         }
     }
 
-    fn refresh(&self) {
+    /// Sets the `tcp_flows` gauges from the live flow table. Called when
+    /// `/metrics` is scraped rather than on a timer: reading the table
+    /// costs two system calls per live flow (9,000 idle sessions are
+    /// 18,000 flows), which a scrape every 15 s or so can afford and a
+    /// once-a-second refresh would pay for nothing.
+    pub fn refresh_flow_gauges(&self) {
         let Some(tracker) = &self.tracker else { return };
-        self.collect_closed();
         if let Ok(snapshot) = tracker.snapshot() {
             let mut counts: HashMap<(TcpLeg, &'static str), i64> = HashMap::new();
             for record in &snapshot {
@@ -271,6 +283,13 @@ impl FlowView {
                 .collect();
             self.metrics.set_tcp_flows(&counts);
         }
+    }
+
+    /// The cheap part, every second: closed flows (from the ring buffer),
+    /// the error counters, and ports to stop watching.
+    fn refresh(&self) {
+        let Some(tracker) = &self.tracker else { return };
+        self.collect_closed();
         if let (Ok(now), Ok(mut last)) = (tracker.counters(), self.last_counters.lock()) {
             let inserts = |c: &EventCounters| c.insert_enomem + c.insert_e2big + c.insert_other;
             self.metrics
@@ -288,29 +307,30 @@ impl FlowView {
             );
             *last = now;
         }
-        // Dynamic ports nobody used for a while stop being watched.
-        let due: Vec<u16> = self
-            .watches
-            .lock()
-            .map(|mut w| {
-                let due: Vec<u16> = w
-                    .idle_since
-                    .iter()
-                    .filter(|(_, at)| at.elapsed() >= UNWATCH_DELAY)
-                    .map(|(p, _)| *p)
-                    .collect();
-                for p in &due {
-                    w.idle_since.remove(p);
-                }
-                due
-            })
-            .unwrap_or_default();
+        self.unwatch_idle_ports(UNWATCH_DELAY);
+    }
+
+    /// Dynamic ports nobody used for `delay` stop being watched.
+    fn unwatch_idle_ports(&self, delay: Duration) {
+        let Some(tracker) = &self.tracker else { return };
+        let Ok(mut w) = self.watches.lock() else {
+            return;
+        };
+        let due: Vec<u16> = w
+            .idle_since
+            .iter()
+            .filter(|(_, at)| at.elapsed() >= delay)
+            .map(|(p, _)| *p)
+            .collect();
         for port in due {
-            let _ = tracker.unwatch_port(port);
+            w.idle_since.remove(&port);
+            if let Err(e) = tracker.unwatch_port(port) {
+                debug!(port, error = %e, "flow tracker: cannot unwatch port");
+            }
         }
     }
 
-    /// Refreshes the metrics every second until `shutdown`.
+    /// Refreshes the closed-flow metrics every second until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         if self.tracker.is_none() {
             return;
@@ -412,6 +432,43 @@ pub fn render_table(document: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dynamic watches: the kernel's set gets a port with its first user,
+    /// keeps it while users come and go within the delay, and loses it
+    /// only after the delay with no user; fixed ports are never touched.
+    #[tokio::test]
+    async fn dynamic_ports_are_watched_while_used_and_a_while_after() {
+        if !FlowTracker::available() || !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root and the embedded eBPF object");
+            return;
+        }
+        let tracker = FlowTracker::start(&crate::flowtrack::FlowtrackOptions::default()).unwrap();
+        let view = Arc::new(FlowView::new(
+            Some(tracker),
+            vec![2121],
+            LegRegistry::default(),
+            Arc::new(Metrics::new().unwrap()),
+        ));
+        let kernel = |port| view.tracker.as_ref().unwrap().is_watched(port).unwrap();
+        assert!(kernel(2121));
+        assert!(view.watch(2121).is_none(), "fixed ports need no watch");
+        assert!(!kernel(40001));
+        let first = view.watch(40001).unwrap();
+        let second = view.watch(40001).unwrap();
+        assert!(kernel(40001));
+        drop(first);
+        drop(second);
+        // Idle, within the delay: still watched; a new user takes it back.
+        view.unwatch_idle_ports(Duration::from_secs(3600));
+        assert!(kernel(40001));
+        let again = view.watch(40001).unwrap();
+        view.unwatch_idle_ports(Duration::ZERO);
+        assert!(kernel(40001), "in use: never unwatched");
+        drop(again);
+        view.unwatch_idle_ports(Duration::ZERO);
+        assert!(!kernel(40001));
+        assert!(kernel(2121));
+    }
 
     #[test]
     fn renders_a_document() {

@@ -7,7 +7,8 @@
 //! What the kernel side does: every TCP segment whose source or destination
 //! port is watched updates one entry of an LRU flow table (both directions
 //! share it), through the pure transition in `ftp-proxy-common`. Closed flows
-//! (both FINs acknowledged, or RST) are pushed to a ring buffer.
+//! (both FINs acknowledged, or RST) are pushed to a ring buffer and leave
+//! the table, which therefore holds live flows only.
 //!
 //! Hooks: XDP (generic mode) for ingress and a TC classifier on a tcx link
 //! for egress. On `lo` only the egress program is attached: on loopback
@@ -82,8 +83,9 @@ pub struct FlowtrackOptions {
     /// A flow still in its handshake is removed after this long without a
     /// segment. Default 60 s.
     pub syn_timeout: Duration,
-    /// A closed or reset flow is removed this long after its last segment.
-    /// Default 10 s.
+    /// A closed or reset flow still in the table (the programs delete
+    /// flows as they close, so only after a failed delete) is removed this
+    /// long after its last segment. Default 10 s.
     pub closed_timeout: Duration,
     /// An established (or closing) flow is removed after this long without
     /// a segment. Default 1 h.
@@ -619,9 +621,22 @@ impl FlowTracker {
         }
     }
 
-    /// The live flows (every state, closed ones until they expire), read
-    /// from the flow table. Synchronous: one syscall per entry (about a
-    /// millisecond per thousand flows).
+    /// Whether flows on `port` are tracked now.
+    ///
+    /// # Errors
+    /// [`FlowtrackError::Port`] if the map cannot be read.
+    pub fn is_watched(&self, port: u16) -> Result<bool, FlowtrackError> {
+        match lock(&self.shared.ports).get(&port, 0) {
+            Ok(_) => Ok(true),
+            Err(err) if is_not_found(&err) => Ok(false),
+            Err(source) => Err(FlowtrackError::Port { port, source }),
+        }
+    }
+
+    /// The live flows, read from the flow table (a flow leaves it when it
+    /// closes: closed flows are in [`FlowTracker::closed`]). Synchronous:
+    /// two system calls per entry (about a millisecond per thousand
+    /// flows).
     ///
     /// # Errors
     /// [`FlowtrackError::Read`] if the table cannot be read.

@@ -68,11 +68,17 @@ impl Readiness {
 /// Produces the `/flows` document.
 pub type FlowsSource = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Brings the gauges read from elsewhere (the kernel's flow table) up to
+/// date; runs before each `/metrics` encoding.
+pub type MetricsRefresh = Arc<dyn Fn() + Send + Sync>;
+
 /// What the endpoint serves.
 #[derive(Clone)]
 pub struct HttpState {
     /// Metrics to expose.
     pub metrics: Arc<Metrics>,
+    /// Run before `/metrics` is encoded.
+    pub refresh: MetricsRefresh,
     /// Readiness.
     pub readiness: Arc<Readiness>,
     /// The `/flows` document.
@@ -110,6 +116,7 @@ pub fn respond(state: &HttpState, method: &Method, path: &str) -> Response<Full<
     }
     match path {
         "/metrics" => {
+            (state.refresh)();
             let mut response = text(StatusCode::OK, state.metrics.encode());
             response.headers_mut().insert(
                 CONTENT_TYPE,
@@ -170,8 +177,17 @@ pub async fn serve(listener: TcpListener, state: HttpState, shutdown: Cancellati
 
 async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, state: HttpState) {
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let response = respond(&state, request.method(), request.uri().path());
-        async move { Ok::<_, Infallible>(response) }
+        let state = state.clone();
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        async move {
+            // /metrics and /flows read the kernel's flow table, a system
+            // call or two per flow: not on a worker that runs sessions.
+            let response = tokio::task::spawn_blocking(move || respond(&state, &method, &path))
+                .await
+                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"));
+            Ok::<_, Infallible>(response)
+        }
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -192,6 +208,7 @@ mod tests {
     fn state() -> HttpState {
         HttpState {
             metrics: Arc::new(Metrics::new().unwrap()),
+            refresh: Arc::new(|| {}),
             readiness: Arc::new(Readiness::default()),
             flows: Arc::new(|| "{\"flows\":[]}".to_owned()),
         }
