@@ -702,11 +702,18 @@ pub fn render(r: &Results, s: &Settings, env: &Env) -> Result<String> {
     );
     for list in [false, true] {
         let rr = v.rate_ratio(ours, list);
+        // The best peer's rate in the same run says how far a relay can
+        // get here at all (HAProxy parses nothing).
+        let best = v
+            .peers()
+            .filter_map(|k| v.rate_ratio(k, list).map(|r| (k, r)))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
         let _ = writeln!(
             o,
-            "| Session rate ≥ 0.9 × direct{} | {} × direct | {} |",
+            "| Session rate ≥ 0.9 × direct{} | {} × direct; best peer {} | {} |",
             if list { ", with LIST" } else { "" },
             fmt_ratio(rr),
+            best.map_or("–".into(), |(k, r)| format!("{} {r:.2}", k.label())),
             verdict(rr.map(|x| x >= 0.9))
         );
     }
