@@ -206,6 +206,10 @@ pub struct Settings {
     #[arg(long, value_name = "BYTES")]
     pub copy_buffer: Option<usize>,
 
+    /// Threads that run sessions and relays [default: the CPUs this process may use]. Read at start only.
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
+
     /// Address of the HTTP endpoint for /metrics, /healthz, /readyz and /flows [default: none].
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<String>,
@@ -451,6 +455,8 @@ pub struct Config {
     pub pipe_size: usize,
     /// Largest copy buffer per relay direction.
     pub copy_buffer: usize,
+    /// Runtime worker threads (used at start; a reload does not change it).
+    pub worker_threads: usize,
     /// HTTP endpoint address.
     pub metrics: Option<SocketAddr>,
     /// Whether the flow tracker runs.
@@ -537,6 +543,7 @@ impl Settings {
             relay_mode,
             pipe_size,
             copy_buffer,
+            worker_threads,
             metrics,
             drain_timeout,
             ebpf,
@@ -613,6 +620,19 @@ impl Settings {
                 "must be from 4096 to 67108864",
             ));
         }
+        // Explicit, so that tokio never reads (and panics on a malformed)
+        // TOKIO_WORKER_THREADS: this module is the one reader of the
+        // environment. The default follows CPU affinity and cgroup quotas.
+        let worker_threads = self.worker_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        if !(1..=1024).contains(&worker_threads) {
+            return Err(invalid(
+                "worker-threads",
+                worker_threads,
+                "must be from 1 to 1024",
+            ));
+        }
         let max_line = self
             .max_line
             .unwrap_or(crate::protocol::command::DEFAULT_MAX_LINE);
@@ -669,6 +689,7 @@ impl Settings {
             relay_mode: self.relay_mode.unwrap_or_default(),
             pipe_size,
             copy_buffer,
+            worker_threads,
             log: LogConfig {
                 format: self.log_format.unwrap_or_default(),
                 filter: log_filter,
@@ -769,6 +790,14 @@ mod tests {
             (&["--upstream", "h", "--idle-timeout", "0"], "idle-timeout"),
             (&["--upstream", "h", "--pipe-size", "10"], "pipe-size"),
             (&["--upstream", "h", "--copy-buffer", "100"], "copy-buffer"),
+            (
+                &["--upstream", "h", "--worker-threads", "0"],
+                "worker-threads",
+            ),
+            (
+                &["--upstream", "h", "--worker-threads", "5000"],
+                "worker-threads",
+            ),
             (
                 &["--upstream", "h", "--copy-buffer", "1000000000"],
                 "copy-buffer",

@@ -254,6 +254,9 @@ impl Gateway {
                     if config.listen != self.config.listen {
                         warn!("listen addresses changed: they take effect at the next restart");
                     }
+                    if config.worker_threads != self.config.worker_threads {
+                        warn!("worker-threads changed: it takes effect at the next restart");
+                    }
                     drain = config.timeouts.drain;
                     let next = Generation::new(config, &self.metrics, &self.legs, &self.flows, &shutdown, Some(&generation_rx.borrow()));
                     generation_tx.send_replace(next);

@@ -22,8 +22,12 @@ use tokio_util::sync::CancellationToken;
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.filter)
         .unwrap_or_else(|_| "info".into());
+    // Colours only for a person at a terminal: journald, files and log
+    // shippers get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Text => builder.init(),
@@ -174,6 +178,7 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
 
 fn serve(config: Config, cli: Cli, settings: Settings) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
         .enable_all()
         .build()
         .context("starting the runtime")?;

@@ -42,6 +42,7 @@ fn help_documents_every_option() {
         "--relay-mode",
         "--pipe-size",
         "--copy-buffer",
+        "--worker-threads",
         "--log-format",
         "--log-level",
         "--config",
@@ -71,6 +72,10 @@ fn bad_configuration_exits_64_before_binding() {
             "/nonexistent.toml",
         ),
         (&["--bogus"], "--bogus"),
+        (
+            &["--upstream", "h", "--worker-threads", "0"],
+            "worker-threads",
+        ),
     ] {
         let out = gateway(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -99,4 +104,34 @@ fn check_config_validates_a_file() {
     let out = gateway(&["--config", path.to_str().unwrap(), "--check-config"]);
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("max-sesions"));
+}
+
+/// tokio panics at runtime start on a malformed TOKIO_WORKER_THREADS; the
+/// gateway sets its worker count itself, so the variable cannot stop it.
+#[test]
+fn a_malformed_tokio_worker_threads_is_ignored() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ftp-proxy"))
+        .args(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1"])
+        .args(["--ebpf", "off", "--worker-threads", "1"])
+        .env("TOKIO_WORKER_THREADS", "many")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The pipe ends when the process does: no line says "listening" then.
+    std::thread::spawn(move || {
+        let listening = BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.contains("listening"));
+        let _ = tx.send(listening);
+    });
+    let listening = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .unwrap_or(false);
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    assert!(listening, "the gateway did not start: {status}");
 }
