@@ -72,10 +72,6 @@ fn bad_configuration_exits_64_before_binding() {
             "/nonexistent.toml",
         ),
         (&["--bogus"], "--bogus"),
-        (
-            &["--upstream", "h", "--worker-threads", "0"],
-            "worker-threads",
-        ),
     ] {
         let out = gateway(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
