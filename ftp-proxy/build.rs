@@ -80,6 +80,29 @@ fn main() -> Result<()> {
         common_dir.join("Cargo.toml").display()
     );
 
+    // The eBPF crate's inputs, watched file by file (aya-build watches its
+    // whole directory, which a cache hit below does not call it for).
+    for input in ["src", "Cargo.toml", "Cargo.lock", ".cargo"] {
+        println!(
+            "cargo::rerun-if-changed={}",
+            ebpf_dir.join(input).display()
+        );
+    }
+    // aya-build compiles the object (core included) into this run's OUT_DIR,
+    // so every profile and every build-script hash would pay about a
+    // minute for the same object. A cache keyed by the sources and the
+    // toolchain keeps one copy per profile directory.
+    let key = inputs_hash(&[&ebpf_dir, &common_dir], &toolchain)?;
+    let cache = out_dir
+        .ancestors()
+        .nth(3)
+        .map(|profile| profile.join("ebpf-object-cache").join(&key));
+    if let Some(cached) = cache.as_ref().filter(|c| c.is_file())
+        && std::fs::copy(cached, &object).is_ok()
+    {
+        return Ok(());
+    }
+
     // aya-build runs `cargo build --package ftp-proxy-ebpf` in the current
     // directory: the eBPF crate's own workspace (its lock file, profile and
     // .cargo/config.toml), not the daemon's.
@@ -100,7 +123,51 @@ fn main() -> Result<()> {
         // AYA_BUILD_SKIP=1 makes aya-build return without an object.
         return embed_empty(&object, "aya-build skipped the build (AYA_BUILD_SKIP)");
     }
+    if let Some(cache) = cache
+        && let Some(dir) = cache.parent()
+        && std::fs::create_dir_all(dir).is_ok()
+    {
+        // Best effort: a failed copy only costs the next build its time.
+        let partial = cache.with_extension("partial");
+        if std::fs::copy(&object, &partial).is_ok() {
+            let _ = std::fs::rename(&partial, &cache);
+        }
+    }
     Ok(())
+}
+
+/// A hash of every file under `dirs` (except build output) and the
+/// toolchain: the key of the object cache.
+fn inputs_hash(dirs: &[&Path], toolchain: &str) -> Result<String> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
+        for entry in std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))? {
+            let path = entry?.path();
+            if path.file_name().is_some_and(|n| n == "target") {
+                continue;
+            }
+            if path.is_dir() {
+                walk(&path, files)?;
+            } else {
+                files.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    for dir in dirs {
+        walk(dir, &mut files)?;
+    }
+    files.sort();
+    let mut hasher = DefaultHasher::new();
+    toolchain.hash(&mut hasher);
+    for file in files {
+        file.hash(&mut hasher);
+        std::fs::read(&file)
+            .with_context(|| format!("{}", file.display()))?
+            .hash(&mut hasher);
+    }
+    Ok(format!("{:016x}", hasher.finish()))
 }
 
 /// The `channel` of ftp-proxy-ebpf/rust-toolchain.toml.

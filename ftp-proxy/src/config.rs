@@ -13,16 +13,100 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
+pub use crate::flowtrack::EbpfMode;
 pub use crate::protocol::policy::ServerPassivePolicy;
+pub use crate::relay::RelayMode;
 
 /// Exit code for bad configuration (sysexits.h `EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
 
-/// The default of `--copy-buffer`: 4 MiB. Issue 6's benchmark (1 GiB RETR on
-/// loopback, five runs each): 1 MiB reads gave 0.66–0.83 × direct, 4 MiB
-/// reads 0.78–0.92 × and a quarter less CPU in all, from fewer wakeups of
-/// the relay. A buffer reaches it only while reads keep filling it.
-pub const DEFAULT_COPY_BUFFER: usize = 4 << 20;
+/// The defaults: the one source for validation, for `--help` (its
+/// `[default: …]` notes are checked against these by a test) and for the
+/// example file `deploy/ftp-proxy.example.toml` (checked too).
+pub mod defaults {
+    use std::time::Duration;
+
+    /// `--listen`.
+    pub const LISTEN: &str = "0.0.0.0:21";
+    /// `--upstream` port when none is given.
+    pub const UPSTREAM_PORT: u16 = 21;
+    /// `--max-sessions`: this many, or fewer when the open-file limit cannot
+    /// hold them (see [`super::Limits::max_sessions`]).
+    pub const MAX_SESSIONS: usize = 10_000;
+    /// `--max-sessions-per-client`.
+    pub const MAX_SESSIONS_PER_CLIENT: usize = 100;
+    /// `--max-line`: vsftpd's bound too.
+    pub const MAX_LINE: usize = crate::protocol::command::DEFAULT_MAX_LINE;
+    /// `--connect-timeout`.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `--data-timeout`.
+    pub const DATA_TIMEOUT: Duration = Duration::from_secs(30);
+    /// `--idle-timeout`.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(900);
+    /// `--transfer-idle-timeout`.
+    pub const TRANSFER_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+    /// `--reply-timeout`.
+    pub const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+    /// `--drain-timeout`.
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+    /// `--pipe-size`: 1 MiB.
+    pub const PIPE_SIZE: usize = 1 << 20;
+    /// `--copy-buffer`: 4 MiB. Issue 6's benchmark (1 GiB RETR on loopback,
+    /// five runs each): 1 MiB reads gave 0.66–0.83 × direct, 4 MiB reads
+    /// 0.78–0.92 × and a quarter less CPU in all, from fewer wakeups of the
+    /// relay. A buffer reaches it only while reads keep filling it.
+    pub const COPY_BUFFER: usize = 4 << 20;
+    /// `--nat-traversal`.
+    pub const NAT_TRAVERSAL: bool = true;
+    /// `--log-level` when neither it nor `FTP_PROXY_LOG` is set.
+    pub const LOG_LEVEL: &str = "info";
+}
+
+/// Implements clap's `ValueEnum` and serde's `Deserialize` for an enum of
+/// another module, from its names: those modules stay free of command-line
+/// and file concerns, and each setting has one enum.
+macro_rules! setting_enum {
+    ($ty:ident { $($variant:ident => $name:literal: $help:literal),+ $(,)? }) => {
+        impl ValueEnum for $ty {
+            fn value_variants<'a>() -> &'a [Self] {
+                &[$($ty::$variant),+]
+            }
+
+            fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+                Some(match self {
+                    $($ty::$variant => clap::builder::PossibleValue::new($name).help($help)),+
+                })
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                match text.as_str() {
+                    $($name => Ok($ty::$variant),)+
+                    other => Err(serde::de::Error::unknown_variant(other, &[$($name),+])),
+                }
+            }
+        }
+    };
+}
+
+setting_enum!(RelayMode {
+    Auto => "auto": "copy toward a receiver on this host, splice toward other hosts",
+    Splice => "splice": "zero-copy through a pipe; copy only where the kernel refuses",
+    Copy => "copy": "always through user space",
+});
+
+setting_enum!(EbpfMode {
+    Auto => "auto": "use the tracker when it loads; say once that it does not",
+    Required => "required": "exit when the tracker cannot be loaded and attached",
+    Off => "off": "never load it",
+});
+
+setting_enum!(ServerPassivePolicy {
+    Strict => "strict": "refuse a 227/229 naming another host",
+    ControlAddress => "control-address": "connect to the server's control address instead (servers behind NAT)",
+});
 
 /// How the gateway opens data connections to the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
@@ -37,38 +121,6 @@ pub enum UpstreamMode {
     Passive,
     /// Always active (PORT/EPRT) toward the server.
     Active,
-}
-
-/// How data bytes are moved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum RelayMode {
-    /// Per direction: copy when the receiving peer is on this host (its
-    /// address is a loopback address or the gateway's own), splice
-    /// otherwise. A local receiver copies the bytes out of the socket
-    /// anyway; handing it freshly written, cache-warm buffers costs less in
-    /// all than passing on references to pages no CPU has read (issue 6's
-    /// benchmark, docs/bench-notes.md).
-    #[default]
-    Auto,
-    /// Always splice(2) through a pipe, falling back to copying only where
-    /// the kernel refuses.
-    Splice,
-    /// Always copy through user space.
-    Copy,
-}
-
-/// Whether the eBPF flow tracker runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum EbpfSetting {
-    /// Use it when it loads; otherwise say so once and run without it.
-    #[default]
-    Auto,
-    /// Exit with an error when it cannot be loaded and attached.
-    Required,
-    /// Never load it.
-    Off,
 }
 
 /// Log output format.
@@ -162,7 +214,7 @@ pub struct Settings {
     #[arg(long, value_enum, value_name = "POLICY")]
     pub server_passive_address: Option<ServerPassivePolicy>,
 
-    /// Maximum concurrent sessions; more are answered 421 [default: 10000].
+    /// Maximum concurrent sessions; more are answered 421 [default: 10000, or what the open-file limit holds at two descriptors a session].
     #[arg(long, value_name = "N")]
     pub max_sessions: Option<usize>,
 
@@ -220,7 +272,7 @@ pub struct Settings {
 
     /// eBPF flow tracker: auto (use it when it loads), required (exit if it cannot), off [default: auto].
     #[arg(long, value_enum, value_name = "MODE")]
-    pub ebpf: Option<EbpfSetting>,
+    pub ebpf: Option<EbpfMode>,
 
     /// Interface the flow tracker attaches to (repeatable) [default: the interfaces of the listen addresses, loopback included].
     #[arg(long = "interface", value_name = "NAME")]
@@ -367,7 +419,7 @@ impl Upstream {
             return Err(bad("empty or malformed host"));
         }
         let port = match port {
-            None => 21,
+            None => defaults::UPSTREAM_PORT,
             Some(p) => match p.parse::<u16>() {
                 Ok(0) | Err(_) => return Err(bad("port must be 1 to 65535")),
                 Ok(port) => port,
@@ -392,7 +444,8 @@ impl Upstream {
 /// Bounds on resources.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Concurrent sessions.
+    /// Concurrent sessions. By default [`defaults::MAX_SESSIONS`], or what
+    /// the hard open-file limit holds when that is less.
     pub max_sessions: usize,
     /// Concurrent sessions from one client address.
     pub max_sessions_per_client: usize,
@@ -460,7 +513,7 @@ pub struct Config {
     /// HTTP endpoint address.
     pub metrics: Option<SocketAddr>,
     /// Whether the flow tracker runs.
-    pub ebpf: EbpfSetting,
+    pub ebpf: EbpfMode,
     /// Interfaces the flow tracker attaches to (resolved: never empty).
     pub interfaces: Vec<String>,
     /// Logging.
@@ -484,12 +537,33 @@ pub fn interfaces_of(listen: &[SocketAddr]) -> Vec<String> {
     names
 }
 
-fn secs(key: &'static str, value: Option<u64>, default: u64) -> Result<Duration, ConfigError> {
-    match value.unwrap_or(default) {
+fn secs(key: &'static str, value: Option<u64>, default: Duration) -> Result<Duration, ConfigError> {
+    match value.unwrap_or(default.as_secs()) {
         0 => Err(invalid(key, 0, "must be at least 1 second")),
         n if n > 7 * 24 * 3600 => Err(invalid(key, n, "must be at most a week")),
         n => Ok(Duration::from_secs(n)),
     }
+}
+
+/// File descriptors a session holds at least: its two control sockets.
+pub const FDS_PER_SESSION: u64 = 2;
+/// File descriptors the process needs besides its sessions.
+pub const FDS_RESERVED: u64 = 64;
+
+/// How many sessions fit an open-file limit of `open_files`.
+pub fn sessions_within(open_files: u64) -> u64 {
+    open_files.saturating_sub(FDS_RESERVED) / FDS_PER_SESSION
+}
+
+/// The default of `--max-sessions`: [`defaults::MAX_SESSIONS`], or what the
+/// hard open-file limit holds when that is less (the gateway raises its
+/// soft limit to the hard one at start). An explicit value above what fits
+/// is kept, and the gateway warns at start.
+fn default_max_sessions() -> usize {
+    use rustix::process::{Resource, getrlimit};
+    let hard = getrlimit(Resource::Nofile).maximum.unwrap_or(u64::MAX);
+    let fits = usize::try_from(sessions_within(hard)).unwrap_or(usize::MAX);
+    defaults::MAX_SESSIONS.min(fits).max(1)
 }
 
 fn positive(key: &'static str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
@@ -558,7 +632,7 @@ impl Settings {
     /// [`ConfigError`] naming the first key that is missing or invalid.
     pub fn validate(self) -> Result<Config, ConfigError> {
         let listen = if self.listen.is_empty() {
-            vec!["0.0.0.0:21".to_owned()]
+            vec![defaults::LISTEN.to_owned()]
         } else {
             self.listen
         };
@@ -604,7 +678,7 @@ impl Settings {
                 Ok(ip.to_canonical())
             })
             .transpose()?;
-        let pipe_size = self.pipe_size.unwrap_or(1 << 20);
+        let pipe_size = self.pipe_size.unwrap_or(defaults::PIPE_SIZE);
         if !(4096..=(64 << 20)).contains(&pipe_size) {
             return Err(invalid(
                 "pipe-size",
@@ -612,7 +686,7 @@ impl Settings {
                 "must be from 4096 to 67108864",
             ));
         }
-        let copy_buffer = self.copy_buffer.unwrap_or(DEFAULT_COPY_BUFFER);
+        let copy_buffer = self.copy_buffer.unwrap_or(defaults::COPY_BUFFER);
         if !(4096..=(64 << 20)).contains(&copy_buffer) {
             return Err(invalid(
                 "copy-buffer",
@@ -633,16 +707,14 @@ impl Settings {
                 "must be from 1 to 1024",
             ));
         }
-        let max_line = self
-            .max_line
-            .unwrap_or(crate::protocol::command::DEFAULT_MAX_LINE);
+        let max_line = self.max_line.unwrap_or(defaults::MAX_LINE);
         if !(64..=1 << 20).contains(&max_line) {
             return Err(invalid("max-line", max_line, "must be from 64 to 1048576"));
         }
         let log_filter = self
             .log_level
             .or_else(|| std::env::var("FTP_PROXY_LOG").ok())
-            .unwrap_or_else(|| "info".to_owned());
+            .unwrap_or_else(|| defaults::LOG_LEVEL.to_owned());
         tracing_subscriber::EnvFilter::try_new(&log_filter)
             .map_err(|e| invalid("log-level", &log_filter, e))?;
         let interfaces = if self.interface.is_empty() {
@@ -657,24 +729,32 @@ impl Settings {
             passive_address,
             active_ports,
             upstream_mode: self.upstream_mode.unwrap_or_default(),
-            nat_traversal: self.nat_traversal.unwrap_or(true),
+            nat_traversal: self.nat_traversal.unwrap_or(defaults::NAT_TRAVERSAL),
             server_passive: self.server_passive_address.unwrap_or_default(),
             limits: Limits {
-                max_sessions: positive("max-sessions", self.max_sessions, 10_000)?,
+                max_sessions: positive("max-sessions", self.max_sessions, default_max_sessions())?,
                 max_sessions_per_client: positive(
                     "max-sessions-per-client",
                     self.max_sessions_per_client,
-                    100,
+                    defaults::MAX_SESSIONS_PER_CLIENT,
                 )?,
                 max_line,
             },
             timeouts: Timeouts {
-                connect: secs("connect-timeout", self.connect_timeout, 10)?,
-                data_connect: secs("data-timeout", self.data_timeout, 30)?,
-                idle: secs("idle-timeout", self.idle_timeout, 900)?,
-                transfer_idle: secs("transfer-idle-timeout", self.transfer_idle_timeout, 300)?,
-                reply: secs("reply-timeout", self.reply_timeout, 120)?,
-                drain: secs("drain-timeout", self.drain_timeout, 300)?,
+                connect: secs(
+                    "connect-timeout",
+                    self.connect_timeout,
+                    defaults::CONNECT_TIMEOUT,
+                )?,
+                data_connect: secs("data-timeout", self.data_timeout, defaults::DATA_TIMEOUT)?,
+                idle: secs("idle-timeout", self.idle_timeout, defaults::IDLE_TIMEOUT)?,
+                transfer_idle: secs(
+                    "transfer-idle-timeout",
+                    self.transfer_idle_timeout,
+                    defaults::TRANSFER_IDLE_TIMEOUT,
+                )?,
+                reply: secs("reply-timeout", self.reply_timeout, defaults::REPLY_TIMEOUT)?,
+                drain: secs("drain-timeout", self.drain_timeout, defaults::DRAIN_TIMEOUT)?,
             },
             metrics: self
                 .metrics
@@ -735,11 +815,26 @@ mod tests {
                 port: 21
             }
         );
-        assert_eq!(c.limits.max_sessions, 10_000);
+        assert_eq!(c.limits.max_sessions, default_max_sessions());
+        assert!(c.limits.max_sessions <= defaults::MAX_SESSIONS);
         assert!(c.nat_traversal);
         assert_eq!(c.upstream_mode, UpstreamMode::Client);
         assert_eq!(c.relay_mode, RelayMode::Auto);
         assert_eq!((c.pipe_size, c.copy_buffer), (1 << 20, 4 << 20));
+    }
+
+    /// The default session limit fits the open-file limit, so a default
+    /// start never warns that it cannot (issue 11, item 9).
+    #[test]
+    fn default_max_sessions_fits_the_open_file_limit() {
+        assert_eq!(sessions_within(20_000), 9_968);
+        assert_eq!(sessions_within(10), 0);
+        let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .maximum
+            .unwrap_or(u64::MAX);
+        let max = default_max_sessions() as u64;
+        assert!(max * FDS_PER_SESSION + FDS_RESERVED <= hard.max(FDS_RESERVED + 2));
+        assert!(max >= 1);
     }
 
     #[test]

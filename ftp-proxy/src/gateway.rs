@@ -1,13 +1,16 @@
-//! The gateway: binds the client-facing listeners, accepts sessions within
-//! the configured limits, and shuts down in order.
+//! The gateway: accepts sessions on the client-facing listeners within the
+//! configured limits, and shuts down in order.
 //!
-//! Owns: listeners, the accept loops (with back-off on errors), the session
-//! limit (global and per client address), the open-file limit check, the
-//! tracking of every session task, and graceful shutdown.
+//! Owns: the accept loops (with back-off on errors), the session limit
+//! (global and per client address), the open-file limit check, the
+//! configuration generations that reloads create, the tracking of every
+//! session task, and graceful shutdown.
+//!
+//! Not here: binding (`crate::Listeners`), FTP (`crate::session`), the HTTP
+//! endpoint and the flow view (built by `crate::run`).
 
 use std::collections::HashMap;
-use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,62 +20,24 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
-use crate::flows::FlowView;
+use crate::config::{Config, FDS_PER_SESSION, FDS_RESERVED};
+use crate::metrics::Metrics;
 use crate::metrics::http::Readiness;
-use crate::metrics::{Metrics, MetricsError, Reject};
-use crate::session::legs::LegRegistry;
-use crate::session::{self, Shared, data::PortPool};
+use crate::protocol::policy::Reject;
+use crate::session::{self, ConnectionObserver, Shared, data::PortPool};
 
-/// File descriptors a session holds at least: two control sockets.
-const FDS_PER_SESSION: u64 = 2;
-/// File descriptors the process needs besides sessions.
-const FDS_RESERVED: u64 = 64;
-
-/// Why the gateway could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum GatewayError {
-    /// A listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The error.
-        source: io::Error,
-    },
-    /// The metrics registry could not be built.
-    #[error(transparent)]
-    Metrics(#[from] MetricsError),
-}
-
-/// A gateway with its listeners bound, ready to run.
-#[derive(Debug)]
-pub struct Gateway {
+/// A gateway ready to run on its listeners.
+pub(crate) struct Gateway {
     config: Arc<Config>,
     listeners: Vec<TcpListener>,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
-    legs: LegRegistry,
-    flows: Arc<FlowView>,
-}
-
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let domain = socket2::Domain::for_address(addr);
-    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        // So that [::]:21 and 0.0.0.0:21 can both be configured.
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    observer: Arc<dyn ConnectionObserver>,
 }
 
 /// Raises the soft open-file limit to the hard limit and warns when the
 /// configured session limit cannot fit.
-fn raise_open_file_limit(max_sessions: usize) {
+pub(crate) fn raise_open_file_limit(max_sessions: usize) {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
     if limit.current != limit.maximum {
@@ -109,8 +74,7 @@ impl Generation {
     fn new(
         config: Arc<Config>,
         metrics: &Arc<Metrics>,
-        legs: &LegRegistry,
-        flows: &Arc<FlowView>,
+        observer: &Arc<dyn ConnectionObserver>,
         shutdown: &CancellationToken,
         previous: Option<&Generation>,
     ) -> Generation {
@@ -145,8 +109,7 @@ impl Generation {
                 active_ports,
                 metrics: Arc::clone(metrics),
                 shutdown: shutdown.clone(),
-                legs: legs.clone(),
-                flows: Arc::clone(flows),
+                observer: Arc::clone(observer),
             },
             admission,
         }
@@ -154,60 +117,21 @@ impl Generation {
 }
 
 impl Gateway {
-    /// Binds every listen address. Nothing is accepted until [`Gateway::run`].
-    ///
-    /// # Errors
-    /// [`GatewayError::Bind`] naming the address that failed.
-    pub fn bind(config: Config) -> Result<Gateway, GatewayError> {
-        raise_open_file_limit(config.limits.max_sessions);
-        let listeners = config
-            .listen
-            .iter()
-            .map(|&addr| bind(addr).map_err(|source| GatewayError::Bind { addr, source }))
-            .collect::<Result<Vec<_>, _>>()?;
-        let metrics = Arc::new(Metrics::new()?);
-        let legs = LegRegistry::default();
-        Ok(Gateway {
-            config: Arc::new(config),
+    /// A gateway on `listeners`.
+    pub(crate) fn new(
+        config: Arc<Config>,
+        listeners: Vec<TcpListener>,
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+        observer: Arc<dyn ConnectionObserver>,
+    ) -> Gateway {
+        Gateway {
+            config,
             listeners,
-            flows: Arc::new(FlowView::new(
-                None,
-                Vec::new(),
-                legs.clone(),
-                Arc::clone(&metrics),
-            )),
             metrics,
-            readiness: Arc::new(Readiness::default()),
-            legs,
-        })
-    }
-
-    /// The bound addresses (with the ports chosen for port 0).
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
-    }
-
-    /// The gateway's metrics.
-    pub fn metrics(&self) -> Arc<Metrics> {
-        Arc::clone(&self.metrics)
-    }
-
-    /// Uses `flows` (a view over a running flow tracker) for the sessions.
-    pub fn set_flows(&mut self, flows: Arc<FlowView>) {
-        self.flows = flows;
-    }
-
-    /// Which session and leg each connection belongs to.
-    pub fn legs(&self) -> LegRegistry {
-        self.legs.clone()
-    }
-
-    /// What `/readyz` reports.
-    pub fn readiness(&self) -> Arc<Readiness> {
-        Arc::clone(&self.readiness)
+            readiness,
+            observer,
+        }
     }
 
     /// Accepts sessions until `shutdown` is cancelled, then lets every
@@ -217,12 +141,15 @@ impl Gateway {
     /// Each new configuration sent on `reloads` applies to sessions started
     /// after it; running sessions keep theirs. Listen addresses are not
     /// rebound.
-    pub async fn run(self, shutdown: CancellationToken, mut reloads: watch::Receiver<Arc<Config>>) {
+    pub(crate) async fn run(
+        self,
+        shutdown: CancellationToken,
+        mut reloads: watch::Receiver<Arc<Config>>,
+    ) {
         let first = Generation::new(
             Arc::clone(&self.config),
             &self.metrics,
-            &self.legs,
-            &self.flows,
+            &self.observer,
             &shutdown,
             None,
         );
@@ -258,7 +185,7 @@ impl Gateway {
                         warn!("worker-threads changed: it takes effect at the next restart");
                     }
                     drain = config.timeouts.drain;
-                    let next = Generation::new(config, &self.metrics, &self.legs, &self.flows, &shutdown, Some(&generation_rx.borrow()));
+                    let next = Generation::new(config, &self.metrics, &self.observer, &shutdown, Some(&generation_rx.borrow()));
                     generation_tx.send_replace(next);
                     info!("configuration reloaded: new sessions use it");
                 }
@@ -277,17 +204,6 @@ impl Gateway {
             );
         }
     }
-}
-
-/// Binds and runs a gateway until `shutdown` is cancelled.
-///
-/// # Errors
-/// [`GatewayError`] when a listener cannot be bound.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
-    let gateway = Gateway::bind(config)?;
-    let (_keep, reloads) = watch::channel(Arc::clone(&gateway.config));
-    gateway.run(shutdown, reloads).await;
-    Ok(())
 }
 
 /// The limits on who may open a session.

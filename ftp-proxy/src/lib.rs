@@ -1,31 +1,231 @@
 //! ftp-proxy: an FTP gateway.
 //!
 //! # Tour
-//! - [`config`]: command line and file into a validated [`Config`].
+//! - [`config`]: command line and file into a validated [`Config`]; the
+//!   one place defaults live.
 //! - [`protocol`]: pure FTP: command and reply framing, address codecs,
-//!   the address policy (bounce protection, NAT traversal).
-//! - [`gateway`]: listeners, the accept loop, session limits, shutdown.
-//! - [`session`]: one task per client control connection: relays commands
-//!   and replies, answers what carries addresses itself, sets up data
-//!   connections on both sides.
-//! - [`relay`]: moves the bytes of a data connection (splice or copy),
+//!   the address policy (bounce protection, NAT traversal, what is
+//!   refused and why), the FEAT rewrite, the names of the two sides.
+//! - `gateway`: the accept loops, session limits, reloads, the drain.
+//! - [`session`]: one task per client control connection. Its pure parts
+//!   decide: [`session::state`] what a command means, `session::ledger`
+//!   which replies the server owes and to whom, `session::transfer` the
+//!   order of a transfer's replies and data connections; the task does the
+//!   I/O. `session::data` opens data connections (port pools, port theft
+//!   checks, port 20) and types their failures; `session::control` reads
+//!   the client past TCP urgent marks.
+//! - `relay`: moves the bytes of a data connection (splice or copy),
 //!   passing half-close on in order. Knows nothing of FTP.
 //! - [`flowtrack`]: the eBPF flow tracker (the only user of aya): TCP
 //!   flows on watched ports, seen from the kernel, with their handshake,
 //!   close order, bytes and timestamps.
+//! - [`flows`]: the kernel's flows joined with the sessions' connections
+//!   (`/flows`, the `tcp_*` metrics, which ports are watched).
+//! - `metrics`: the Prometheus registry and the HTTP endpoint (`/metrics`,
+//!   `/healthz`, `/readyz`, `/flows`).
+//!
+//! [`run`] wires them together; the binary adds the command line, logging
+//! and signals.
 //!
 //! Data path: client ⇄ (control) gateway session ⇄ (control) server; for a
 //! transfer the session opens one data connection on each side and hands
-//! both to [`relay`].
+//! both to the relay.
+
+#![warn(unreachable_pub)]
 
 pub mod config;
 pub mod flows;
 pub mod flowtrack;
-pub mod gateway;
-pub mod metrics;
+pub(crate) mod gateway;
+pub(crate) mod metrics;
 pub mod protocol;
-pub mod relay;
+pub(crate) mod relay;
 pub mod session;
 
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
 pub use config::Config;
-pub use gateway::{Gateway, run};
+use flows::FlowView;
+use flowtrack::{EbpfMode, FlowTracker};
+use metrics::http::{self, HttpState, Readiness};
+use metrics::{Metrics, MetricsError};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: io::Error,
+    },
+    /// The metrics registry could not be built (a programming error).
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+}
+
+/// The gateway's listening sockets, bound before anything runs: a bad
+/// address fails at start, naming itself, and tests can bind port 0 and
+/// read the ports chosen.
+#[derive(Debug)]
+pub struct Listeners {
+    control: Vec<std::net::TcpListener>,
+    metrics: Option<std::net::TcpListener>,
+}
+
+/// Listen backlog of every listener: a burst of connections (a balancer's
+/// probes, a reconnect storm) waits in the kernel instead of being refused.
+const BACKLOG: i32 = 1024;
+
+fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
+    let bind = || -> io::Result<std::net::TcpListener> {
+        let domain = socket2::Domain::for_address(addr);
+        let socket =
+            socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            // So that [::]:21 and 0.0.0.0:21 can both be configured.
+            socket.set_only_v6(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(BACKLOG)?;
+        Ok(socket.into())
+    };
+    bind().map_err(|source| StartError::Bind { addr, source })
+}
+
+impl Listeners {
+    /// Binds every control listen address and the metrics address.
+    ///
+    /// # Errors
+    /// [`StartError::Bind`] naming the address that failed.
+    pub fn bind(config: &Config) -> Result<Listeners, StartError> {
+        Ok(Listeners {
+            control: config
+                .listen
+                .iter()
+                .map(|&addr| bind(addr))
+                .collect::<Result<_, _>>()?,
+            metrics: config.metrics.map(bind).transpose()?,
+        })
+    }
+
+    /// The control listeners' addresses (with the ports chosen for port 0).
+    pub fn control_addrs(&self) -> Vec<SocketAddr> {
+        self.control
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// The metrics endpoint's address, if it has one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+}
+
+/// Ports watched for the whole run: control listeners, the upstream port,
+/// port 20, and the configured data port ranges.
+fn fixed_ports(config: &Config, listening: &[SocketAddr]) -> Vec<u16> {
+    let mut ports: Vec<u16> = listening.iter().map(|a| a.port()).collect();
+    ports.push(config.upstream.port);
+    ports.push(20);
+    for range in [config.passive_ports, config.active_ports]
+        .into_iter()
+        .flatten()
+    {
+        ports.extend(range.low()..=range.high());
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// Runs the gateway on `listeners` until `shutdown` is cancelled, then
+/// drains: no new sessions, idle ones get `421`, running transfers get up
+/// to the drain timeout. Builds everything once: the metrics, the flow
+/// view over `tracker` (the binary starts it, since it needs privileges
+/// and decides what its failure means), the HTTP endpoint (which outlives
+/// the drain, so probes see `/readyz` turn 503 and `/healthz` stay 200),
+/// and the sessions' configuration generations: each configuration sent on
+/// `reloads` applies to sessions started after it.
+///
+/// # Errors
+/// [`StartError`] when a listener cannot be registered with the runtime.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    tracker: Option<FlowTracker>,
+    shutdown: CancellationToken,
+    reloads: watch::Receiver<Arc<Config>>,
+) -> Result<(), StartError> {
+    gateway::raise_open_file_limit(config.limits.max_sessions);
+    let control_addrs = listeners.control_addrs();
+    let to_tokio = |listener: std::net::TcpListener| {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        tokio::net::TcpListener::from_std(listener)
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let control = listeners
+        .control
+        .into_iter()
+        .map(to_tokio)
+        .collect::<Result<Vec<_>, _>>()?;
+    let metrics_listener = listeners.metrics.map(to_tokio).transpose()?;
+    let metrics = Arc::new(Metrics::new()?);
+    let readiness = Arc::new(Readiness::default());
+    readiness.set_tracker(config.ebpf == EbpfMode::Required, tracker.is_some());
+    let flows = Arc::new(FlowView::new(
+        tracker,
+        fixed_ports(&config, &control_addrs),
+        Arc::clone(&metrics),
+    ));
+    let background = CancellationToken::new();
+    let http_task = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            info!(addr = %addr, "metrics endpoint listening");
+        }
+        let state = HttpState {
+            metrics: Arc::clone(&metrics),
+            refresh: {
+                let flows = Arc::clone(&flows);
+                Arc::new(move || flows.refresh_flow_gauges())
+            },
+            readiness: Arc::clone(&readiness),
+            flows: {
+                let flows = Arc::clone(&flows);
+                Arc::new(move || flows.document())
+            },
+        };
+        tokio::spawn(http::serve(listener, state, background.clone()))
+    });
+    let refresh = tokio::spawn(Arc::clone(&flows).run(background.clone()));
+    let observer: Arc<dyn session::ConnectionObserver> = flows.clone();
+    let gateway = gateway::Gateway::new(
+        Arc::new(config),
+        control,
+        Arc::clone(&metrics),
+        Arc::clone(&readiness),
+        observer,
+    );
+    gateway.run(shutdown, reloads).await;
+    background.cancel();
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
+    let _ = refresh.await;
+    // The last owner of the tracker: dropping it detaches the programs.
+    drop(flows);
+    Ok(())
+}

@@ -12,10 +12,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use ftp_proxy::config::{Action, Cli, Config, EXIT_CONFIG, EbpfSetting, LogFormat, Settings};
-use ftp_proxy::flows::FlowView;
-use ftp_proxy::flowtrack::{EbpfMode, FlowTracker, FlowtrackOptions};
-use ftp_proxy::metrics::http::{self, HttpState};
+use ftp_proxy::Listeners;
+use ftp_proxy::config::{Action, Cli, Config, EXIT_CONFIG, LogFormat, Settings};
+use ftp_proxy::flowtrack::{FlowTracker, FlowtrackOptions};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -130,43 +129,18 @@ fn fetch_flows(from: std::net::SocketAddr) -> anyhow::Result<String> {
 }
 
 /// Loads and attaches the flow tracker as `--ebpf` says.
-fn start_tracker(
-    config: &Config,
-    listening: &[std::net::SocketAddr],
-) -> anyhow::Result<Option<FlowTracker>> {
-    let mode = match config.ebpf {
-        EbpfSetting::Off => EbpfMode::Off,
-        EbpfSetting::Auto => EbpfMode::Auto,
-        EbpfSetting::Required => EbpfMode::Required,
-    };
+fn start_tracker(config: &Config) -> anyhow::Result<Option<FlowTracker>> {
     let options = FlowtrackOptions {
         interfaces: config.interfaces.clone(),
         ports: Vec::new(),
         ..FlowtrackOptions::default()
     };
-    let tracker = FlowTracker::start_with_mode(mode, &options)
+    let tracker = FlowTracker::start_with_mode(config.ebpf, &options)
         .context("--ebpf required: the flow tracker cannot run")?;
     if tracker.is_some() {
-        tracing::info!(interfaces = ?config.interfaces, listening = ?listening, "eBPF flow tracker attached");
+        tracing::info!(interfaces = ?config.interfaces, "eBPF flow tracker attached");
     }
     Ok(tracker)
-}
-
-/// Ports watched for the whole run: control listeners, the upstream port,
-/// port 20, and the configured data port ranges.
-fn fixed_ports(config: &Config, listening: &[std::net::SocketAddr]) -> Vec<u16> {
-    let mut ports: Vec<u16> = listening.iter().map(|a| a.port()).collect();
-    ports.push(config.upstream.port);
-    ports.push(20);
-    for range in [config.passive_ports, config.active_ports]
-        .into_iter()
-        .flatten()
-    {
-        ports.extend(range.low()..=range.high());
-    }
-    ports.sort_unstable();
-    ports.dedup();
-    ports
 }
 
 fn notify(state: &[sd_notify::NotifyState<'_>]) {
@@ -183,62 +157,15 @@ fn serve(config: Config, cli: Cli, settings: Settings) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async move {
-        let metrics_addr = config.metrics;
-        let mut gateway = ftp_proxy::Gateway::bind(config.clone()).context("binding listeners")?;
-        let tracker = start_tracker(&config, &gateway.local_addrs())?;
-        let attached = tracker.is_some();
-        let flows = Arc::new(FlowView::new(
-            tracker,
-            fixed_ports(&config, &gateway.local_addrs()),
-            gateway.legs(),
-            gateway.metrics(),
-        ));
-        gateway.set_flows(Arc::clone(&flows));
-        gateway
-            .readiness()
-            .set_tracker(config.ebpf == EbpfSetting::Required, attached);
+        let listeners = Listeners::bind(&config).context("binding listeners")?;
+        let tracker = start_tracker(&config)?;
         let shutdown = CancellationToken::new();
-        // The endpoint outlives the drain: /healthz stays 200 and /readyz
-        // turns 503 while transfers finish, so probes do not kill the pod.
-        let http_shutdown = CancellationToken::new();
-        let http_listener = match metrics_addr {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding the metrics endpoint {addr}"))?,
-            ),
-            None => None,
-        };
-        let http_task = http_listener.map(|listener| {
-            let state = HttpState {
-                metrics: gateway.metrics(),
-                refresh: {
-                    let flows = Arc::clone(&flows);
-                    Arc::new(move || flows.refresh_flow_gauges())
-                },
-                readiness: gateway.readiness(),
-                flows: {
-                    let flows = Arc::clone(&flows);
-                    Arc::new(move || flows.document())
-                },
-            };
-            tokio::spawn(http::serve(listener, state, http_shutdown.clone()))
-        });
-        let (reload_tx, reload_rx) = watch::channel(Arc::new(config));
+        let (reload_tx, reload_rx) = watch::channel(Arc::new(config.clone()));
         let signals = tokio::spawn(handle_signals(shutdown.clone(), reload_tx, cli, settings));
-        let refresh = tokio::spawn(Arc::clone(&flows).run(http_shutdown.clone()));
         notify(&[sd_notify::NotifyState::Ready]);
-        gateway.run(shutdown.clone(), reload_rx).await;
-        shutdown.cancel();
+        let result = ftp_proxy::run(config, listeners, tracker, shutdown, reload_rx).await;
         signals.abort();
-        http_shutdown.cancel();
-        if let Some(task) = http_task {
-            let _ = task.await;
-        }
-        let _ = refresh.await;
-        // The last owner of the tracker: dropping it detaches the programs.
-        drop(flows);
-        Ok(())
+        result.context("running the gateway")
     })
 }
 

@@ -328,6 +328,10 @@ fn hostile_server_passive_replies() {
                 replies[(pasv - 1) % replies.len()].to_owned()
             } else if line.starts_with("QUIT") {
                 "221 bye".to_owned()
+            } else if line.starts_with("USER") {
+                "331 password".to_owned()
+            } else if line.starts_with("PASS") {
+                "230 in".to_owned()
             } else {
                 "200 ok".to_owned()
             };
@@ -347,6 +351,7 @@ fn hostile_server_passive_replies() {
         ],
     );
     let mut control = Control::connect(&ns, GATEWAY4);
+    control.login();
     for _ in 0..4 {
         assert!(control.cmd("PASV").starts_with("227"));
         let reply = control.cmd("LIST");

@@ -17,9 +17,129 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+pub(crate) mod legs;
+
 use crate::flowtrack::{EventCounters, FlowRecord, FlowState, FlowTracker, Side};
-use crate::metrics::{Metrics, TcpLeg};
-use crate::session::legs::LegRegistry;
+use crate::metrics::Metrics;
+use crate::session::{Connection, ConnectionObserver, Guard};
+use legs::{LegRegistry, Owner};
+
+/// Which TCP connection of a session a kernel-observed flow is: the label
+/// of the `tcp_*` metrics and of `/flows`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TcpLeg {
+    /// Client ⇄ gateway control connection.
+    ClientControl,
+    /// Gateway ⇄ server control connection.
+    ServerControl,
+    /// Client ⇄ gateway data connection.
+    ClientData,
+    /// Gateway ⇄ server data connection.
+    ServerData,
+    /// A flow on the gateway's ports not (yet) joined with a session.
+    Unknown,
+}
+
+impl TcpLeg {
+    /// Every leg.
+    pub const ALL: [TcpLeg; 5] = [
+        TcpLeg::ClientControl,
+        TcpLeg::ServerControl,
+        TcpLeg::ClientData,
+        TcpLeg::ServerData,
+        TcpLeg::Unknown,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            TcpLeg::ClientControl => "client_control",
+            TcpLeg::ServerControl => "server_control",
+            TcpLeg::ClientData => "client_data",
+            TcpLeg::ServerData => "server_data",
+            TcpLeg::Unknown => "unknown",
+        }
+    }
+
+    fn of(connection: Connection) -> TcpLeg {
+        match connection {
+            Connection::ClientControl => TcpLeg::ClientControl,
+            Connection::ServerControl => TcpLeg::ServerControl,
+            Connection::ClientData => TcpLeg::ClientData,
+            Connection::ServerData => TcpLeg::ServerData,
+        }
+    }
+}
+
+/// TCP events the tracker counts (`tcp_events_total{event}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpEvent {
+    /// The first SYN.
+    Syn,
+    /// The SYN+ACK.
+    SynAck,
+    /// The handshake completed.
+    Established,
+    /// A FIN, per direction.
+    Fin,
+    /// A reset.
+    Rst,
+}
+
+impl TcpEvent {
+    /// Every event.
+    pub const ALL: [TcpEvent; 5] = [
+        TcpEvent::Syn,
+        TcpEvent::SynAck,
+        TcpEvent::Established,
+        TcpEvent::Fin,
+        TcpEvent::Rst,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            TcpEvent::Syn => "syn",
+            TcpEvent::SynAck => "synack",
+            TcpEvent::Established => "established",
+            TcpEvent::Fin => "fin",
+            TcpEvent::Rst => "rst",
+        }
+    }
+}
+
+/// Failures of the tracker's maps (`flowtrack_map_errors_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapErrorReason {
+    /// A flow could not be inserted (table full, or another error).
+    Insert,
+    /// A flow just inserted could not be found again.
+    Lookup,
+    /// A packet's headers could not be parsed.
+    Parse,
+    /// The closed-flow ring buffer was full: a closed flow was lost.
+    RingbufFull,
+}
+
+impl MapErrorReason {
+    /// Every reason.
+    pub const ALL: [MapErrorReason; 4] = [
+        MapErrorReason::Insert,
+        MapErrorReason::Lookup,
+        MapErrorReason::Parse,
+        MapErrorReason::RingbufFull,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            MapErrorReason::Insert => "insert",
+            MapErrorReason::Lookup => "lookup",
+            MapErrorReason::Parse => "parse",
+            MapErrorReason::RingbufFull => "ringbuf_full",
+        }
+    }
+}
 
 /// Closed flows kept for `/flows`.
 const MAX_CLOSED: usize = 1024;
@@ -68,7 +188,7 @@ pub struct FlowView {
     legs: LegRegistry,
     metrics: Arc<Metrics>,
     closed: Mutex<VecDeque<JoinedFlow>>,
-    watches: Mutex<Watches>,
+    watches: Arc<Mutex<Watches>>,
     last_counters: Mutex<EventCounters>,
 }
 
@@ -82,14 +202,14 @@ impl std::fmt::Debug for FlowView {
 
 /// A port watched while this value lives.
 #[derive(Debug)]
-pub struct PortWatch {
-    view: Arc<FlowView>,
+pub(crate) struct PortWatch {
+    watches: Arc<Mutex<Watches>>,
     port: u16,
 }
 
 impl Drop for PortWatch {
     fn drop(&mut self) {
-        if let Ok(mut w) = self.view.watches.lock()
+        if let Ok(mut w) = self.watches.lock()
             && let Some(n) = w.users.get_mut(&self.port)
         {
             *n = n.saturating_sub(1);
@@ -101,8 +221,8 @@ impl Drop for PortWatch {
     }
 }
 
-fn leg_of(owner: Option<crate::session::legs::Owner>) -> TcpLeg {
-    owner.map_or(TcpLeg::Unknown, |o| o.leg)
+fn leg_of(owner: Option<Owner>) -> TcpLeg {
+    owner.map_or(TcpLeg::Unknown, |o| TcpLeg::of(o.connection))
 }
 
 impl FlowView {
@@ -110,7 +230,6 @@ impl FlowView {
     pub fn new(
         tracker: Option<FlowTracker>,
         fixed_ports: Vec<u16>,
-        legs: LegRegistry,
         metrics: Arc<Metrics>,
     ) -> FlowView {
         metrics.set_ebpf_status(tracker.is_some());
@@ -123,13 +242,13 @@ impl FlowView {
         }
         FlowView {
             tracker,
-            legs,
+            legs: LegRegistry::default(),
             metrics,
             closed: Mutex::new(VecDeque::new()),
-            watches: Mutex::new(Watches {
+            watches: Arc::new(Mutex::new(Watches {
                 fixed: fixed_ports,
                 ..Watches::default()
-            }),
+            })),
             last_counters: Mutex::new(EventCounters::default()),
         }
     }
@@ -141,7 +260,7 @@ impl FlowView {
 
     /// Watches `port` (a data port chosen at run time) while the returned
     /// value lives; None without a tracker.
-    pub fn watch(self: &Arc<Self>, port: u16) -> Option<PortWatch> {
+    pub(crate) fn watch(&self, port: u16) -> Option<PortWatch> {
         let tracker = self.tracker.as_ref()?;
         let mut w = self.watches.lock().ok()?;
         if w.fixed.contains(&port) {
@@ -164,7 +283,7 @@ impl FlowView {
         }
         drop(w);
         Some(PortWatch {
-            view: Arc::clone(self),
+            watches: Arc::clone(&self.watches),
             port,
         })
     }
@@ -181,7 +300,14 @@ impl FlowView {
                 Some(o) if SocketAddr::new(addr.ip().to_canonical(), addr.port()) == o.local => {
                     "gateway"
                 }
-                Some(o) if matches!(o.leg, TcpLeg::ServerControl | TcpLeg::ServerData) => "server",
+                Some(o)
+                    if matches!(
+                        o.connection,
+                        Connection::ServerControl | Connection::ServerData
+                    ) =>
+                {
+                    "server"
+                }
                 Some(_) => "client",
                 None => side.label(),
             }
@@ -241,10 +367,10 @@ impl FlowView {
             let leg = leg_of(self.legs.owner(record.client, record.server));
             let times = &record.times;
             for (seen, event) in [
-                (times.first_syn.is_some(), "syn"),
-                (times.syn_ack.is_some(), "synack"),
-                (times.established.is_some(), "established"),
-                (record.reset_by.is_some(), "rst"),
+                (times.first_syn.is_some(), TcpEvent::Syn),
+                (times.syn_ack.is_some(), TcpEvent::SynAck),
+                (times.established.is_some(), TcpEvent::Established),
+                (record.reset_by.is_some(), TcpEvent::Rst),
             ] {
                 if seen {
                     self.metrics.tcp_events(leg, event, 1);
@@ -252,7 +378,7 @@ impl FlowView {
             }
             let fins = u64::from(record.from_client.fin) + u64::from(record.from_server.fin);
             if fins > 0 {
-                self.metrics.tcp_events(leg, "fin", fins);
+                self.metrics.tcp_events(leg, TcpEvent::Fin, fins);
             }
             if let (Some(syn), Some(est)) = (times.first_syn, times.established) {
                 self.metrics.tcp_handshake(leg, est.saturating_sub(syn));
@@ -272,10 +398,10 @@ impl FlowView {
     pub fn refresh_flow_gauges(&self) {
         let Some(tracker) = &self.tracker else { return };
         if let Ok(snapshot) = tracker.snapshot() {
-            let mut counts: HashMap<(TcpLeg, &'static str), i64> = HashMap::new();
+            let mut counts: HashMap<(TcpLeg, FlowState), i64> = HashMap::new();
             for record in &snapshot {
                 let leg = leg_of(self.legs.owner(record.client, record.server));
-                *counts.entry((leg, record.state.label())).or_default() += 1;
+                *counts.entry((leg, record.state)).or_default() += 1;
             }
             let counts: Vec<_> = counts
                 .into_iter()
@@ -291,20 +417,22 @@ impl FlowView {
         let Some(tracker) = &self.tracker else { return };
         self.collect_closed();
         if let (Ok(now), Ok(mut last)) = (tracker.counters(), self.last_counters.lock()) {
-            let inserts = |c: &EventCounters| c.insert_enomem + c.insert_e2big + c.insert_other;
-            self.metrics
-                .flowtrack_map_errors("insert", inserts(&now).saturating_sub(inserts(&last)));
-            self.metrics.flowtrack_map_errors(
-                "lookup",
-                now.lookup_after_insert
-                    .saturating_sub(last.lookup_after_insert),
-            );
-            self.metrics
-                .flowtrack_map_errors("parse", now.parse_errors.saturating_sub(last.parse_errors));
-            self.metrics.flowtrack_map_errors(
-                "ringbuf_full",
-                now.ringbuf_full.saturating_sub(last.ringbuf_full),
-            );
+            let inserts: fn(&EventCounters) -> u64 =
+                |c| c.insert_enomem + c.insert_e2big + c.insert_other;
+            let counts: [(MapErrorReason, fn(&EventCounters) -> u64); 4] = [
+                (MapErrorReason::Insert, inserts),
+                (MapErrorReason::Lookup, |c: &EventCounters| {
+                    c.lookup_after_insert
+                }),
+                (MapErrorReason::Parse, |c: &EventCounters| c.parse_errors),
+                (MapErrorReason::RingbufFull, |c: &EventCounters| {
+                    c.ringbuf_full
+                }),
+            ];
+            for (reason, count) in counts {
+                self.metrics
+                    .flowtrack_map_errors(reason, count(&now).saturating_sub(count(&last)));
+            }
             *last = now;
         }
         self.unwatch_idle_ports(UNWATCH_DELAY);
@@ -354,6 +482,30 @@ impl FlowView {
             .iter()
             .map(|r| r.state)
             .collect()
+    }
+}
+
+/// Sessions report their connections and data ports through this; with
+/// no tracker attached nothing is recorded (nobody would read it).
+impl ConnectionObserver for FlowView {
+    fn watch_port(&self, port: u16) -> Guard {
+        match self.watch(port) {
+            Some(watch) => Box::new(watch),
+            None => Box::new(()),
+        }
+    }
+
+    fn register(
+        &self,
+        session: u64,
+        connection: Connection,
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) -> Guard {
+        if self.tracker.is_none() {
+            return Box::new(());
+        }
+        Box::new(self.legs.register(session, connection, local, peer))
     }
 }
 
@@ -437,16 +589,13 @@ mod tests {
     /// keeps it while users come and go within the delay, and loses it
     /// only after the delay with no user; fixed ports are never touched.
     #[tokio::test]
+    #[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
     async fn dynamic_ports_are_watched_while_used_and_a_while_after() {
-        if !FlowTracker::available() || !rustix::process::geteuid().is_root() {
-            eprintln!("skipped: needs root and the embedded eBPF object");
-            return;
-        }
-        let tracker = FlowTracker::start(&crate::flowtrack::FlowtrackOptions::default()).unwrap();
+        let tracker = FlowTracker::start(&crate::flowtrack::FlowtrackOptions::default())
+            .expect("the flow tracker (root and the embedded eBPF object)");
         let view = Arc::new(FlowView::new(
             Some(tracker),
             vec![2121],
-            LegRegistry::default(),
             Arc::new(Metrics::new().unwrap()),
         ));
         let kernel = |port| view.tracker.as_ref().unwrap().is_watched(port).unwrap();
@@ -484,13 +633,7 @@ mod tests {
         assert!(render_table("nope").is_err());
         assert!(
             render_table(
-                &FlowView::new(
-                    None,
-                    Vec::new(),
-                    LegRegistry::default(),
-                    Arc::new(Metrics::new().unwrap())
-                )
-                .document()
+                &FlowView::new(None, Vec::new(), Arc::new(Metrics::new().unwrap())).document()
             )
             .unwrap()
             .contains("off")

@@ -34,7 +34,7 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What `/readyz` reports.
 #[derive(Debug, Default)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     listening: AtomicBool,
     tracker_required: AtomicBool,
     tracker_attached: AtomicBool,
@@ -42,12 +42,12 @@ pub struct Readiness {
 
 impl Readiness {
     /// The client listeners are accepting.
-    pub fn set_listening(&self, on: bool) {
+    pub(crate) fn set_listening(&self, on: bool) {
         self.listening.store(on, Ordering::Relaxed);
     }
 
     /// Whether readiness needs the flow tracker (`--ebpf required`), and whether it is attached.
-    pub fn set_tracker(&self, required: bool, attached: bool) {
+    pub(crate) fn set_tracker(&self, required: bool, attached: bool) {
         self.tracker_required.store(required, Ordering::Relaxed);
         self.tracker_attached.store(attached, Ordering::Relaxed);
     }
@@ -66,15 +66,15 @@ impl Readiness {
 }
 
 /// Produces the `/flows` document.
-pub type FlowsSource = Arc<dyn Fn() -> String + Send + Sync>;
+pub(crate) type FlowsSource = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Brings the gauges read from elsewhere (the kernel's flow table) up to
 /// date; runs before each `/metrics` encoding.
-pub type MetricsRefresh = Arc<dyn Fn() + Send + Sync>;
+pub(crate) type MetricsRefresh = Arc<dyn Fn() + Send + Sync>;
 
 /// What the endpoint serves.
 #[derive(Clone)]
-pub struct HttpState {
+pub(crate) struct HttpState {
     /// Metrics to expose.
     pub metrics: Arc<Metrics>,
     /// Run before `/metrics` is encoded.
@@ -96,7 +96,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 }
 
 /// Routes one request. Pure apart from reading the state.
-pub fn respond(state: &HttpState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+pub(crate) fn respond(state: &HttpState, method: &Method, path: &str) -> Response<Full<Bytes>> {
     let known = matches!(path, "/metrics" | "/healthz" | "/readyz" | "/flows");
     if !known {
         return text(
@@ -143,7 +143,7 @@ pub fn respond(state: &HttpState, method: &Method, path: &str) -> Response<Full<
 }
 
 /// Serves HTTP on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, state: HttpState, shutdown: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, state: HttpState, shutdown: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
         info!(addr = %addr, "metrics endpoint listening");
     }

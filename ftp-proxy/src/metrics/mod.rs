@@ -4,7 +4,7 @@
 //! names and labels are built only here. Every label comes from a bounded
 //! set: never an address, a user name or a path.
 
-pub mod http;
+pub(crate) mod http;
 
 use std::time::Duration;
 
@@ -13,137 +13,54 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-/// Why the gateway refused something.
+use crate::flows::{MapErrorReason, TcpEvent, TcpLeg};
+use crate::flowtrack::FlowState;
+use crate::protocol::policy::Reject;
+use crate::protocol::{Side, Verb};
+use crate::relay::Method;
+use crate::session::data::{DataError, DataErrorKind, DataMode};
+use crate::session::state::LoginResult;
+use crate::session::transfer::{TransferKind, TransferResult};
+use crate::session::{SessionOutcome, UpstreamFailure};
+
+/// The class of a reply sent to a client (`replies_total{class}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reject {
-    /// PORT/EPRT naming another host (RFC 2577 bounce).
-    Bounce,
-    /// PORT/EPRT or 227/229 naming a port below 1024.
-    LowPort,
-    /// A data connection from an unexpected address.
-    PortTheft,
-    /// A server's 227/229 naming another host.
-    ServerPassiveAddress,
-    /// The session limit.
-    MaxSessions,
-    /// The per-client session limit.
-    MaxSessionsPerClient,
-    /// No free port in a data port range.
-    PortPoolExhausted,
-    /// A command line too long or malformed.
-    BadInput,
-    /// The control connection was idle too long.
-    IdleTimeout,
+enum ReplyClass {
+    Preliminary,
+    Completion,
+    Intermediate,
+    Transient,
+    Permanent,
 }
 
-impl Reject {
-    fn label(self) -> &'static str {
-        match self {
-            Reject::Bounce => "bounce",
-            Reject::LowPort => "low_port",
-            Reject::PortTheft => "port_theft",
-            Reject::ServerPassiveAddress => "server_passive_address",
-            Reject::MaxSessions => "max_sessions",
-            Reject::MaxSessionsPerClient => "max_sessions_per_client",
-            Reject::PortPoolExhausted => "port_pool_exhausted",
-            Reject::BadInput => "bad_input",
-            Reject::IdleTimeout => "idle_timeout",
-        }
-    }
-}
-
-/// Which data leg.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Leg {
-    /// Gateway ⇄ client.
-    Client,
-    /// Gateway ⇄ server.
-    Server,
-}
-
-/// Who opened a data connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DataMode {
-    /// The gateway listened (PASV/EPSV toward the client, PORT/EPRT toward the server).
-    Listen,
-    /// The gateway connected.
-    Connect,
-}
-
-/// How a transfer ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransferResult {
-    /// 2xx from the server and every byte relayed.
-    Ok,
-    /// Anything else.
-    Failed,
-    /// Aborted by the client.
-    Aborted,
-}
-
-/// Which TCP connection of a session a kernel-observed flow is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TcpLeg {
-    /// Client ⇄ gateway control connection.
-    ClientControl,
-    /// Gateway ⇄ server control connection.
-    ServerControl,
-    /// Client ⇄ gateway data connection.
-    ClientData,
-    /// Gateway ⇄ server data connection.
-    ServerData,
-    /// A flow on the gateway's ports not (yet) joined with a session.
-    Unknown,
-}
-
-impl TcpLeg {
-    /// Every leg.
-    pub const ALL: [TcpLeg; 5] = [
-        TcpLeg::ClientControl,
-        TcpLeg::ServerControl,
-        TcpLeg::ClientData,
-        TcpLeg::ServerData,
-        TcpLeg::Unknown,
+impl ReplyClass {
+    const ALL: [ReplyClass; 5] = [
+        ReplyClass::Preliminary,
+        ReplyClass::Completion,
+        ReplyClass::Intermediate,
+        ReplyClass::Transient,
+        ReplyClass::Permanent,
     ];
 
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            TcpLeg::ClientControl => "client_control",
-            TcpLeg::ServerControl => "server_control",
-            TcpLeg::ClientData => "client_data",
-            TcpLeg::ServerData => "server_data",
-            TcpLeg::Unknown => "unknown",
+    fn of(code: u16) -> ReplyClass {
+        match code / 100 {
+            1 => ReplyClass::Preliminary,
+            2 => ReplyClass::Completion,
+            3 => ReplyClass::Intermediate,
+            4 => ReplyClass::Transient,
+            _ => ReplyClass::Permanent,
         }
     }
-}
 
-/// TCP states as the flow tracker reports them.
-pub const TCP_STATES: [&str; 7] = [
-    "syn_sent",
-    "syn_received",
-    "established",
-    "fin_wait",
-    "closing",
-    "closed",
-    "reset",
-];
-/// TCP events the flow tracker counts.
-pub const TCP_EVENTS: [&str; 5] = ["syn", "synack", "established", "fin", "rst"];
-
-/// How a session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SessionOutcome {
-    /// QUIT or the client closed.
-    Ok,
-    /// The server could not be reached or failed.
-    ServerError,
-    /// The client misbehaved or its connection failed.
-    ClientError,
-    /// Timed out.
-    Timeout,
-    /// The gateway was shutting down.
-    Shutdown,
+    fn label(self) -> &'static str {
+        match self {
+            ReplyClass::Preliminary => "1xx",
+            ReplyClass::Completion => "2xx",
+            ReplyClass::Intermediate => "3xx",
+            ReplyClass::Transient => "4xx",
+            ReplyClass::Permanent => "5xx",
+        }
+    }
 }
 
 /// The gateway's metrics.
@@ -155,6 +72,7 @@ pub struct Metrics {
     commands_total: IntCounterVec,
     replies_total: IntCounterVec,
     data_connections_total: IntCounterVec,
+    data_errors_total: IntCounterVec,
     transfers_total: IntCounterVec,
     transfer_bytes_total: IntCounterVec,
     transfer_duration: Histogram,
@@ -252,6 +170,11 @@ impl Metrics {
                 "Data connections established, by leg and mode",
                 &["leg", "mode"],
             )?,
+            data_errors_total: counter_vec(
+                "data_errors_total",
+                "Data connections that could not be established, by side and kind",
+                &["side", "kind"],
+            )?,
             transfers_total: counter_vec(
                 "transfers_total",
                 "Transfers, by direction and result",
@@ -312,78 +235,83 @@ impl Metrics {
     }
 
     /// Creates every bounded series at zero, so that dashboards and alerts
-    /// see them before the first event.
+    /// see them before the first event. Each loop runs over the label
+    /// enum's `ALL`, so a new label value cannot be forgotten here.
     fn touch_series(&self) {
         for leg in TcpLeg::ALL {
-            for state in TCP_STATES {
+            for state in FlowState::ALL {
                 self.tcp_flows
-                    .with_label_values(&[leg.label(), state])
+                    .with_label_values(&[leg.label(), state.label()])
                     .set(0);
             }
-            for event in TCP_EVENTS {
+            for event in TcpEvent::ALL {
                 self.tcp_events_total
-                    .with_label_values(&[leg.label(), event]);
+                    .with_label_values(&[leg.label(), event.label()]);
             }
             self.tcp_handshake.with_label_values(&[leg.label()]);
         }
-        for (direction, result) in [
-            ("upload", "ok"),
-            ("upload", "failed"),
-            ("upload", "aborted"),
-            ("download", "ok"),
-            ("download", "failed"),
-            ("download", "aborted"),
-        ] {
-            self.transfers_total.with_label_values(&[direction, result]);
-            self.transfer_bytes_total.with_label_values(&[direction]);
+        for kind in TransferKind::ALL {
+            for result in TransferResult::ALL {
+                self.transfers_total
+                    .with_label_values(&[kind.label(), result.label()]);
+            }
+            self.transfer_bytes_total.with_label_values(&[kind.label()]);
         }
-        for reason in [
-            Reject::Bounce,
-            Reject::LowPort,
-            Reject::PortTheft,
-            Reject::ServerPassiveAddress,
-            Reject::MaxSessions,
-            Reject::MaxSessionsPerClient,
-            Reject::PortPoolExhausted,
-            Reject::BadInput,
-            Reject::IdleTimeout,
-        ] {
+        for reason in Reject::ALL {
             self.rejected_total.with_label_values(&[reason.label()]);
         }
-        for reason in ["connect", "data_setup"] {
-            self.upstream_errors_total.with_label_values(&[reason]);
+        for reason in UpstreamFailure::ALL {
+            self.upstream_errors_total
+                .with_label_values(&[reason.label()]);
         }
-        for result in ["ok", "failed"] {
-            self.logins_total.with_label_values(&[result]);
+        for result in LoginResult::ALL {
+            self.logins_total.with_label_values(&[result.label()]);
         }
-        for mode in ["splice", "copy"] {
-            self.relay_total.with_label_values(&[mode]);
+        for method in Method::ALL {
+            self.relay_total.with_label_values(&[method.label()]);
         }
-        for reason in ["insert", "lookup", "parse"] {
-            self.flowtrack_map_errors_total.with_label_values(&[reason]);
+        for reason in MapErrorReason::ALL {
+            self.flowtrack_map_errors_total
+                .with_label_values(&[reason.label()]);
+        }
+        for outcome in SessionOutcome::ALL {
+            self.sessions_total.with_label_values(&[outcome.label()]);
+        }
+        for class in ReplyClass::ALL {
+            self.replies_total.with_label_values(&[class.label()]);
+        }
+        for side in Side::ALL {
+            for mode in DataMode::ALL {
+                self.data_connections_total
+                    .with_label_values(&[side.label(), mode.label()]);
+            }
+            for kind in DataErrorKind::ALL {
+                self.data_errors_total
+                    .with_label_values(&[side.label(), kind.label()]);
+            }
         }
     }
 
     /// The number of flows per leg and state, replacing the previous figures.
-    pub fn set_tcp_flows(&self, counts: &[(TcpLeg, &'static str, i64)]) {
+    pub(crate) fn set_tcp_flows(&self, counts: &[(TcpLeg, FlowState, i64)]) {
         for leg in TcpLeg::ALL {
-            for state in TCP_STATES {
+            for state in FlowState::ALL {
                 let n = counts
                     .iter()
                     .filter(|(l, s, _)| *l == leg && *s == state)
                     .map(|(_, _, n)| n)
                     .sum();
                 self.tcp_flows
-                    .with_label_values(&[leg.label(), state])
+                    .with_label_values(&[leg.label(), state.label()])
                     .set(n);
             }
         }
     }
 
     /// TCP events of one kind seen on a leg.
-    pub fn tcp_events(&self, leg: TcpLeg, event: &'static str, n: u64) {
+    pub(crate) fn tcp_events(&self, leg: TcpLeg, event: TcpEvent, n: u64) {
         self.tcp_events_total
-            .with_label_values(&[leg.label(), event])
+            .with_label_values(&[leg.label(), event.label()])
             .inc_by(n);
     }
 
@@ -395,9 +323,9 @@ impl Metrics {
     }
 
     /// Flow tracker map failures.
-    pub fn flowtrack_map_errors(&self, reason: &'static str, n: u64) {
+    pub(crate) fn flowtrack_map_errors(&self, reason: MapErrorReason, n: u64) {
         self.flowtrack_map_errors_total
-            .with_label_values(&[reason])
+            .with_label_values(&[reason.label()])
             .inc_by(n);
     }
 
@@ -419,115 +347,101 @@ impl Metrics {
     }
 
     /// A session ended.
-    pub fn session_ended(&self, outcome: SessionOutcome) {
+    pub(crate) fn session_ended(&self, outcome: SessionOutcome) {
         self.sessions_active.dec();
-        let label = match outcome {
-            SessionOutcome::Ok => "ok",
-            SessionOutcome::ServerError => "server_error",
-            SessionOutcome::ClientError => "client_error",
-            SessionOutcome::Timeout => "timeout",
-            SessionOutcome::Shutdown => "shutdown",
-        };
-        self.sessions_total.with_label_values(&[label]).inc();
+        self.sessions_total
+            .with_label_values(&[outcome.label()])
+            .inc();
     }
 
     /// A client command was received.
-    pub fn command(&self, verb: &crate::protocol::Verb) {
+    pub(crate) fn command(&self, verb: &Verb) {
         self.commands_total.with_label_values(&[verb.label()]).inc();
     }
 
     /// A reply was sent to the client.
-    pub fn reply(&self, code: u16) {
-        let class = match code / 100 {
-            1 => "1xx",
-            2 => "2xx",
-            3 => "3xx",
-            4 => "4xx",
-            _ => "5xx",
-        };
-        self.replies_total.with_label_values(&[class]).inc();
+    pub(crate) fn reply(&self, code: u16) {
+        self.replies_total
+            .with_label_values(&[ReplyClass::of(code).label()])
+            .inc();
     }
 
     /// Something was refused.
-    pub fn rejected(&self, reason: Reject) {
+    pub(crate) fn rejected(&self, reason: Reject) {
         self.rejected_total
             .with_label_values(&[reason.label()])
             .inc();
     }
 
     /// A NAT traversal rewrite was done.
-    pub fn nat_rewrite(&self) {
+    pub(crate) fn nat_rewrite(&self) {
         self.nat_rewrites_total.inc();
     }
 
-    /// A login attempt ended (the reply to PASS, or to USER when no password is asked).
-    pub fn login(&self, ok: bool) {
-        self.logins_total
-            .with_label_values(&[if ok { "ok" } else { "failed" }])
-            .inc();
+    /// A login attempt ended (the reply to PASS, or to USER when no
+    /// password is asked).
+    pub(crate) fn login(&self, result: LoginResult) {
+        self.logins_total.with_label_values(&[result.label()]).inc();
     }
 
     /// Whether the flow tracker is attached.
-    pub fn set_ebpf_status(&self, attached: bool) {
+    pub(crate) fn set_ebpf_status(&self, attached: bool) {
         self.ebpf_status.set(i64::from(attached));
     }
 
     /// A data connection was established.
-    pub fn data_connection(&self, leg: Leg, mode: DataMode) {
-        let leg = match leg {
-            Leg::Client => "client",
-            Leg::Server => "server",
-        };
-        let mode = match mode {
-            DataMode::Listen => "listen",
-            DataMode::Connect => "connect",
-        };
+    pub(crate) fn data_connection(&self, side: Side, mode: DataMode) {
         self.data_connections_total
-            .with_label_values(&[leg, mode])
+            .with_label_values(&[side.label(), mode.label()])
             .inc();
     }
 
+    /// A data connection could not be established (on either side); a
+    /// server-side failure also counts as an upstream error.
+    pub(crate) fn data_error(&self, error: &DataError) {
+        self.data_errors_total
+            .with_label_values(&[error.side.label(), error.kind.label()])
+            .inc();
+        if error.side == Side::Server {
+            self.upstream_error(UpstreamFailure::DataSetup);
+        }
+    }
+
     /// Both data connections of a transfer were established.
-    pub fn data_setup(&self, took: Duration) {
+    pub(crate) fn data_setup(&self, took: Duration) {
         self.data_setup.observe(took.as_secs_f64());
     }
 
     /// The server was reached.
-    pub fn upstream_connected(&self, took: Duration) {
+    pub(crate) fn upstream_connected(&self, took: Duration) {
         self.upstream_connect.observe(took.as_secs_f64());
     }
 
     /// Talking to the server failed.
-    pub fn upstream_error(&self, reason: &'static str) {
+    pub(crate) fn upstream_error(&self, reason: UpstreamFailure) {
         self.upstream_errors_total
-            .with_label_values(&[reason])
+            .with_label_values(&[reason.label()])
             .inc();
     }
 
     /// A relay direction finished, with the method used.
-    pub fn relay_used(&self, method: crate::relay::Method) {
+    pub(crate) fn relay_used(&self, method: Method) {
         self.relay_total.with_label_values(&[method.label()]).inc();
     }
 
     /// A transfer ended.
-    pub fn transfer_finished(
+    pub(crate) fn transfer_finished(
         &self,
-        upload: bool,
+        kind: TransferKind,
         result: TransferResult,
         bytes: u64,
         took: Duration,
     ) {
-        let direction = if upload { "upload" } else { "download" };
-        let result = match result {
-            TransferResult::Ok => "ok",
-            TransferResult::Failed => "failed",
-            TransferResult::Aborted => "aborted",
-        };
         self.transfers_total
-            .with_label_values(&[direction, result])
+            .with_label_values(&[kind.label(), result.label()])
             .inc();
         self.transfer_bytes_total
-            .with_label_values(&[direction])
+            .with_label_values(&[kind.label()])
             .inc_by(bytes);
         self.transfer_duration.observe(took.as_secs_f64());
     }
@@ -541,7 +455,12 @@ mod tests {
     fn exposition_has_prefixed_names_and_bounded_labels() {
         let m = Metrics::new().unwrap();
         m.rejected(Reject::Bounce);
-        m.transfer_finished(false, TransferResult::Ok, 42, Duration::from_millis(3));
+        m.transfer_finished(
+            TransferKind::Download,
+            TransferResult::Ok,
+            42,
+            Duration::from_millis(3),
+        );
         let text = m.encode();
         assert!(
             text.contains("ftp_proxy_rejected_total{reason=\"bounce\"} 1"),

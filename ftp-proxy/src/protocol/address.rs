@@ -145,6 +145,11 @@ pub fn parse_eprt(arg: &[u8]) -> Result<SocketAddr, AddressError> {
     let ip: IpAddr = match proto {
         "1" => addr.parse::<Ipv4Addr>().map(IpAddr::V4),
         "2" => addr.parse::<std::net::Ipv6Addr>().map(IpAddr::V6),
+        // A protocol that is not a number is a syntax error (501), not an
+        // unsupported protocol (522): `EPRT ||||` names none at all.
+        other if other.is_empty() || !other.bytes().all(|b| b.is_ascii_digit()) => {
+            return Err(AddressError::BadExtended);
+        }
         other => return Err(AddressError::UnsupportedProtocol(other.to_owned())),
     }
     .map_err(|_| AddressError::BadAddress(addr.to_owned()))?;
@@ -283,6 +288,13 @@ mod tests {
             parse_eprt(b"|1|1.2.3.4|1"),
             Err(AddressError::BadExtended)
         ));
+        // No protocol, or one that is not a number: a syntax error (501).
+        for bad in [&b"||||"[..], b"|x|1.2.3.4|1|", b"||1.2.3.4|1|"] {
+            assert!(
+                matches!(parse_eprt(bad), Err(AddressError::BadExtended)),
+                "{bad:?}"
+            );
+        }
         assert!(matches!(
             parse_eprt(b"|1|1.2.3.4|1|x"),
             Err(AddressError::BadExtended)

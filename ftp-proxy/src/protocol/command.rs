@@ -287,6 +287,12 @@ impl Decoder for CommandCodec {
             match self.telnet {
                 Telnet::Data if byte == IAC => self.telnet = Telnet::Iac,
                 Telnet::Data if byte == b'\n' => item = self.end_of_line(),
+                // A Telnet command byte (SE to DONT) at the start of a line
+                // without its IAC: some clients send the "interrupt
+                // process" or the "data mark" before ABOR as urgent data
+                // that way (RFC 959 §4.1.3 asks for IAC IP and IAC DM). No
+                // verb begins with such a byte: drop it.
+                Telnet::Data if self.line.is_empty() && (SE..=DONT).contains(&byte) => {}
                 Telnet::Data => item = self.push(byte),
                 Telnet::Iac => {
                     self.telnet = match byte {
@@ -414,6 +420,23 @@ mod tests {
         assert_eq!(items[0].as_ref().unwrap().verb, Verb::Abor);
         assert_eq!(items[1].as_ref().unwrap().verb, Verb::Noop);
         assert_eq!(items[2].as_ref().unwrap().arg, b"a\xffb");
+    }
+
+    /// Some clients send the interrupt process (or the data mark) before
+    /// ABOR as urgent data without its IAC.
+    #[test]
+    fn a_telnet_command_byte_without_iac_before_a_verb_is_dropped() {
+        for input in [
+            &b"\xf4ABOR\r\n"[..],
+            b"\xf2ABOR\r\n",
+            b"\xf4\xff\xf2ABOR\r\n",
+        ] {
+            let items = decode_all(input, 100);
+            assert_eq!(items[0].as_ref().unwrap().verb, Verb::Abor, "{input:?}");
+        }
+        // Inside an argument such bytes are data (non-UTF-8 paths).
+        let items = decode_all(b"RETR \xf4x\r\n", 100);
+        assert_eq!(items[0].as_ref().unwrap().arg, b"\xf4x");
     }
 
     #[test]

@@ -18,3 +18,27 @@ pub mod reply;
 
 pub use command::{Command, CommandCodec, CommandError, Verb};
 pub use reply::{Reply, ReplyCodec, ReplyError};
+
+/// The two parties of an FTP session, as the gateway names them
+/// everywhere (logs, metric labels, errors): the client in front of it
+/// and the server behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The FTP client.
+    Client,
+    /// The FTP server.
+    Server,
+}
+
+impl Side {
+    /// Both sides.
+    pub const ALL: [Side; 2] = [Side::Client, Side::Server];
+
+    /// The label in logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
+}

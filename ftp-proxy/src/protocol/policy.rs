@@ -64,6 +64,65 @@ fn classify_v6(ip: Ipv6Addr) -> AddressClass {
     }
 }
 
+/// Why the gateway refused something: what it counts in
+/// `ftp_proxy_rejected_total{reason}`. Most come from the policy in this
+/// module; the others from the limits the gateway and the session enforce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// PORT/EPRT naming another host (RFC 2577 bounce).
+    Bounce,
+    /// PORT/EPRT or 227/229 naming a port below 1024.
+    LowPort,
+    /// A data connection from an unexpected address.
+    PortTheft,
+    /// A server's 227/229 naming another host.
+    ServerPassiveAddress,
+    /// The session limit.
+    MaxSessions,
+    /// The per-client session limit.
+    MaxSessionsPerClient,
+    /// No free port in a data port range.
+    PortPoolExhausted,
+    /// A command line too long or malformed.
+    BadInput,
+    /// The control connection was idle too long.
+    IdleTimeout,
+    /// A command that needs a login, before the server accepted one.
+    NotLoggedIn,
+}
+
+impl Reject {
+    /// Every reason, for series created at zero.
+    pub const ALL: [Reject; 10] = [
+        Reject::Bounce,
+        Reject::LowPort,
+        Reject::PortTheft,
+        Reject::ServerPassiveAddress,
+        Reject::MaxSessions,
+        Reject::MaxSessionsPerClient,
+        Reject::PortPoolExhausted,
+        Reject::BadInput,
+        Reject::IdleTimeout,
+        Reject::NotLoggedIn,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reject::Bounce => "bounce",
+            Reject::LowPort => "low_port",
+            Reject::PortTheft => "port_theft",
+            Reject::ServerPassiveAddress => "server_passive_address",
+            Reject::MaxSessions => "max_sessions",
+            Reject::MaxSessionsPerClient => "max_sessions_per_client",
+            Reject::PortPoolExhausted => "port_pool_exhausted",
+            Reject::BadInput => "bad_input",
+            Reject::IdleTimeout => "idle_timeout",
+            Reject::NotLoggedIn => "not_logged_in",
+        }
+    }
+}
+
 /// Why an address named for a data connection was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -76,6 +135,24 @@ pub enum Refusal {
     /// A multicast, broadcast or reserved address.
     #[error("address {0} cannot be a data endpoint")]
     Forbidden(IpAddr),
+}
+
+impl Refusal {
+    /// What a refusal of a client's PORT/EPRT counts as.
+    pub fn reject(&self) -> Reject {
+        match self {
+            Refusal::LowPort(_) => Reject::LowPort,
+            Refusal::ThirdParty(_) | Refusal::Forbidden(_) => Reject::Bounce,
+        }
+    }
+
+    /// What a refusal of a server's 227/229 counts as.
+    pub fn server_reject(&self) -> Reject {
+        match self {
+            Refusal::LowPort(_) => Reject::LowPort,
+            Refusal::ThirdParty(_) | Refusal::Forbidden(_) => Reject::ServerPassiveAddress,
+        }
+    }
 }
 
 /// Where the gateway will connect for a client's `PORT`/`EPRT`.
@@ -133,8 +210,7 @@ pub fn active_target(
 }
 
 /// What to do with a server's `227` naming an address other than its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ServerPassivePolicy {
     /// Refuse it: the server may be trying to make the gateway connect
     /// elsewhere.

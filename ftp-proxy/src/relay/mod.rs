@@ -22,11 +22,27 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-pub use crate::config::RelayMode;
+/// How data bytes are moved (`--relay-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RelayMode {
+    /// Per direction: copy when the receiving peer is on this host (its
+    /// address is a loopback address or the gateway's own), splice
+    /// otherwise. A local receiver copies the bytes out of the socket
+    /// anyway; handing it freshly written, cache-warm buffers costs less in
+    /// all than passing on references to pages no CPU has read (issue 6's
+    /// benchmark, docs/bench-notes.md).
+    #[default]
+    Auto,
+    /// Always splice(2) through a pipe, falling back to copying only where
+    /// the kernel refuses.
+    Splice,
+    /// Always copy through user space.
+    Copy,
+}
 
 /// How to relay.
 #[derive(Debug, Clone, Copy)]
-pub struct RelayOptions {
+pub(crate) struct RelayOptions {
     /// auto, splice or copy.
     pub mode: RelayMode,
     /// Pipe capacity requested for splice.
@@ -39,7 +55,7 @@ pub struct RelayOptions {
 
 /// The direction of a byte stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
+pub(crate) enum Direction {
     /// From the client's data connection to the server's.
     ClientToServer,
     /// From the server's data connection to the client's.
@@ -48,7 +64,7 @@ pub enum Direction {
 
 impl Direction {
     /// A label for logs and metrics.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Direction::ClientToServer => "client_to_server",
             Direction::ServerToClient => "server_to_client",
@@ -58,7 +74,7 @@ impl Direction {
 
 /// How bytes were moved in one direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
+pub(crate) enum Method {
     /// Zero-copy through a pipe.
     Splice,
     /// Through a user-space buffer.
@@ -66,8 +82,11 @@ pub enum Method {
 }
 
 impl Method {
+    /// Every method.
+    pub(crate) const ALL: [Method; 2] = [Method::Splice, Method::Copy];
+
     /// A label for logs and metrics.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Method::Splice => "splice",
             Method::Copy => "copy",
@@ -82,7 +101,7 @@ impl Method {
 /// the relay cost it less than page references no CPU has read, more than
 /// the relay's two copies cost (docs/bench-notes.md). Toward other hosts
 /// splice saves both copies and nobody downstream on this host pays.
-pub fn method_for(mode: RelayMode, peer: IpAddr, local: IpAddr) -> Method {
+pub(crate) fn method_for(mode: RelayMode, peer: IpAddr, local: IpAddr) -> Method {
     match mode {
         RelayMode::Splice => Method::Splice,
         RelayMode::Copy => Method::Copy,
@@ -112,7 +131,7 @@ fn method_toward(mode: RelayMode, to: &TcpStream) -> Method {
 
 /// Why a direction of the relay failed.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum RelayError {
+pub(crate) enum RelayError {
     /// Reading, writing or splicing failed.
     #[error("{direction} relay failed: {source}")]
     Io {
@@ -131,7 +150,7 @@ pub enum RelayError {
 
 /// The state of one direction.
 #[derive(Debug, Clone)]
-pub enum Flow {
+pub(crate) enum Flow {
     /// Still moving bytes.
     Running,
     /// End of stream seen and passed on.
@@ -152,14 +171,14 @@ pub enum Flow {
 
 impl Flow {
     /// Whether the direction is over, one way or the other.
-    pub fn is_over(&self) -> bool {
+    pub(crate) fn is_over(&self) -> bool {
         !matches!(self, Flow::Running)
     }
 }
 
 /// Both directions.
 #[derive(Debug, Clone)]
-pub struct Progress {
+pub(crate) struct Progress {
     /// Client to server.
     pub client_to_server: Flow,
     /// Server to client.
@@ -168,7 +187,7 @@ pub struct Progress {
 
 impl Progress {
     /// The state of one direction.
-    pub fn get(&self, direction: Direction) -> &Flow {
+    pub(crate) fn get(&self, direction: Direction) -> &Flow {
         match direction {
             Direction::ClientToServer => &self.client_to_server,
             Direction::ServerToClient => &self.server_to_client,
@@ -185,7 +204,7 @@ impl Progress {
 
 /// A running relay. Dropping it cuts both connections.
 #[derive(Debug)]
-pub struct RelayHandle {
+pub(crate) struct RelayHandle {
     task: JoinHandle<()>,
     progress: watch::Receiver<Progress>,
 }
@@ -199,7 +218,7 @@ impl Drop for RelayHandle {
 impl RelayHandle {
     /// Waits until `direction` is over and returns its final state.
     /// Cancel-safe.
-    pub async fn wait(&mut self, direction: Direction) -> Flow {
+    pub(crate) async fn wait(&mut self, direction: Direction) -> Flow {
         let over = self
             .progress
             .wait_for(|p| p.get(direction).is_over())
@@ -211,8 +230,9 @@ impl RelayHandle {
         }
     }
 
+    #[cfg(test)]
     /// Waits until both directions are over. Cancel-safe.
-    pub async fn wait_all(&mut self) -> Progress {
+    pub(crate) async fn wait_all(&mut self) -> Progress {
         let _ = self
             .progress
             .wait_for(|p| p.client_to_server.is_over() && p.server_to_client.is_over())
@@ -220,14 +240,15 @@ impl RelayHandle {
         self.progress.borrow().clone()
     }
 
+    #[cfg(test)]
     /// The current state.
-    pub fn progress(&self) -> Progress {
+    pub(crate) fn progress(&self) -> Progress {
         self.progress.borrow().clone()
     }
 }
 
 /// Starts relaying between the two connections on a task of its own.
-pub fn spawn(client: TcpStream, server: TcpStream, options: RelayOptions) -> RelayHandle {
+pub(crate) fn spawn(client: TcpStream, server: TcpStream, options: RelayOptions) -> RelayHandle {
     let (tx, rx) = watch::channel(Progress {
         client_to_server: Flow::Running,
         server_to_client: Flow::Running,

@@ -17,11 +17,11 @@ use tokio::net::TcpStream;
 
 /// One half of a control connection; both halves share the socket.
 #[derive(Debug, Clone)]
-pub struct ControlStream(Arc<TcpStream>);
+pub(crate) struct ControlStream(Arc<TcpStream>);
 
 impl ControlStream {
     /// Splits a connection into a reading and a writing half.
-    pub fn split(stream: TcpStream) -> (ControlStream, ControlStream) {
+    pub(crate) fn split(stream: TcpStream) -> (ControlStream, ControlStream) {
         let shared = Arc::new(stream);
         (ControlStream(Arc::clone(&shared)), ControlStream(shared))
     }

@@ -1,6 +1,10 @@
 //! Data connection endpoints: port pools for the gateway's listeners,
-//! accepting only from the expected peer (port theft protection), and
-//! active connections from port 20 or the configured range.
+//! accepting only from the expected peer (port theft protection), active
+//! connections from port 20 or the configured range, and the typed errors
+//! of all of it ([`DataError`]: which side, what kind).
+//!
+//! Not here: when a data connection is opened and what its failure means
+//! for the transfer (`session::transfer`).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -10,10 +14,36 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::config::PortRange;
+use crate::protocol::Side;
+use crate::protocol::address::AddressError;
+use crate::protocol::policy::Refusal;
 
-/// Why a data connection could not be opened.
+/// Who opened a data connection (`data_connections_total{mode}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DataMode {
+    /// The gateway listened (PASV/EPSV toward the client, PORT/EPRT
+    /// toward the server).
+    Listen,
+    /// The gateway connected.
+    Connect,
+}
+
+impl DataMode {
+    /// Both modes.
+    pub(crate) const ALL: [DataMode; 2] = [DataMode::Listen, DataMode::Connect];
+
+    /// The metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            DataMode::Listen => "listen",
+            DataMode::Connect => "connect",
+        }
+    }
+}
+
+/// Why a data connection could not be set up, on one side.
 #[derive(Debug, thiserror::Error)]
-pub enum DataError {
+pub(crate) enum DataFailure {
     /// Every port of the range is in use.
     #[error("no free port in {low}-{high}")]
     PoolExhausted {
@@ -38,6 +68,38 @@ pub enum DataError {
         /// The time waited.
         timeout: Duration,
     },
+    /// The peer refused or reset the connection.
+    #[error("{target} refused the connection: {source}")]
+    Refused {
+        /// Where.
+        target: SocketAddr,
+        /// The kernel's error.
+        source: io::Error,
+    },
+    /// The address the peer named is refused by the gateway's policy.
+    #[error("address {offered} refused: {refusal}")]
+    Policy {
+        /// What the peer named.
+        offered: SocketAddr,
+        /// Why it is refused.
+        refusal: Refusal,
+    },
+    /// The server answered the gateway's PASV/EPSV/PORT/EPRT with an error.
+    #[error("the server refused {command}: {reply}")]
+    ServerRefused {
+        /// The command.
+        command: &'static str,
+        /// The server's reply, as text.
+        reply: String,
+    },
+    /// The server's 227/229 could not be parsed.
+    #[error("the server sent an invalid {code} reply: {error}")]
+    InvalidReply {
+        /// The reply code.
+        code: u16,
+        /// What is wrong with it.
+        error: AddressError,
+    },
     /// A socket call failed.
     #[error("{operation} {addr}: {source}")]
     Io {
@@ -48,6 +110,89 @@ pub enum DataError {
         /// The error.
         source: io::Error,
     },
+}
+
+/// The kind of a [`DataFailure`] (`data_errors_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DataErrorKind {
+    /// No free port in a range.
+    PoolExhausted,
+    /// The peer did not connect, or did not accept, in time.
+    Timeout,
+    /// The peer refused or reset the connection.
+    Refused,
+    /// The gateway's address policy refused the peer's address.
+    Policy,
+    /// The server refused the gateway's data command, or answered it with
+    /// a malformed reply.
+    ServerReply,
+    /// Another socket error.
+    Io,
+}
+
+impl DataErrorKind {
+    /// Every kind.
+    pub(crate) const ALL: [DataErrorKind; 6] = [
+        DataErrorKind::PoolExhausted,
+        DataErrorKind::Timeout,
+        DataErrorKind::Refused,
+        DataErrorKind::Policy,
+        DataErrorKind::ServerReply,
+        DataErrorKind::Io,
+    ];
+
+    /// The metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            DataErrorKind::PoolExhausted => "pool_exhausted",
+            DataErrorKind::Timeout => "timeout",
+            DataErrorKind::Refused => "refused",
+            DataErrorKind::Policy => "policy",
+            DataErrorKind::ServerReply => "server_reply",
+            DataErrorKind::Io => "io",
+        }
+    }
+}
+
+impl DataFailure {
+    /// Its kind.
+    pub(crate) fn kind(&self) -> DataErrorKind {
+        match self {
+            DataFailure::PoolExhausted { .. } => DataErrorKind::PoolExhausted,
+            DataFailure::AcceptTimeout { .. } | DataFailure::ConnectTimeout { .. } => {
+                DataErrorKind::Timeout
+            }
+            DataFailure::Refused { .. } => DataErrorKind::Refused,
+            DataFailure::Policy { .. } => DataErrorKind::Policy,
+            DataFailure::ServerRefused { .. } | DataFailure::InvalidReply { .. } => {
+                DataErrorKind::ServerReply
+            }
+            DataFailure::Io { .. } => DataErrorKind::Io,
+        }
+    }
+
+    /// The failure on `side`.
+    pub(crate) fn on(self, side: Side) -> DataError {
+        DataError {
+            side,
+            kind: self.kind(),
+            cause: self,
+        }
+    }
+}
+
+/// A data connection that could not be set up: the side decides the log
+/// level and the metric label, the kind the metric's other label.
+#[derive(Debug, thiserror::Error)]
+#[error("{} data connection: {cause}", side.label())]
+pub(crate) struct DataError {
+    /// Whose leg failed.
+    pub(crate) side: Side,
+    /// Its kind.
+    pub(crate) kind: DataErrorKind,
+    /// What happened.
+    #[source]
+    pub(crate) cause: DataFailure,
 }
 
 fn socket_for(ip: IpAddr) -> io::Result<TcpSocket> {
@@ -64,14 +209,14 @@ fn socket_for(ip: IpAddr) -> io::Result<TcpSocket> {
 /// ephemeral port when no range is configured. Ports are tried round-robin
 /// so that a freed port is not reused at once.
 #[derive(Debug)]
-pub struct PortPool {
+pub(crate) struct PortPool {
     range: Option<PortRange>,
     next: AtomicUsize,
 }
 
 impl PortPool {
     /// A pool over `range` (None: ephemeral ports).
-    pub fn new(range: Option<PortRange>) -> PortPool {
+    pub(crate) fn new(range: Option<PortRange>) -> PortPool {
         PortPool {
             range,
             next: AtomicUsize::new(0),
@@ -87,19 +232,19 @@ impl PortPool {
         })
     }
 
-    fn exhausted(&self) -> DataError {
+    fn exhausted(&self) -> DataFailure {
         let (low, high) = self.range.map_or((0, 0), |r| (r.low(), r.high()));
-        DataError::PoolExhausted { low, high }
+        DataFailure::PoolExhausted { low, high }
     }
 
     /// Binds a listener on `ip` with a port from the pool.
     ///
     /// # Errors
-    /// [`DataError::PoolExhausted`] when every port is taken, or the socket error.
-    pub fn listen(&self, ip: IpAddr) -> Result<TcpListener, DataError> {
+    /// [`DataFailure::PoolExhausted`] when every port is taken, or the socket error.
+    pub(crate) fn listen(&self, ip: IpAddr) -> Result<TcpListener, DataFailure> {
         for port in self.ports() {
             let addr = SocketAddr::new(ip, port);
-            let io = |operation, source| DataError::Io {
+            let io = |operation, source| DataFailure::Io {
                 operation,
                 addr,
                 source,
@@ -123,15 +268,15 @@ impl PortPool {
     ///
     /// # Errors
     /// [`DataError`] when no port is free, the connect fails or times out.
-    pub async fn connect(
+    pub(crate) async fn connect(
         &self,
         ip: IpAddr,
         target: SocketAddr,
         timeout: Duration,
-    ) -> Result<TcpStream, DataError> {
+    ) -> Result<TcpStream, DataFailure> {
         for port in self.ports() {
             let addr = SocketAddr::new(ip, port);
-            let socket = socket_for(ip).map_err(|source| DataError::Io {
+            let socket = socket_for(ip).map_err(|source| DataFailure::Io {
                 operation: "socket",
                 addr,
                 source,
@@ -140,7 +285,7 @@ impl PortPool {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
                 Err(source) => {
-                    return Err(DataError::Io {
+                    return Err(DataFailure::Io {
                         operation: "bind",
                         addr,
                         source,
@@ -149,7 +294,7 @@ impl PortPool {
             }
             match connect_socket(socket, target, timeout).await {
                 // Same four-tuple still in use: try the next source port.
-                Err(DataError::Io { source, .. })
+                Err(DataFailure::Io { source, .. })
                     if source.kind() == io::ErrorKind::AddrNotAvailable =>
                 {
                     continue;
@@ -165,15 +310,26 @@ async fn connect_socket(
     socket: TcpSocket,
     target: SocketAddr,
     timeout: Duration,
-) -> Result<TcpStream, DataError> {
+) -> Result<TcpStream, DataFailure> {
     match tokio::time::timeout(timeout, socket.connect(target)).await {
         Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(source)) => Err(DataError::Io {
+        Ok(Err(source))
+            if matches!(
+                source.kind(),
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::HostUnreachable
+                    | io::ErrorKind::NetworkUnreachable
+            ) =>
+        {
+            Err(DataFailure::Refused { target, source })
+        }
+        Ok(Err(source)) => Err(DataFailure::Io {
             operation: "connect to",
             addr: target,
             source,
         }),
-        Err(_) => Err(DataError::ConnectTimeout { target, timeout }),
+        Err(_) => Err(DataFailure::ConnectTimeout { target, timeout }),
     }
 }
 
@@ -181,18 +337,18 @@ async fn connect_socket(
 ///
 /// # Errors
 /// [`DataError`] when the connect fails or times out.
-pub async fn connect_from(
+pub(crate) async fn connect_from(
     ip: IpAddr,
     target: SocketAddr,
     timeout: Duration,
-) -> Result<TcpStream, DataError> {
+) -> Result<TcpStream, DataFailure> {
     let addr = SocketAddr::new(ip, 0);
-    let socket = socket_for(ip).map_err(|source| DataError::Io {
+    let socket = socket_for(ip).map_err(|source| DataFailure::Io {
         operation: "socket",
         addr,
         source,
     })?;
-    socket.bind(addr).map_err(|source| DataError::Io {
+    socket.bind(addr).map_err(|source| DataFailure::Io {
         operation: "bind",
         addr,
         source,
@@ -206,18 +362,18 @@ pub async fn connect_from(
 ///
 /// # Errors
 /// [`DataError`] when the connect fails or times out.
-pub async fn connect_active(
+pub(crate) async fn connect_active(
     pool: &PortPool,
     ip: IpAddr,
     target: SocketAddr,
     timeout: Duration,
-) -> Result<TcpStream, DataError> {
+) -> Result<TcpStream, DataFailure> {
     let addr = SocketAddr::new(ip, 20);
     if let Ok(socket) = socket_for(ip)
         && socket.bind(addr).is_ok()
     {
         match connect_socket(socket, target, timeout).await {
-            Err(DataError::Io { source, .. })
+            Err(DataFailure::Io { source, .. })
                 if source.kind() == io::ErrorKind::AddrNotAvailable => {}
             other => return other,
         }
@@ -229,18 +385,18 @@ pub async fn connect_active(
 /// from anywhere else are closed and reported through `on_intruder`.
 ///
 /// # Errors
-/// [`DataError::AcceptTimeout`] when the expected peer does not come in time.
-pub async fn accept_from(
+/// [`DataFailure::AcceptTimeout`] when the expected peer does not come in time.
+pub(crate) async fn accept_from(
     listener: &TcpListener,
     expected: IpAddr,
     timeout: Duration,
     on_intruder: &mut (dyn FnMut(SocketAddr) + Send),
-) -> Result<TcpStream, DataError> {
+) -> Result<TcpStream, DataFailure> {
     let expected = expected.to_canonical();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match tokio::time::timeout_at(deadline, listener.accept()).await {
-            Err(_) => return Err(DataError::AcceptTimeout { expected, timeout }),
+            Err(_) => return Err(DataFailure::AcceptTimeout { expected, timeout }),
             Ok(Ok((stream, peer))) if peer.ip().to_canonical() == expected => return Ok(stream),
             Ok(Ok((stream, peer))) => {
                 let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
@@ -259,7 +415,7 @@ pub async fn accept_from(
                 ) {
                     continue;
                 }
-                return Err(DataError::Io {
+                return Err(DataFailure::Io {
                     operation: "accept on",
                     addr,
                     source,
@@ -299,7 +455,7 @@ mod tests {
         assert_eq!(ports, vec![base, base + 1, base + 2]);
         assert!(matches!(
             pool.listen(ip),
-            Err(DataError::PoolExhausted { .. })
+            Err(DataFailure::PoolExhausted { .. })
         ));
         drop(held);
         assert!(
@@ -345,6 +501,6 @@ mod tests {
             &mut |_| {},
         )
         .await;
-        assert!(matches!(err, Err(DataError::AcceptTimeout { .. })));
+        assert!(matches!(err, Err(DataFailure::AcceptTimeout { .. })));
     }
 }

@@ -1,94 +1,243 @@
 //! One task per client control connection.
 //!
 //! Owns: the connection to the server for this client, the relay of
-//! commands and replies, the commands the gateway answers itself (`PORT`,
-//! `EPRT`, `PASV`, `EPSV`, the TLS commands), the setup of both data
-//! connections of a transfer, and the order of the replies around it (the
-//! server's final reply reaches the client only after the last data byte).
+//! commands and replies, and the I/O of everything the pure parts decide:
+//! - [`state`]: what each client command means (relay it, answer it,
+//!   arrange a data connection, start a transfer);
+//! - [`ledger`]: which replies the server still owes and who waits for
+//!   each, so that a late reply is never taken for the answer to a later
+//!   command;
+//! - [`transfer`]: the order of a transfer's replies and data connections,
+//!   ABOR included.
 //!
-//! Commands are handled one at a time, in order; pipelined commands wait in
-//! the framing buffer (bounded by the line bound and TCP flow control).
-//! During a transfer the client's control stream is still read, so that
-//! `ABOR` works; other commands read meanwhile are queued (bounded).
+//! This module keeps the `select!` loop: client commands, server replies,
+//! data connection setup, the relay's end and the timers are events fed to
+//! those parts; their actions are carried out here. Outside a transfer the
+//! client's commands are taken one at a time (pipelined ones wait in the
+//! framing buffer, bounded by the line bound and TCP flow control). During
+//! a transfer the client is still read: `ABOR` is acted on at once,
+//! commands that go to the server as they are (`STAT`, `NOOP`, `QUIT`…)
+//! are passed on at once and their replies relayed in the server's order,
+//! and commands the gateway handles itself wait for the transfer's end
+//! (bounded).
 //!
-//! Not here: byte moving ([`crate::relay`]), address decisions
-//! ([`crate::protocol::policy`]), accept and limits ([`crate::gateway`]).
+//! Not here: byte moving ([`crate::relay`]), data sockets and their errors
+//! ([`data`]), address decisions ([`crate::protocol::policy`]), accept and
+//! limits ([`crate::gateway`]), the kernel's view of the connections (a
+//! [`ConnectionObserver`] is told about them).
 
-pub mod control;
-pub mod data;
-pub mod legs;
+pub(crate) mod control;
+pub(crate) mod data;
+pub(crate) mod ledger;
 pub mod state;
+pub(crate) mod transfer;
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-
-use control::ControlStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::Config;
-use crate::flows::{FlowView, PortWatch};
-use crate::metrics::{DataMode, Leg, Metrics, Reject, SessionOutcome, TcpLeg, TransferResult};
-use crate::protocol::address;
+use crate::metrics::Metrics;
 use crate::protocol::feat::rewrite_feat;
-use crate::protocol::policy::{self, ActiveTarget, Refusal};
+use crate::protocol::policy::{ActiveTarget, Reject};
 use crate::protocol::reply::{DEFAULT_MAX_REPLY_LINE, DEFAULT_MAX_REPLY_LINES};
-use crate::protocol::{Command, CommandCodec, CommandError, Reply, ReplyCodec, ReplyError, Verb};
+use crate::protocol::{
+    Command, CommandCodec, CommandError, Reply, ReplyCodec, ReplyError, Side, Verb,
+};
 use crate::relay::{self, Direction, Flow, RelayHandle, RelayOptions};
-use data::{DataError, PortPool};
-use legs::{LegRegistry, Registration};
+use control::ControlStream;
+use data::{DataError, DataFailure, DataMode, PortPool};
+use ledger::{EntryId, Ledger, Step, Waiter};
 use state::{Arrangement, ControlState, Decision, Policy};
+use transfer::{Action, Event, Failure, Outcome, Plan, Relayed, Transfer, TransferResult, Wait};
 
 /// Commands read during a transfer and kept for after it.
-const MAX_QUEUED_COMMANDS: usize = 32;
+const MAX_DEFERRED: usize = 32;
 /// Initial capacity of each control connection's read buffer. Commands and
 /// most replies are a few dozen bytes; longer ones grow the buffer (up to
 /// the line and reply bounds). tokio-util's default of 8 KiB per buffer,
 /// two per session, was most of an idle session's memory.
 const CONTROL_BUFFER: usize = 512;
-/// How long to wait for the second reply after an `ABOR`.
-const ABORT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for `ABOR`'s own reply once the transfer's reply came:
+/// a compliant server sends both at once; one that sends a single reply is
+/// not waited for longer (a later `225`/`226` is still swallowed).
+const ABORT_GRACE: Duration = Duration::from_secs(3);
+/// How long the gateway tries to tell a client why its session ends.
+const FAREWELL: Duration = Duration::from_secs(5);
 
-/// What a session shares with the rest of the gateway.
-#[derive(Debug, Clone)]
-pub struct Shared {
-    /// The configuration in force when the session started.
-    pub config: Arc<Config>,
-    /// Ports for passive listeners toward clients.
-    pub passive_ports: Arc<PortPool>,
-    /// Ports for active-mode listeners toward the server and active source ports.
-    pub active_ports: Arc<PortPool>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Cancelled when the gateway starts shutting down.
-    pub shutdown: CancellationToken,
-    /// Which session and leg each connection belongs to.
-    pub legs: LegRegistry,
-    /// The kernel's view of the flows (watches data ports).
-    pub flows: Arc<FlowView>,
+/// Which of a session's TCP connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Connection {
+    /// Client ⇄ gateway control connection.
+    ClientControl,
+    /// Gateway ⇄ server control connection.
+    ServerControl,
+    /// Client ⇄ gateway data connection.
+    ClientData,
+    /// Gateway ⇄ server data connection.
+    ServerData,
 }
 
-/// Which side caused a session to end; it decides the reply, the log level
-/// and the metric label.
+/// Something that stays registered while it lives.
+pub(crate) type Guard = Box<dyn std::any::Any + Send + Sync>;
+
+/// What a session tells the rest of the gateway about its connections, so
+/// that the kernel's view of the flows can be joined with sessions.
+/// Implemented by [`crate::flows::FlowView`]; the session never depends on
+/// it.
+pub(crate) trait ConnectionObserver: Send + Sync {
+    /// Watches a data port chosen at run time while the guard lives.
+    fn watch_port(&self, port: u16) -> Guard;
+
+    /// Registers one of a session's connections while the guard lives.
+    fn register(
+        &self,
+        session: u64,
+        connection: Connection,
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) -> Guard;
+}
+
+/// What a session shares with the rest of the gateway.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    /// The configuration in force when the session started.
+    pub(crate) config: Arc<Config>,
+    /// Ports for passive listeners toward clients.
+    pub(crate) passive_ports: Arc<PortPool>,
+    /// Ports for active-mode listeners toward the server and active source ports.
+    pub(crate) active_ports: Arc<PortPool>,
+    /// Metrics.
+    pub(crate) metrics: Arc<Metrics>,
+    /// Cancelled when the gateway starts shutting down.
+    pub(crate) shutdown: CancellationToken,
+    /// Told about every connection and data port.
+    pub(crate) observer: Arc<dyn ConnectionObserver>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a session ended (`sessions_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SessionOutcome {
+    /// QUIT or the client closed.
+    Ok,
+    /// The server could not be reached or failed.
+    ServerError,
+    /// The client misbehaved or its connection failed.
+    ClientError,
+    /// Timed out.
+    Timeout,
+    /// The gateway was shutting down.
+    Shutdown,
+}
+
+impl SessionOutcome {
+    /// Every outcome.
+    pub(crate) const ALL: [SessionOutcome; 5] = [
+        SessionOutcome::Ok,
+        SessionOutcome::ServerError,
+        SessionOutcome::ClientError,
+        SessionOutcome::Timeout,
+        SessionOutcome::Shutdown,
+    ];
+
+    /// The metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            SessionOutcome::Ok => "ok",
+            SessionOutcome::ServerError => "server_error",
+            SessionOutcome::ClientError => "client_error",
+            SessionOutcome::Timeout => "timeout",
+            SessionOutcome::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Failures talking to the server (`upstream_errors_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UpstreamFailure {
+    /// The server could not be reached, or did not greet.
+    Connect,
+    /// A data connection toward the server could not be set up.
+    DataSetup,
+}
+
+impl UpstreamFailure {
+    /// Every reason.
+    pub(crate) const ALL: [UpstreamFailure; 2] =
+        [UpstreamFailure::Connect, UpstreamFailure::DataSetup];
+
+    /// The metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            UpstreamFailure::Connect => "connect",
+            UpstreamFailure::DataSetup => "data_setup",
+        }
+    }
+}
+
+/// Why the server could not be reached.
 #[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    /// The server could not be resolved, reached, or did not greet in time.
-    #[error("cannot reach the FTP server {upstream}: {reason}")]
+pub(crate) enum ConnectError {
+    /// The name did not resolve.
+    #[error("cannot resolve {authority}: {source}")]
+    Resolve {
+        /// What was resolved.
+        authority: String,
+        /// The resolver's error.
+        source: io::Error,
+    },
+    /// The name resolved to nothing.
+    #[error("{authority} resolved to no address")]
+    NoAddress {
+        /// What was resolved.
+        authority: String,
+    },
+    /// Connecting failed (the last address tried).
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        /// The address.
+        addr: SocketAddr,
+        /// The kernel's error.
+        source: io::Error,
+    },
+    /// No connection in time.
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Why a session ended early; it knows its side, which decides the reply,
+/// the log level and the metric label.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SessionError {
+    /// The server could not be reached.
+    #[error("cannot reach the FTP server {upstream}: {source}")]
     Unreachable {
         /// The configured upstream.
         upstream: String,
         /// Why.
-        reason: String,
+        source: ConnectError,
     },
     /// Writing to or reading from the server failed.
     #[error("server connection failed: {0}")]
@@ -113,6 +262,14 @@ pub enum SessionError {
 }
 
 impl SessionError {
+    /// Whose failure it is.
+    pub(crate) fn side(&self) -> Side {
+        match self {
+            SessionError::ClientIo(_) => Side::Client,
+            _ => Side::Server,
+        }
+    }
+
     fn outcome(&self) -> SessionOutcome {
         match self {
             SessionError::ClientIo(_) => SessionOutcome::ClientError,
@@ -122,29 +279,9 @@ impl SessionError {
     }
 }
 
-/// What the client has arranged for the next data connection.
-#[derive(Debug)]
-enum ClientData {
-    /// PASV/EPSV: the gateway listens.
-    Passive(tokio::net::TcpListener),
-    /// PORT/EPRT: the gateway connects here.
-    Active(SocketAddr),
-}
-
-/// What the gateway arranged with the server for the next transfer.
-enum ServerData {
-    Connected(TcpStream),
-    Listening(tokio::net::TcpListener),
-}
-
-enum Next {
-    Continue,
-    Quit,
-}
-
 /// Runs one session to its end. Never panics, always closes both
 /// connections; errors are logged and counted here.
-pub async fn run(client: TcpStream, id: u64, shared: Shared) {
+pub(crate) async fn run(client: TcpStream, id: u64, shared: Shared) {
     let client_addr = client.peer_addr().ok();
     let span = info_span!("session", session_id = id, client = ?client_addr, server = tracing::field::Empty);
     async move {
@@ -155,21 +292,27 @@ pub async fn run(client: TcpStream, id: u64, shared: Shared) {
                 session.finish(&outcome).await;
                 outcome
             }
-            Err((mut client, error)) => {
-                warn!(side = "server", error = %error, "upstream unreachable");
-                shared.metrics.upstream_error("connect");
-                let reply = Reply::new(421, &format!("Service not available: {error}"));
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    client.write_all(&reply.to_bytes()),
-                )
-                .await;
+            Err((client, error)) => {
+                match error.side() {
+                    // Gone before its session began (a port scan resets at
+                    // once): the client's doing, not the server's.
+                    Side::Client => info!(side = "client", error = %error, "client gone before the session started"),
+                    Side::Server => {
+                        warn!(side = "server", error = %error, "upstream unreachable");
+                        shared.metrics.upstream_error(UpstreamFailure::Connect);
+                        if let Some(mut client) = client {
+                            let reply = Reply::new(421, &format!("Service not available: {error}"));
+                            let _ = tokio::time::timeout(FAREWELL, client.write_all(&reply.to_bytes()))
+                                .await;
+                        }
+                    }
+                }
                 Err(error)
             }
         };
         match &outcome {
             Ok(outcome) => {
-                info!(outcome = ?outcome, "session closed");
+                info!(outcome = outcome.label(), "session closed");
                 shared.metrics.session_ended(*outcome);
             }
             Err(error) => {
@@ -180,6 +323,60 @@ pub async fn run(client: TcpStream, id: u64, shared: Shared) {
     }
     .instrument(span)
     .await;
+}
+
+/// The client's arrangement, taken by a transfer.
+enum ClientLeg {
+    /// PASV/EPSV: accept from this listener.
+    Passive(TcpListener),
+    /// PORT/EPRT: connect here.
+    Active(SocketAddr),
+}
+
+/// The server's data connection being prepared.
+enum ServerLeg {
+    /// Passive toward the server: connected.
+    Connected(TcpStream),
+    /// Active toward the server: listening for it.
+    Listening(TcpListener),
+}
+
+/// What a data-setup future came to.
+enum IoDone {
+    /// The connection to the server's data port.
+    ServerConnected(Result<TcpStream, DataError>),
+    /// Both legs: (client, server).
+    Legs(Result<(TcpStream, TcpStream), DataError>),
+}
+
+type Pending = Pin<Box<dyn Future<Output = IoDone> + Send>>;
+
+/// A transfer in progress with what it holds.
+struct Active {
+    machine: Transfer,
+    started: Instant,
+    server_leg: Option<ServerLeg>,
+    client_leg: Option<ClientLeg>,
+    pending: Option<Pending>,
+    /// Both data connections, (client, server), until the relay takes them.
+    legs: Option<(TcpStream, TcpStream)>,
+    relay: Option<RelayHandle>,
+    abort_entry: Option<EntryId>,
+    deadline: Option<Instant>,
+    guards: Vec<Guard>,
+}
+
+/// A finished transfer whose second direction may still be closing, kept
+/// until the next transfer or the end of the session.
+struct Lingering {
+    _relay: RelayHandle,
+    _guards: Vec<Guard>,
+}
+
+/// What a step of the loop came to.
+enum Next {
+    Continue,
+    End(SessionOutcome),
 }
 
 struct Session<'a> {
@@ -195,37 +392,44 @@ struct Session<'a> {
     client_tx: ControlStream,
     server_rx: FramedRead<OwnedReadHalf, ReplyCodec>,
     server_tx: OwnedWriteHalf,
-    /// The protocol state (pure).
+    /// What the client's commands mean (pure).
     state: ControlState,
-    /// The listener of a passive arrangement.
-    passive_listener: Option<tokio::net::TcpListener>,
-    /// Ports the flow tracker watches for the passive listener and the
-    /// transfer being set up.
-    data_watches: Vec<PortWatch>,
-    /// Commands read during a transfer.
-    queued: VecDeque<Result<Command, CommandError>>,
-    /// A finished transfer whose second direction may still be closing.
-    lingering: Option<(RelayHandle, [Registration; 2], Vec<PortWatch>)>,
-    /// The control connections, as registered for the flow tracker.
-    _control_legs: [Registration; 2],
+    /// What the server owes (pure).
+    ledger: Ledger,
+    /// The listener of a passive arrangement, with its port watch.
+    passive: Option<(TcpListener, Guard)>,
+    /// The transfer in progress.
+    active: Option<Active>,
+    /// Commands read during a transfer that wait for its end.
+    deferred: VecDeque<Result<Command, CommandError>>,
+    /// Replies to the client that must follow a held transfer reply.
+    held: VecDeque<Reply>,
+    lingering: Option<Lingering>,
+    /// When the client, waiting for a reply, gives up on the server.
+    reply_deadline: Option<Instant>,
+    /// When the session was last busy (for the idle timeout).
+    last_activity: Instant,
+    /// QUIT went to the server: its 221 or its close ends the session.
+    quitting: bool,
+    /// The control connections, as registered.
+    _control: [Guard; 2],
 }
 
-enum Event {
-    Item(Result<Command, CommandError>),
-    Nothing,
-    End(SessionOutcome),
-}
-
-async fn connect_upstream(config: &Config) -> Result<TcpStream, String> {
+async fn connect_upstream(config: &Config) -> Result<TcpStream, ConnectError> {
     let authority = config.upstream.authority();
     let addrs = tokio::net::lookup_host(&authority)
         .await
-        .map_err(|e| format!("cannot resolve {authority}: {e}"))?;
-    let mut last = format!("{authority} resolved to no address");
+        .map_err(|source| ConnectError::Resolve {
+            authority: authority.clone(),
+            source,
+        })?;
+    let mut last = ConnectError::NoAddress {
+        authority: authority.clone(),
+    };
     for addr in addrs {
         match TcpStream::connect(addr).await {
             Ok(stream) => return Ok(stream),
-            Err(e) => last = format!("connect to {addr}: {e}"),
+            Err(source) => last = ConnectError::Connect { addr, source },
         }
     }
     Err(last)
@@ -240,46 +444,147 @@ fn reply_or_error(reply: Option<Result<Reply, ReplyError>>) -> Result<Reply, Ses
     }
 }
 
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// What the transfer's I/O came to.
+enum TransferIo {
+    /// A data-setup future finished.
+    Setup(IoDone),
+    /// The direction that carries the data ended.
+    Relay(Flow),
+}
+
+/// Waits for the transfer's data-setup future, or the end of the data
+/// direction while the relay runs (never both at once: the relay starts
+/// once the data connections are set up).
+async fn transfer_io(active: &mut Option<Active>) -> TransferIo {
+    let Some(a) = active.as_mut() else {
+        return std::future::pending().await;
+    };
+    if let Some(pending) = a.pending.as_mut() {
+        return TransferIo::Setup(pending.await);
+    }
+    let direction = match a.machine.kind() {
+        transfer::TransferKind::Upload => Direction::ClientToServer,
+        transfer::TransferKind::Download => Direction::ServerToClient,
+    };
+    match a.relay.as_mut() {
+        Some(relay) if a.machine.is_relaying() => TransferIo::Relay(relay.wait(direction).await),
+        _ => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Everything a data-setup future needs, owned.
+#[derive(Clone)]
+struct LegContext {
+    client_ip: IpAddr,
+    client_local_ip: IpAddr,
+    server_ip: IpAddr,
+    timeout: Duration,
+    active_ports: Arc<PortPool>,
+    metrics: Arc<Metrics>,
+}
+
+impl LegContext {
+    async fn accept(
+        &self,
+        listener: &TcpListener,
+        side: Side,
+        expected: IpAddr,
+    ) -> Result<TcpStream, DataError> {
+        let metrics = &self.metrics;
+        let stream = data::accept_from(listener, expected, self.timeout, &mut |peer| {
+            warn!(side = side.label(), peer = %peer, "data connection from an unexpected address closed");
+            metrics.rejected(Reject::PortTheft);
+        })
+        .await
+        .map_err(|e| e.on(side))?;
+        metrics.data_connection(side, DataMode::Listen);
+        Ok(stream)
+    }
+
+    /// Establishes what is not established yet, both legs at once.
+    async fn open(
+        self,
+        server: ServerLeg,
+        client: ClientLeg,
+    ) -> Result<(TcpStream, TcpStream), DataError> {
+        let server = async {
+            match server {
+                ServerLeg::Connected(stream) => Ok(stream),
+                ServerLeg::Listening(listener) => {
+                    self.accept(&listener, Side::Server, self.server_ip).await
+                }
+            }
+        };
+        let client = async {
+            match client {
+                ClientLeg::Passive(listener) => {
+                    self.accept(&listener, Side::Client, self.client_ip).await
+                }
+                ClientLeg::Active(target) => {
+                    let stream = data::connect_active(
+                        &self.active_ports,
+                        self.client_local_ip,
+                        target,
+                        self.timeout,
+                    )
+                    .await
+                    .map_err(|e| e.on(Side::Client))?;
+                    self.metrics
+                        .data_connection(Side::Client, DataMode::Connect);
+                    Ok(stream)
+                }
+            }
+        };
+        tokio::try_join!(client, server)
+    }
+}
+
 impl<'a> Session<'a> {
     /// Connects to the server. On failure the client stream is handed back
-    /// so that the caller can answer 421.
+    /// (when the client is still there) so that the caller can answer 421.
     async fn start(
         client: TcpStream,
         id: u64,
         shared: &'a Shared,
-    ) -> Result<Session<'a>, (TcpStream, SessionError)> {
+    ) -> Result<Session<'a>, (Option<TcpStream>, SessionError)> {
         let config = &*shared.config;
+        // The client first: one that is already gone (a scanner's reset)
+        // costs no connection to the server.
+        let (client_addr, client_local) = match (client.peer_addr(), client.local_addr()) {
+            (Ok(peer), Ok(local)) => (peer, local),
+            (Err(e), _) | (_, Err(e)) => return Err((None, SessionError::ClientIo(e))),
+        };
         let started = Instant::now();
-        let unreachable = |reason: String| SessionError::Unreachable {
+        let unreachable = |source| SessionError::Unreachable {
             upstream: config.upstream.authority(),
-            reason,
+            source,
         };
         let server =
             match tokio::time::timeout(config.timeouts.connect, connect_upstream(config)).await {
                 Ok(Ok(server)) => server,
-                Ok(Err(reason)) => return Err((client, unreachable(reason))),
+                Ok(Err(error)) => return Err((Some(client), unreachable(error))),
                 Err(_) => {
                     return Err((
-                        client,
-                        unreachable(format!(
-                            "no connection within {:?}",
-                            config.timeouts.connect
-                        )),
+                        Some(client),
+                        unreachable(ConnectError::Timeout(config.timeouts.connect)),
                     ));
                 }
             };
         shared.metrics.upstream_connected(started.elapsed());
-        let addresses = (|| {
-            Ok::<_, io::Error>((
-                client.peer_addr()?,
-                client.local_addr()?,
-                server.peer_addr()?,
-                server.local_addr()?,
-            ))
-        })();
-        let (client_addr, client_local, server_addr, server_local) = match addresses {
-            Ok(a) => a,
-            Err(e) => return Err((client, SessionError::ClientIo(e))),
+        let (server_addr, server_local) = match (server.peer_addr(), server.local_addr()) {
+            (Ok(peer), Ok(local)) => (peer, local),
+            (Err(e), _) | (_, Err(e)) => return Err((Some(client), SessionError::ServerIo(e))),
         };
         tracing::Span::current().record("server", tracing::field::display(server_addr));
         // Control replies are small and latency-bound: no Nagle.
@@ -290,7 +595,7 @@ impl<'a> Session<'a> {
         let _ = socket2::SockRef::from(&client).set_out_of_band_inline(true);
         let (client_read, client_tx) = ControlStream::split(client);
         let (server_read, server_tx) = server.into_split();
-        let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        let observer = &shared.observer;
         Ok(Session {
             id,
             shared,
@@ -321,17 +626,18 @@ impl<'a> Session<'a> {
                     upstream_mode: config.upstream_mode,
                 },
             ),
-            passive_listener: None,
-            data_watches: Vec::new(),
-            queued: VecDeque::new(),
+            ledger: Ledger::new(),
+            passive: None,
+            active: None,
+            deferred: VecDeque::new(),
+            held: VecDeque::new(),
             lingering: None,
-            _control_legs: [
-                shared
-                    .legs
-                    .register(id, TcpLeg::ClientControl, client_local, client_addr),
-                shared
-                    .legs
-                    .register(id, TcpLeg::ServerControl, server_local, server_addr),
+            reply_deadline: None,
+            last_activity: Instant::now(),
+            quitting: false,
+            _control: [
+                observer.register(id, Connection::ClientControl, client_local, client_addr),
+                observer.register(id, Connection::ServerControl, server_local, server_addr),
             ],
         })
     }
@@ -363,143 +669,184 @@ impl<'a> Session<'a> {
             return Ok(SessionOutcome::ServerError);
         }
         loop {
-            let item = match self.queued.pop_front() {
-                Some(item) => item,
-                None => match self.next_event().await? {
-                    Event::Item(item) => item,
-                    Event::Nothing => continue,
-                    Event::End(outcome) => return Ok(outcome),
-                },
-            };
-            let next = match item {
-                Ok(command) => {
-                    self.metrics.command(&command.verb);
-                    debug!(command = ?command, "client command");
-                    self.handle(command).await?
+            // Commands read during a transfer run once nothing is ahead of them.
+            if self.active.is_none()
+                && !self.ledger.owes_client()
+                && let Some(item) = self.deferred.pop_front()
+            {
+                if let Next::End(outcome) = self.on_item(item).await? {
+                    return Ok(outcome);
                 }
-                Err(error) => {
-                    debug!(side = "client", error = %error, "bad command line");
-                    if let Decision::Answer { reply, reject } = self.state.on_bad_line(&error) {
-                        if let Some(reject) = reject {
-                            self.metrics.rejected(reject);
-                        }
-                        self.send(&reply).await?;
-                    }
-                    Next::Continue
-                }
-            };
-            if let Next::Quit = next {
-                return Ok(SessionOutcome::Ok);
+                continue;
+            }
+            if let Next::End(outcome) = self.step().await? {
+                return Ok(outcome);
             }
         }
     }
 
-    /// After `serve`: tells the client why the session ends when it is the
-    /// server's fault, and closes both control connections.
-    async fn finish(&mut self, outcome: &Result<SessionOutcome, SessionError>) {
-        if let Err(error) = outcome {
-            match error {
-                SessionError::ClientIo(_) => {}
-                error => {
-                    warn!(side = "server", error = %error, "session failed");
-                    let reply = Reply::new(421, &format!("Service not available: {error}"));
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        self.client_tx.write_all(&reply.to_bytes()),
-                    )
-                    .await;
-                }
-            }
-        }
-        self.lingering = None;
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.server_tx.shutdown()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.client_tx.shutdown()).await;
+    /// Whether nothing is going on: no transfer, no reply awaited, nothing
+    /// deferred.
+    fn is_idle(&self) -> bool {
+        self.active.is_none() && !self.ledger.owes_client() && self.deferred.is_empty()
     }
 
-    /// Waits for the next client command, while watching the server, the
-    /// idle timeout and shutdown.
-    async fn next_event(&mut self) -> Result<Event, SessionError> {
-        let idle = self.config.timeouts.idle;
+    /// The next timer: the reply the client waits for, the transfer's wait,
+    /// or the idle timeout.
+    fn next_deadline(&self) -> (Option<Instant>, bool) {
+        if self.is_idle() {
+            return (Some(self.last_activity + self.config.timeouts.idle), true);
+        }
+        let transfer = self.active.as_ref().and_then(|a| a.deadline);
+        let deadline = match (self.reply_deadline, transfer) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        (deadline, false)
+    }
+
+    /// Waits for the next event and handles it.
+    async fn step(&mut self) -> Result<Next, SessionError> {
+        let read_client = match &self.active {
+            Some(_) => self.deferred.len() < MAX_DEFERRED,
+            None => !self.ledger.owes_client(),
+        };
+        let idle = self.is_idle();
+        let (deadline, idle_timer) = self.next_deadline();
         tokio::select! {
             biased;
-            () = self.shared.shutdown.cancelled() => {
+            () = self.shared.shutdown.cancelled(), if idle => {
                 self.reply(421, "Gateway shutting down, closing control connection").await?;
-                Ok(Event::End(SessionOutcome::Shutdown))
+                Ok(Next::End(SessionOutcome::Shutdown))
             }
-            item = self.client_rx.next() => match item {
-                Some(Ok(item)) => Ok(Event::Item(item)),
-                Some(Err(e)) => Err(SessionError::ClientIo(e)),
-                None => Ok(Event::End(SessionOutcome::Ok)),
+            reply = self.server_rx.next() => match reply {
+                None if self.quitting => Ok(Next::End(SessionOutcome::Ok)),
+                reply => self.on_server_reply(reply_or_error(reply)?).await,
             },
-            reply = self.server_rx.next() => {
-                // An unsolicited reply: typically 421 on the server's own timeout.
-                let reply = reply_or_error(reply)?;
-                self.send(&reply).await?;
-                if reply.code == 421 { Ok(Event::End(SessionOutcome::ServerError)) } else { Ok(Event::Nothing) }
-            }
-            () = tokio::time::sleep(idle) => {
-                self.metrics.rejected(Reject::IdleTimeout);
-                self.reply(421, &format!("Idle timeout ({}s), closing control connection", idle.as_secs())).await?;
-                Ok(Event::End(SessionOutcome::Timeout))
-            }
-        }
-    }
-
-    async fn send(&mut self, reply: &Reply) -> Result<(), SessionError> {
-        debug!(code = reply.code, text = %String::from_utf8_lossy(reply.text()), "reply to client");
-        self.metrics.reply(reply.code);
-        self.client_tx
-            .write_all(&reply.to_bytes())
-            .await
-            .map_err(SessionError::ClientIo)
-    }
-
-    async fn reply(&mut self, code: u16, text: &str) -> Result<(), SessionError> {
-        self.send(&Reply::new(code, text)).await
-    }
-
-    async fn send_to_server(&mut self, command: &Command) -> Result<(), SessionError> {
-        self.server_tx
-            .write_all(&command.to_line())
-            .await
-            .map_err(SessionError::ServerIo)
-    }
-
-    async fn server_reply(&mut self, command: &'static str) -> Result<Reply, SessionError> {
-        let timeout = self.config.timeouts.reply;
-        match tokio::time::timeout(timeout, self.server_rx.next()).await {
-            Ok(reply) => reply_or_error(reply),
-            Err(_) => Err(SessionError::ServerTimeout { command, timeout }),
-        }
-    }
-
-    /// Sends a command to the server and relays its replies up to the final one.
-    async fn forward(&mut self, command: &Command) -> Result<Reply, SessionError> {
-        self.send_to_server(command).await?;
-        loop {
-            let reply = self.server_reply(command.verb.label()).await?;
-            let reply = if command.verb == Verb::Feat {
-                rewrite_feat(reply)
-            } else {
-                reply
-            };
-            self.send(&reply).await?;
-            if !reply.is_preliminary() {
-                return Ok(reply);
-            }
-        }
-    }
-
-    async fn handle(&mut self, command: Command) -> Result<Next, SessionError> {
-        let decision = self.state.on_command(&command);
-        match decision {
-            Decision::Forward => {
-                let reply = self.forward(&command).await?;
-                match (&command.verb, reply.code) {
-                    (Verb::User | Verb::Pass, 230) | (Verb::Pass, 202) => self.metrics.login(true),
-                    (Verb::Pass, code) if code >= 400 => self.metrics.login(false),
-                    _ => {}
+            item = self.client_rx.next(), if read_client => match item {
+                Some(Ok(item)) => {
+                    self.last_activity = Instant::now();
+                    self.on_client_item(item).await
                 }
+                Some(Err(e)) => Err(SessionError::ClientIo(e)),
+                None if self.active.is_some() => Err(SessionError::ClientIo(io::ErrorKind::UnexpectedEof.into())),
+                None => Ok(Next::End(SessionOutcome::Ok)),
+            },
+            io = transfer_io(&mut self.active) => {
+                match io {
+                    TransferIo::Setup(done) => {
+                        if let Some(active) = self.active.as_mut() {
+                            active.pending = None;
+                        }
+                        self.on_io(done).await?;
+                    }
+                    TransferIo::Relay(flow) => {
+                        let relayed = match flow {
+                            Flow::Finished { bytes, method } => Relayed { bytes, method: Some(method), error: None },
+                            Flow::Failed { bytes, error } => Relayed { bytes, method: None, error: Some(error) },
+                            Flow::Running => Relayed { bytes: 0, method: None, error: Some(relay::RelayError::Cut) },
+                        };
+                        self.feed(Event::RelayEnded(relayed)).await?;
+                    }
+                }
+                Ok(Next::Continue)
+            }
+            () = sleep_until(deadline) => self.on_deadline(idle_timer).await,
+        }
+    }
+
+    async fn on_deadline(&mut self, idle_timer: bool) -> Result<Next, SessionError> {
+        let now = Instant::now();
+        if idle_timer {
+            let idle = self.config.timeouts.idle;
+            self.metrics.rejected(Reject::IdleTimeout);
+            self.reply(
+                421,
+                &format!(
+                    "Idle timeout ({}s), closing control connection",
+                    idle.as_secs()
+                ),
+            )
+            .await?;
+            return Ok(Next::End(SessionOutcome::Timeout));
+        }
+        if self.reply_deadline.is_some_and(|at| at <= now) {
+            return Err(SessionError::ServerTimeout {
+                command: "a command",
+                timeout: self.config.timeouts.reply,
+            });
+        }
+        if self
+            .active
+            .as_ref()
+            .and_then(|a| a.deadline)
+            .is_some_and(|at| at <= now)
+        {
+            self.feed(Event::Deadline).await?;
+        }
+        Ok(Next::Continue)
+    }
+
+    /// A client command or bad line, read while anything may be going on.
+    async fn on_client_item(
+        &mut self,
+        item: Result<Command, CommandError>,
+    ) -> Result<Next, SessionError> {
+        if self.active.is_none() {
+            return self.on_item(item).await;
+        }
+        match item {
+            Ok(command) if command.verb == Verb::Abor => {
+                self.metrics.command(&command.verb);
+                debug!(command = ?command, "client command during a transfer");
+                let aborted_on_server = self.feed(Event::Abort).await?;
+                if !aborted_on_server {
+                    // The server never got the transfer command: ABOR is
+                    // the server's to answer, as any command.
+                    self.forward(&command, Waiter::Client).await?;
+                }
+                Ok(Next::Continue)
+            }
+            Ok(command)
+                if self.deferred.is_empty()
+                    && self.state.is_plain_forward(&command)
+                    && self
+                        .active
+                        .as_ref()
+                        .is_some_and(|a| a.machine.passes_commands()) =>
+            {
+                debug!(command = ?command, "client command during a transfer: passed on");
+                self.on_item(Ok(command)).await
+            }
+            item => {
+                self.deferred.push_back(item);
+                Ok(Next::Continue)
+            }
+        }
+    }
+
+    /// One client command (or bad line) taken in order.
+    async fn on_item(&mut self, item: Result<Command, CommandError>) -> Result<Next, SessionError> {
+        let command = match item {
+            Ok(command) => command,
+            Err(error) => {
+                debug!(side = "client", error = %error, "bad command line");
+                if let Decision::Answer { reply, reject } = self.state.on_bad_line(&error) {
+                    if let Some(reject) = reject {
+                        self.metrics.rejected(reject);
+                    }
+                    self.deliver(reply).await?;
+                }
+                return Ok(Next::Continue);
+            }
+        };
+        self.metrics.command(&command.verb);
+        debug!(command = ?command, "client command");
+        match self.state.on_command(&command) {
+            Decision::Forward => self.forward(&command, Waiter::Client).await?,
+            Decision::Quit => {
+                self.quitting = true;
+                self.forward(&command, Waiter::Client).await?;
             }
             Decision::Answer { reply, reject } => {
                 if let Some(reject) = reject {
@@ -508,25 +855,24 @@ impl<'a> Session<'a> {
                         warn!(side = "client", command = ?command, reply = %String::from_utf8_lossy(reply.text()), "refused {}", command.verb.as_str());
                     }
                 }
-                self.send(&reply).await?;
+                self.deliver(reply).await?;
             }
             Decision::OpenPassive(answer) => {
                 // A new PASV replaces the previous listener, as on servers.
-                self.passive_listener = None;
+                self.passive = None;
                 match self.shared.passive_ports.listen(self.client_local.ip()) {
                     Ok(listener) => {
                         let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
-                        self.data_watches.clear();
-                        self.data_watches.extend(self.shared.flows.watch(port));
-                        self.passive_listener = Some(listener);
+                        let watch = self.shared.observer.watch_port(port);
+                        self.passive = Some((listener, watch));
                         self.send(&answer.reply(port)).await?;
                     }
                     Err(e) => {
                         self.state.passive_failed();
-                        if matches!(e, DataError::PoolExhausted { .. }) {
+                        if matches!(e, DataFailure::PoolExhausted { .. }) {
                             self.metrics.rejected(Reject::PortPoolExhausted);
                         }
-                        warn!(error = %e, "cannot open a passive listener");
+                        warn!(side = "client", error = %e, "cannot open a passive listener");
                         self.reply(425, &format!("Can't open passive connection: {e}"))
                             .await?;
                     }
@@ -543,387 +889,490 @@ impl<'a> Session<'a> {
                 )
                 .await?;
             }
-            Decision::Transfer {
-                client,
-                server_passive,
-            } => self.transfer(command, client, server_passive).await?,
-            Decision::Quit => {
-                self.lingering = None;
-                let _ = self.forward(&command).await;
-                return Ok(Next::Quit);
+            Decision::Transfer { server_passive, .. } => {
+                self.start_transfer(command, server_passive).await?;
             }
         }
         // The listener lives exactly as long as the passive arrangement.
         if self.state.arrangement() != Arrangement::Passive {
-            self.passive_listener = None;
+            self.passive = None;
         }
         Ok(Next::Continue)
     }
 
-    /// Arranges the server's side of the next data connection.
-    async fn prepare_server(
-        &mut self,
-        passive: bool,
-    ) -> Result<Result<ServerData, String>, SessionError> {
-        let v4 = self.server_ip.is_ipv4();
-        if passive {
-            let command = Command::new(if v4 { Verb::Pasv } else { Verb::Epsv }, Vec::new());
-            self.send_to_server(&command).await?;
-            let reply = self.server_reply(command.verb.label()).await?;
-            let offered = match (reply.code, v4) {
-                (227, _) => address::parse_pasv_reply(reply.text()).map(SocketAddr::V4),
-                (229, _) => address::parse_epsv_reply(reply.text())
-                    .map(|port| SocketAddr::new(self.server_ip, port)),
-                _ => {
-                    return Ok(Err(format!(
-                        "server refused {}: {}",
-                        command.verb.as_str(),
-                        String::from_utf8_lossy(&reply.to_bytes()).trim_end()
-                    )));
-                }
-            };
-            let offered = match offered {
-                Ok(addr) => addr,
-                Err(e) => {
-                    return Ok(Err(format!(
-                        "server sent an invalid {} reply: {e}",
-                        reply.code
-                    )));
-                }
-            };
-            let target = match policy::server_passive_target(
-                offered,
-                self.server_ip,
-                self.config.server_passive,
-            ) {
-                Ok(target) => target,
-                Err(refusal) => {
-                    warn!(side = "server", offered = %offered, refusal = %refusal, "refused the server's passive address");
-                    self.metrics.rejected(match refusal {
-                        Refusal::LowPort(_) => Reject::LowPort,
-                        _ => Reject::ServerPassiveAddress,
-                    });
-                    return Ok(Err(format!("server's passive address refused: {refusal}")));
-                }
-            };
-            self.data_watches
-                .extend(self.shared.flows.watch(target.port()));
-            match data::connect_from(
-                self.server_local.ip(),
-                target,
-                self.config.timeouts.data_connect,
-            )
-            .await
-            {
-                Ok(stream) => {
-                    self.metrics.data_connection(Leg::Server, DataMode::Connect);
-                    Ok(Ok(ServerData::Connected(stream)))
-                }
-                Err(e) => Ok(Err(format!("server data connection: {e}"))),
-            }
-        } else {
-            let listener = match self.shared.active_ports.listen(self.server_local.ip()) {
-                Ok(listener) => listener,
-                Err(e) => {
-                    if matches!(e, DataError::PoolExhausted { .. }) {
-                        self.metrics.rejected(Reject::PortPoolExhausted);
-                    }
-                    return Ok(Err(format!("active listener toward the server: {e}")));
-                }
-            };
-            let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
-            self.data_watches.extend(self.shared.flows.watch(port));
-            let ours = SocketAddr::new(self.server_local.ip(), port);
-            let command = match ours {
-                SocketAddr::V4(v4) => Command::new(Verb::Port, address::format_port(v4)),
-                SocketAddr::V6(_) => Command::new(Verb::Eprt, address::format_eprt(ours)),
-            };
-            self.send_to_server(&command).await?;
-            let reply = self.server_reply(command.verb.label()).await?;
-            if !reply.is_success() {
-                return Ok(Err(format!(
-                    "server refused {}: {}",
-                    command.verb.as_str(),
-                    String::from_utf8_lossy(&reply.to_bytes()).trim_end()
-                )));
-            }
-            Ok(Ok(ServerData::Listening(listener)))
-        }
-    }
-
-    async fn transfer(
+    async fn start_transfer(
         &mut self,
         command: Command,
-        client: Arrangement,
-        passive: bool,
+        server_passive: bool,
     ) -> Result<(), SessionError> {
         self.lingering = None;
-        if client != Arrangement::Passive {
-            self.data_watches.clear();
-        }
-        let client_data = match (client, self.passive_listener.take()) {
-            (Arrangement::Active(target), _) => ClientData::Active(target),
-            (Arrangement::Passive, Some(listener)) => ClientData::Passive(listener),
-            _ => return self.reply(425, "Use PORT, EPRT, PASV or EPSV first").await,
-        };
-        let setup_started = Instant::now();
-        let server_data = match self.prepare_server(passive).await? {
-            Ok(server_data) => server_data,
-            Err(reason) => {
-                warn!(side = "server", reason = %reason, "data connection setup failed");
-                self.metrics.upstream_error("data_setup");
-                return self
-                    .reply(425, &format!("Can't open data connection: {reason}"))
-                    .await;
-            }
-        };
-        self.send_to_server(&command).await?;
-        let first = self.server_reply(command.verb.label()).await?;
-        if !first.is_preliminary() {
-            // E.g. 550 no such file: nothing to relay.
-            return self.send(&first).await;
-        }
-        let timeout = self.config.timeouts.data_connect;
-        let server_stream = match server_data {
-            ServerData::Connected(stream) => Ok(stream),
-            ServerData::Listening(listener) => {
-                let metrics = self.metrics;
-                let result = data::accept_from(&listener, self.server_ip, timeout, &mut |peer| {
-                    warn!(side = "server", peer = %peer, "data connection from an unexpected address closed");
-                    metrics.rejected(Reject::PortTheft);
-                })
-                .await;
-                if result.is_ok() {
-                    metrics.data_connection(Leg::Server, DataMode::Listen);
-                }
-                result
-            }
-        };
-        let client_stream = match (&server_stream, client_data) {
-            (Err(_), _) => None,
-            (Ok(_), ClientData::Passive(listener)) => {
-                let metrics = self.metrics;
-                let result = data::accept_from(&listener, self.client_ip, timeout, &mut |peer| {
-                    warn!(side = "client", peer = %peer, "data connection from an unexpected address closed");
-                    metrics.rejected(Reject::PortTheft);
-                })
-                .await;
-                if result.is_ok() {
-                    metrics.data_connection(Leg::Client, DataMode::Listen);
-                }
-                Some(result)
-            }
-            (Ok(_), ClientData::Active(target)) => {
-                self.data_watches
-                    .extend(self.shared.flows.watch(target.port()));
-                let result = data::connect_active(
-                    &self.shared.active_ports,
-                    self.client_local.ip(),
-                    target,
-                    timeout,
-                )
-                .await;
-                if result.is_ok() {
-                    self.metrics.data_connection(Leg::Client, DataMode::Connect);
-                }
-                Some(result)
-            }
-        };
-        let (server_stream, client_stream) = match (server_stream, client_stream) {
-            (Ok(server), Some(Ok(client))) => (server, client),
-            (server, client) => {
-                let reason = match (server, client) {
-                    (Err(e), _) => format!("server data connection: {e}"),
-                    (_, Some(Err(e))) => format!("client data connection: {e}"),
-                    _ => "data connection failed".to_owned(),
-                };
-                warn!(reason = %reason, "data connection failed");
-                // Only the client sees a failure; the server's own reply to
-                // the cut transfer is consumed here.
-                self.reply(425, &format!("Can't open data connection: {reason}"))
-                    .await?;
-                let _ = tokio::time::timeout(ABORT_REPLY_TIMEOUT, self.server_rx.next()).await;
-                return Ok(());
-            }
-        };
-        self.metrics.data_setup(setup_started.elapsed());
-        self.send(&first).await?;
-        self.relay_transfer(&command, client_stream, server_stream)
-            .await
+        let (machine, actions) = Transfer::start(Plan {
+            command,
+            server_passive,
+            server_ip: self.server_ip,
+            server_passive_policy: self.config.server_passive,
+        });
+        self.active = Some(Active {
+            machine,
+            started: Instant::now(),
+            server_leg: None,
+            client_leg: None,
+            pending: None,
+            legs: None,
+            relay: None,
+            abort_entry: None,
+            deadline: None,
+            guards: Vec::new(),
+        });
+        self.run_actions(actions).await?;
+        self.rearm_transfer_deadline();
+        Ok(())
     }
 
-    async fn relay_transfer(
-        &mut self,
-        command: &Command,
-        client: TcpStream,
-        server: TcpStream,
-    ) -> Result<(), SessionError> {
-        let register = |leg, stream: &TcpStream| match (stream.local_addr(), stream.peer_addr()) {
-            (Ok(local), Ok(peer)) => Some(self.shared.legs.register(self.id, leg, local, peer)),
-            _ => None,
+    /// Sends a command to the server and records who waits for its replies.
+    async fn forward(&mut self, command: &Command, waiter: Waiter) -> Result<(), SessionError> {
+        self.server_tx
+            .write_all(&command.to_line())
+            .await
+            .map_err(SessionError::ServerIo)?;
+        self.ledger.sent(&command.verb, waiter);
+        if waiter == Waiter::Client && self.reply_deadline.is_none() {
+            self.reply_deadline = Some(Instant::now() + self.config.timeouts.reply);
+        }
+        Ok(())
+    }
+
+    /// Sends ABOR the way RFC 959 §4.1.3 asks (and BSD clients do): Telnet
+    /// IP and IAC as urgent data, then DM and the command, so that a server
+    /// busy with the transfer notices it.
+    async fn send_abort(&mut self) -> Result<EntryId, SessionError> {
+        let sock = socket2::SockRef::from(self.server_tx.as_ref());
+        let rest: &[u8] = match sock.send_out_of_band(b"\xff\xf4\xff") {
+            Ok(3) => b"\xf2ABOR\r\n",
+            // Could not send it urgent: a plain ABOR still works with a
+            // server that reads commands during a transfer.
+            _ => b"ABOR\r\n",
         };
-        let (Some(client_leg), Some(server_leg)) = (
-            register(TcpLeg::ClientData, &client),
-            register(TcpLeg::ServerData, &server),
-        ) else {
-            return self
-                .reply(425, "Can't open data connection: it closed at once")
-                .await;
+        self.server_tx
+            .write_all(rest)
+            .await
+            .map_err(SessionError::ServerIo)?;
+        Ok(self.ledger.sent(&Verb::Abor, Waiter::Transfer(Step::Abort)))
+    }
+
+    async fn on_server_reply(&mut self, reply: Reply) -> Result<Next, SessionError> {
+        let Some(attribution) = self.ledger.on_reply(&reply) else {
+            // Unsolicited: typically 421 before the server closes.
+            warn!(
+                side = "server",
+                code = reply.code,
+                "unsolicited reply from the server"
+            );
+            self.deliver(reply.clone()).await?;
+            return Ok(if reply.code == 421 {
+                Next::End(SessionOutcome::ServerError)
+            } else {
+                Next::Continue
+            });
         };
-        let registrations = [client_leg, server_leg];
-        let upload = command.verb.is_upload();
-        let direction = if upload {
-            Direction::ClientToServer
-        } else {
-            Direction::ServerToClient
-        };
-        let options = RelayOptions {
+        debug!(side = "server", code = reply.code, command = attribution.verb.as_str(), waiter = ?attribution.waiter, "server reply");
+        match attribution.waiter {
+            Waiter::Client => {
+                self.reply_deadline = self
+                    .ledger
+                    .owes_client()
+                    .then(|| Instant::now() + self.config.timeouts.reply);
+                self.last_activity = Instant::now();
+                if attribution.last
+                    && let Some(result) = self.state.on_reply(&attribution.verb, reply.code)
+                {
+                    self.metrics.login(result);
+                }
+                let reply = if attribution.verb == Verb::Feat {
+                    rewrite_feat(reply)
+                } else {
+                    reply
+                };
+                let quit = attribution.last && attribution.verb == Verb::Quit && reply.code == 221;
+                self.deliver(reply).await?;
+                if quit {
+                    return Ok(Next::End(SessionOutcome::Ok));
+                }
+            }
+            Waiter::Nobody => {
+                debug!(
+                    side = "server",
+                    code = reply.code,
+                    command = attribution.verb.as_str(),
+                    "late reply swallowed"
+                );
+            }
+            Waiter::Transfer(step) => {
+                self.feed(Event::Reply(step, &reply)).await?;
+            }
+        }
+        Ok(Next::Continue)
+    }
+
+    async fn on_io(&mut self, done: IoDone) -> Result<(), SessionError> {
+        match done {
+            IoDone::ServerConnected(Ok(stream)) => {
+                self.metrics
+                    .data_connection(Side::Server, DataMode::Connect);
+                if let Some(active) = self.active.as_mut() {
+                    active.server_leg = Some(ServerLeg::Connected(stream));
+                }
+                self.feed(Event::ServerConnected).await?;
+            }
+            IoDone::Legs(Ok((client, server))) => {
+                let Some(guards) = self.register_legs(&client, &server) else {
+                    // A connection that closed at once has no addresses.
+                    let error = DataFailure::Io {
+                        operation: "open the data connection to",
+                        addr: SocketAddr::new(self.client_ip, 0),
+                        source: io::ErrorKind::NotConnected.into(),
+                    }
+                    .on(Side::Client);
+                    self.feed(Event::DataFailed(error)).await?;
+                    return Ok(());
+                };
+                if let Some(active) = self.active.as_mut() {
+                    active.guards.extend(guards);
+                    active.legs = Some((client, server));
+                    self.metrics.data_setup(active.started.elapsed());
+                }
+                self.feed(Event::LegsReady).await?;
+            }
+            IoDone::ServerConnected(Err(error)) | IoDone::Legs(Err(error)) => {
+                self.feed(Event::DataFailed(error)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn register_legs(&self, client: &TcpStream, server: &TcpStream) -> Option<[Guard; 2]> {
+        let register =
+            |connection, stream: &TcpStream| match (stream.local_addr(), stream.peer_addr()) {
+                (Ok(local), Ok(peer)) => Some(
+                    self.shared
+                        .observer
+                        .register(self.id, connection, local, peer),
+                ),
+                _ => None,
+            };
+        Some([
+            register(Connection::ClientData, client)?,
+            register(Connection::ServerData, server)?,
+        ])
+    }
+
+    fn relay_options(&self) -> RelayOptions {
+        RelayOptions {
             mode: self.config.relay_mode,
             pipe_size: self.config.pipe_size,
             copy_buffer: self.config.copy_buffer,
             idle_timeout: self.config.timeouts.transfer_idle,
-        };
-        let started = Instant::now();
-        let mut relay = relay::spawn(client, server, options);
-        let mut final_reply: Option<Reply> = None;
-        let mut data_flow: Option<Flow> = None;
-        let reply_timeout = self.config.timeouts.reply;
-        let mut waiting_since: Option<Instant> = None;
-        while data_flow.is_none() || final_reply.is_none() {
-            // Once one of the two has arrived, the other must come in time.
-            let deadline = waiting_since
-                .map_or(Instant::now() + Duration::from_secs(365 * 24 * 3600), |t| {
-                    t + reply_timeout
-                });
-            tokio::select! {
-                flow = relay.wait(direction), if data_flow.is_none() => {
-                    data_flow = Some(flow);
-                    waiting_since.get_or_insert_with(Instant::now);
-                }
-                reply = self.server_rx.next(), if final_reply.is_none() => {
-                    let reply = reply_or_error(reply)?;
-                    if reply.is_preliminary() {
-                        self.send(&reply).await?;
-                    } else {
-                        final_reply = Some(reply);
-                        waiting_since.get_or_insert_with(Instant::now);
-                    }
-                }
-                item = self.client_rx.next(), if self.queued.len() < MAX_QUEUED_COMMANDS => match item {
-                    Some(Ok(Ok(abort))) if abort.verb == Verb::Abor => {
-                        self.metrics.command(&abort.verb);
-                        return self.abort(relay, final_reply, upload, started, abort).await;
-                    }
-                    Some(Ok(other)) => self.queued.push_back(other),
-                    Some(Err(e)) => return Err(SessionError::ClientIo(e)),
-                    None => return Err(SessionError::ClientIo(io::ErrorKind::UnexpectedEof.into())),
-                },
-                () = tokio::time::sleep_until(deadline) => {
-                    return Err(SessionError::ServerTimeout { command: command.verb.label(), timeout: reply_timeout });
-                }
-            }
         }
-        let (Some(flow), Some(reply)) = (data_flow, final_reply) else {
-            return Ok(());
+    }
+
+    /// Feeds an event to the transfer machine and carries its actions out.
+    /// Returns whether the server was sent an ABOR (for [`Event::Abort`]).
+    async fn feed(&mut self, event: Event<'_>) -> Result<bool, SessionError> {
+        let Some(active) = self.active.as_mut() else {
+            return Ok(false);
         };
-        let (bytes, relayed, relay_method) = match &flow {
-            Flow::Finished { bytes, method } => {
-                self.metrics.relay_used(*method);
-                (*bytes, true, method.label())
-            }
-            Flow::Failed { bytes, error } => {
-                warn!(error = %error, "data relay failed");
-                (*bytes, false, "failed")
-            }
-            Flow::Running => (0, false, "failed"),
-        };
-        let result = if relayed && reply.is_success() {
-            TransferResult::Ok
-        } else {
-            TransferResult::Failed
-        };
-        info!(
-            command = command.verb.as_str(),
-            direction = direction.label(),
-            bytes,
-            code = reply.code,
-            relay = relay_method,
-            took_ms = started.elapsed().as_millis() as u64,
-            "transfer finished"
-        );
-        self.metrics
-            .transfer_finished(upload, result, bytes, started.elapsed());
-        if relayed {
-            self.send(&reply).await?;
-        } else {
-            // The server may believe the transfer succeeded; the client did
-            // not get every byte.
-            let text = String::from_utf8_lossy(reply.text()).into_owned();
-            let reply = if reply.is_success() {
-                Reply::new(
-                    426,
-                    &format!("Connection closed; transfer aborted ({text})"),
-                )
-            } else {
-                reply
+        let actions = active.machine.on(event);
+        let aborted = actions.iter().any(|a| matches!(a, Action::SendAbort));
+        self.run_actions(actions).await?;
+        self.rearm_transfer_deadline();
+        Ok(aborted)
+    }
+
+    fn rearm_transfer_deadline(&mut self) {
+        if let Some(active) = self.active.as_mut() {
+            active.deadline = active.machine.wait().map(|wait| {
+                Instant::now()
+                    + match wait {
+                        Wait::Reply => self.config.timeouts.reply,
+                        Wait::AbortGrace => ABORT_GRACE,
+                    }
+            });
+        }
+    }
+
+    /// Carries actions out in order; an action may produce an event at
+    /// once (a listener opened or not), whose actions come next.
+    async fn run_actions(&mut self, actions: Vec<Action>) -> Result<(), SessionError> {
+        let mut queue: VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            let Some(event) = self.execute(action).await? else {
+                continue;
             };
-            self.send(&reply).await?;
+            let Some(active) = self.active.as_mut() else {
+                break;
+            };
+            for action in active.machine.on(event).into_iter().rev() {
+                queue.push_front(action);
+            }
         }
-        self.lingering = Some((relay, registrations, std::mem::take(&mut self.data_watches)));
         Ok(())
     }
 
-    /// ABOR during a transfer (RFC 959 §4.1.3): cut the data connections,
-    /// pass ABOR on, relay the transfer's reply and the ABOR's reply.
-    async fn abort(
-        &mut self,
-        relay: RelayHandle,
-        final_reply: Option<Reply>,
-        upload: bool,
-        started: Instant,
-        abort: Command,
-    ) -> Result<(), SessionError> {
-        let progress = relay.progress();
-        drop(relay);
-        let bytes = match (
-            &progress.client_to_server,
-            &progress.server_to_client,
-            upload,
-        ) {
-            (Flow::Finished { bytes, .. } | Flow::Failed { bytes, .. }, _, true) => *bytes,
-            (_, Flow::Finished { bytes, .. } | Flow::Failed { bytes, .. }, false) => *bytes,
-            _ => 0,
-        };
-        self.metrics
-            .transfer_finished(upload, TransferResult::Aborted, bytes, started.elapsed());
-        info!("transfer aborted by the client");
-        self.send_to_server(&abort).await?;
-        let mut expected = 1;
-        if let Some(reply) = final_reply {
-            self.send(&reply).await?;
-        } else {
-            expected = 2;
-        }
-        for i in 0..expected {
-            let timeout = if i == 0 {
-                self.config.timeouts.reply
-            } else {
-                ABORT_REPLY_TIMEOUT
-            };
-            match tokio::time::timeout(timeout, self.server_rx.next()).await {
-                Ok(reply) => {
-                    let reply = reply_or_error(reply)?;
-                    self.send(&reply).await?;
+    async fn execute(&mut self, action: Action) -> Result<Option<Event<'static>>, SessionError> {
+        match action {
+            Action::Send(command, step) => {
+                self.forward(&command, Waiter::Transfer(step)).await?;
+            }
+            Action::SendAbort => {
+                let entry = self.send_abort().await?;
+                if let Some(active) = self.active.as_mut() {
+                    active.abort_entry = Some(entry);
                 }
-                Err(_) if i > 0 => break,
-                Err(_) => {
-                    return Err(SessionError::ServerTimeout {
-                        command: "ABOR",
-                        timeout,
-                    });
+            }
+            Action::Listen => {
+                return Ok(Some(
+                    match self.shared.active_ports.listen(self.server_local.ip()) {
+                        Ok(listener) => match listener.local_addr() {
+                            Ok(addr) => {
+                                let watch = self.shared.observer.watch_port(addr.port());
+                                if let Some(active) = self.active.as_mut() {
+                                    active.guards.push(watch);
+                                    active.server_leg = Some(ServerLeg::Listening(listener));
+                                }
+                                Event::Listening(SocketAddr::new(
+                                    self.server_local.ip(),
+                                    addr.port(),
+                                ))
+                            }
+                            Err(source) => Event::DataFailed(
+                                DataFailure::Io {
+                                    operation: "listen on",
+                                    addr: SocketAddr::new(self.server_local.ip(), 0),
+                                    source,
+                                }
+                                .on(Side::Server),
+                            ),
+                        },
+                        Err(e) => Event::DataFailed(e.on(Side::Server)),
+                    },
+                ));
+            }
+            Action::Connect(target) => {
+                let watch = self.shared.observer.watch_port(target.port());
+                let (ip, timeout) = (self.server_local.ip(), self.config.timeouts.data_connect);
+                if let Some(active) = self.active.as_mut() {
+                    active.guards.push(watch);
+                    active.pending = Some(Box::pin(async move {
+                        IoDone::ServerConnected(
+                            data::connect_from(ip, target, timeout)
+                                .await
+                                .map_err(|e| e.on(Side::Server)),
+                        )
+                    }));
+                }
+            }
+            Action::ConsumeArrangement => {
+                let leg = match self.state.arrangement() {
+                    Arrangement::Active(target) => Some(ClientLeg::Active(target)),
+                    Arrangement::Passive => self.passive.take().map(|(listener, watch)| {
+                        if let Some(active) = self.active.as_mut() {
+                            active.guards.push(watch);
+                        }
+                        ClientLeg::Passive(listener)
+                    }),
+                    Arrangement::None => None,
+                };
+                self.state.consume_arrangement();
+                if let Some(active) = self.active.as_mut() {
+                    active.client_leg = leg;
+                }
+            }
+            Action::OpenLegs => {
+                let context = LegContext {
+                    client_ip: self.client_ip,
+                    client_local_ip: self.client_local.ip(),
+                    server_ip: self.server_ip,
+                    timeout: self.config.timeouts.data_connect,
+                    active_ports: Arc::clone(&self.shared.active_ports),
+                    metrics: Arc::clone(&self.shared.metrics),
+                };
+                let Some(active) = self.active.as_mut() else {
+                    return Ok(None);
+                };
+                if let Some(ClientLeg::Active(target)) = &active.client_leg {
+                    active
+                        .guards
+                        .push(self.shared.observer.watch_port(target.port()));
+                }
+                match (active.server_leg.take(), active.client_leg.take()) {
+                    (Some(server), Some(client)) => {
+                        active.pending = Some(Box::pin(async move {
+                            IoDone::Legs(context.open(server, client).await)
+                        }));
+                    }
+                    (server, _) => {
+                        let side = if server.is_none() {
+                            Side::Server
+                        } else {
+                            Side::Client
+                        };
+                        return Ok(Some(Event::DataFailed(
+                            DataFailure::Io {
+                                operation: "open the data connection",
+                                addr: SocketAddr::new(self.client_ip, 0),
+                                source: io::ErrorKind::NotConnected.into(),
+                            }
+                            .on(side),
+                        )));
+                    }
+                }
+            }
+            Action::Relay => {
+                let options = self.relay_options();
+                if let Some(active) = self.active.as_mut()
+                    && let Some((client, server)) = active.legs.take()
+                {
+                    active.relay = Some(relay::spawn(client, server, options));
+                }
+            }
+            Action::Cut => {
+                if let Some(active) = self.active.as_mut() {
+                    active.pending = None;
+                    active.relay = None;
+                    active.legs = None;
+                    active.server_leg = None;
+                    active.client_leg = None;
+                }
+            }
+            Action::Reply(reply) => self.send(&reply).await?,
+            Action::Finish(outcome) => self.finish_transfer(outcome).await?,
+        }
+        Ok(None)
+    }
+
+    async fn finish_transfer(&mut self, outcome: Outcome) -> Result<(), SessionError> {
+        let Some(active) = self.active.take() else {
+            return Ok(());
+        };
+        // Replies the server still owes for this transfer are swallowed when
+        // they come; a missing second ABOR reply is no longer waited for.
+        self.ledger.forsake_transfer();
+        if let Some(entry) = active.abort_entry {
+            self.ledger.make_optional(entry);
+        }
+        let command = active.machine.command();
+        let kind = active.machine.kind();
+        let took = active.started.elapsed();
+        match &outcome.failure {
+            Some(Failure::Data(error)) => {
+                self.metrics.data_error(error);
+                match &error.cause {
+                    DataFailure::Policy { refusal, .. } => {
+                        self.metrics.rejected(refusal.server_reject());
+                    }
+                    DataFailure::PoolExhausted { .. } => {
+                        self.metrics.rejected(Reject::PortPoolExhausted);
+                    }
+                    _ => {}
+                }
+                match error.side {
+                    Side::Server => {
+                        warn!(side = "server", kind = error.kind.label(), error = %error, command = command.verb.as_str(), "data connection failed")
+                    }
+                    Side::Client => {
+                        info!(side = "client", kind = error.kind.label(), error = %error, command = command.verb.as_str(), "data connection failed")
+                    }
+                }
+            }
+            Some(Failure::Relay(error)) => {
+                warn!(error = %error, command = command.verb.as_str(), "data relay failed");
+            }
+            Some(Failure::ServerTimeout) => {
+                warn!(
+                    side = "server",
+                    command = command.verb.as_str(),
+                    "the server did not answer in time"
+                );
+            }
+            None => {}
+        }
+        if outcome.started || outcome.result == TransferResult::Aborted {
+            if let Some(method) = outcome.method {
+                self.metrics.relay_used(method);
+            }
+            self.metrics
+                .transfer_finished(kind, outcome.result, outcome.bytes, took);
+            info!(
+                command = command.verb.as_str(),
+                direction = kind.label(),
+                result = outcome.result.label(),
+                bytes = outcome.bytes,
+                code = outcome.server_code,
+                relay = outcome.method.map_or("none", |m| m.label()),
+                took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+                "transfer finished"
+            );
+        }
+        if let Some(relay) = active.relay {
+            self.lingering = Some(Lingering {
+                _relay: relay,
+                _guards: active.guards,
+            });
+        }
+        self.last_activity = Instant::now();
+        // Replies that waited behind the transfer's final reply.
+        while let Some(reply) = self.held.pop_front() {
+            self.send(&reply).await?;
+        }
+        Ok(())
+    }
+
+    /// A reply for the client, in order: behind the transfer's held final
+    /// reply when there is one.
+    async fn deliver(&mut self, reply: Reply) -> Result<(), SessionError> {
+        let holding = self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.machine.holds_replies());
+        if holding || !self.held.is_empty() {
+            self.held.push_back(reply);
+            Ok(())
+        } else {
+            self.send(&reply).await
+        }
+    }
+
+    /// After `serve`: tells the client why the session ends when it is the
+    /// server's fault, and closes both control connections.
+    async fn finish(&mut self, outcome: &Result<SessionOutcome, SessionError>) {
+        if let Err(error) = outcome {
+            match error.side() {
+                Side::Client => {}
+                Side::Server => {
+                    warn!(side = "server", error = %error, "session failed");
+                    let reply = Reply::new(421, &format!("Service not available: {error}"));
+                    let _ =
+                        tokio::time::timeout(FAREWELL, self.client_tx.write_all(&reply.to_bytes()))
+                            .await;
                 }
             }
         }
-        Ok(())
+        self.active = None;
+        self.lingering = None;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.server_tx.shutdown()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client_tx.shutdown()).await;
+    }
+
+    async fn send(&mut self, reply: &Reply) -> Result<(), SessionError> {
+        debug!(code = reply.code, text = %String::from_utf8_lossy(reply.text()), "reply to client");
+        self.metrics.reply(reply.code);
+        self.client_tx
+            .write_all(&reply.to_bytes())
+            .await
+            .map_err(SessionError::ClientIo)
+    }
+
+    async fn reply(&mut self, code: u16, text: &str) -> Result<(), SessionError> {
+        self.send(&Reply::new(code, text)).await
     }
 }

@@ -2,18 +2,47 @@
 //! out. No sockets, clocks or logs: the session task carries the decisions
 //! out. This is what the fuzz target and the property tests drive.
 //!
-//! State: whether `EPSV ALL` is in force, and what the client has arranged
-//! for its next data connection (nothing, a passive listener, an active
-//! target). Decisions: relay the command, answer it, open a passive
-//! listener, remember an active target, or start a transfer.
+//! State: whether the server has accepted a login, whether `EPSV ALL` is in
+//! force, and what the client has arranged for its next data connection
+//! (nothing, a passive listener, an active target). Decisions: relay the
+//! command, answer it, open a passive listener, remember an active target,
+//! or start a transfer.
+//!
+//! Not here: the transfer itself (`session::transfer`), which replies the
+//! server owes (`session::ledger`).
 
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 
 use crate::config::UpstreamMode;
-use crate::metrics::Reject;
 use crate::protocol::address::{self, AddressError, EpsvArg};
-use crate::protocol::policy::{self, ActiveTarget, Refusal};
+use crate::protocol::policy::{self, ActiveTarget, Reject};
 use crate::protocol::{Command, CommandError, Reply, Verb};
+
+/// How a login attempt ended (`logins_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginResult {
+    /// The server accepted it.
+    Ok,
+    /// The server refused it.
+    Failed,
+}
+
+impl LoginResult {
+    /// Both results.
+    pub const ALL: [LoginResult; 2] = [LoginResult::Ok, LoginResult::Failed];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            LoginResult::Ok => "ok",
+            LoginResult::Failed => "failed",
+        }
+    }
+}
+
+/// The reply vsftpd gives too: a data command before the server accepted a
+/// login opens nothing and reaches no server.
+const NOT_LOGGED_IN: &str = "Please login with USER and PASS.";
 
 /// What the client has arranged for its next data connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,14 +95,16 @@ pub enum Decision {
     /// The client's PORT/EPRT was accepted: the target is remembered.
     Active(ActiveTarget),
     /// Run a transfer: the client's side as arranged, the server's side
-    /// passive or active.
+    /// passive or active. The arrangement stays until the transfer uses it
+    /// ([`ControlState::consume_arrangement`]): a command the server
+    /// refuses leaves it for the next one, as on the server.
     Transfer {
         /// The client's arrangement (never `None`).
         client: Arrangement,
         /// Whether the gateway opens the server's side with PASV/EPSV.
         server_passive: bool,
     },
-    /// Relay QUIT and end the session.
+    /// Relay QUIT; the session ends when the server says 221 (or closes).
     Quit,
 }
 
@@ -101,6 +132,7 @@ pub struct ControlState {
     client_ip: IpAddr,
     local_ip: IpAddr,
     policy: Policy,
+    logged_in: bool,
     epsv_all: bool,
     arrangement: Arrangement,
 }
@@ -113,9 +145,69 @@ impl ControlState {
             client_ip: client_ip.to_canonical(),
             local_ip: local_ip.to_canonical(),
             policy,
+            logged_in: false,
             epsv_all: false,
             arrangement: Arrangement::None,
         }
+    }
+
+    /// Whether the server has accepted a login.
+    pub fn logged_in(&self) -> bool {
+        self.logged_in
+    }
+
+    /// The server's final reply to a forwarded command: a login accepted,
+    /// refused, or started anew. Returns what a login attempt came to.
+    pub fn on_reply(&mut self, verb: &Verb, code: u16) -> Option<LoginResult> {
+        match (verb, code) {
+            // RFC 959 §5.4: 230 logged in, 202 (PASS) not needed.
+            (Verb::User | Verb::Pass | Verb::Acct, 230) | (Verb::Pass, 202) => {
+                self.logged_in = true;
+                Some(LoginResult::Ok)
+            }
+            // A new USER accepted for a password: a new login in progress.
+            (Verb::User, 331 | 332) => {
+                self.logged_in = false;
+                None
+            }
+            (Verb::Pass | Verb::Acct, 400..) => Some(LoginResult::Failed),
+            (Verb::Rein, 220) => {
+                self.logged_in = false;
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// The transfer took the arrangement (its data connection is being
+    /// established): the next transfer needs a new one.
+    pub fn consume_arrangement(&mut self) {
+        self.arrangement = Arrangement::None;
+    }
+
+    /// Whether the command is relayed to the server without the gateway
+    /// doing anything else: during a transfer such commands go to the
+    /// server at once, the others wait for the transfer's end. Does not
+    /// change the state.
+    pub fn is_plain_forward(&self, command: &Command) -> bool {
+        !matches!(
+            command.verb,
+            Verb::Port
+                | Verb::Eprt
+                | Verb::Pasv
+                | Verb::Epsv
+                | Verb::Lprt
+                | Verb::Lpsv
+                | Verb::Abor
+                | Verb::Auth
+                | Verb::Pbsz
+                | Verb::Prot
+                | Verb::Ccc
+                | Verb::Adat
+                | Verb::Mic
+                | Verb::Conf
+                | Verb::Enc
+        ) && !command.verb.is_transfer()
     }
 
     /// What the client has arranged.
@@ -144,6 +236,13 @@ impl ControlState {
 
     /// A parsed command.
     pub fn on_command(&mut self, command: &Command) -> Decision {
+        let data_verb = matches!(
+            command.verb,
+            Verb::Port | Verb::Eprt | Verb::Pasv | Verb::Epsv | Verb::Lprt | Verb::Lpsv
+        ) || command.verb.is_transfer();
+        if data_verb && !self.logged_in {
+            return refuse(530, NOT_LOGGED_IN, Some(Reject::NotLoggedIn));
+        }
         match &command.verb {
             Verb::Port | Verb::Eprt => self.on_active(command),
             Verb::Pasv | Verb::Epsv => self.on_passive(command),
@@ -165,7 +264,7 @@ impl ControlState {
                 None,
             ),
             verb if verb.is_transfer() => {
-                let client = std::mem::replace(&mut self.arrangement, Arrangement::None);
+                let client = self.arrangement;
                 if client == Arrangement::None {
                     return refuse(425, "Use PORT, EPRT, PASV or EPSV first", None);
                 }
@@ -183,6 +282,7 @@ impl ControlState {
             Verb::Rein => {
                 self.arrangement = Arrangement::None;
                 self.epsv_all = false;
+                self.logged_in = false;
                 Decision::Forward
             }
             _ => Decision::Forward,
@@ -223,18 +323,11 @@ impl ControlState {
                 self.arrangement = Arrangement::Active(target.target());
                 Decision::Active(target)
             }
-            Err(refusal) => {
-                let reject = if matches!(refusal, Refusal::LowPort(_)) {
-                    Reject::LowPort
-                } else {
-                    Reject::Bounce
-                };
-                refuse(
-                    504,
-                    &format!("{verb} refused: {refusal} (RFC 2577 bounce protection)"),
-                    Some(reject),
-                )
-            }
+            Err(refusal) => refuse(
+                504,
+                &format!("{verb} refused: {refusal} (RFC 2577 bounce protection)"),
+                Some(refusal.reject()),
+            ),
         }
     }
 
@@ -271,6 +364,9 @@ impl ControlState {
             self.arrangement = Arrangement::Passive;
             return Decision::OpenPassive(PassiveAnswer::Epsv);
         }
+        if !command.trimmed_arg().is_empty() {
+            return refuse(501, "PASV takes no argument", Some(Reject::BadInput));
+        }
         if self.epsv_all {
             return refuse(501, "PASV refused: EPSV ALL is in effect (RFC 2428)", None);
         }
@@ -290,8 +386,9 @@ mod tests {
     use bytes::BytesMut;
     use tokio_util::codec::Decoder;
 
+    /// A session whose login the server accepted.
     fn state(client: &str, local: &str) -> ControlState {
-        ControlState::new(
+        let mut s = ControlState::new(
             client.parse().unwrap(),
             local.parse().unwrap(),
             Policy {
@@ -299,7 +396,9 @@ mod tests {
                 passive_address: None,
                 upstream_mode: UpstreamMode::Client,
             },
-        )
+        );
+        assert_eq!(s.on_reply(&Verb::Pass, 230), Some(LoginResult::Ok));
+        s
     }
 
     fn cmd(line: &str) -> Command {
@@ -328,6 +427,13 @@ mod tests {
                 server_passive: true
             }
         );
+        // Refused by the server (550): the arrangement is still there.
+        assert_eq!(s.arrangement(), Arrangement::Passive);
+        assert!(matches!(
+            s.on_command(&cmd("RETR x")),
+            Decision::Transfer { .. }
+        ));
+        s.consume_arrangement();
         assert_eq!(code(&s.on_command(&cmd("RETR x"))), Some(425));
         assert!(matches!(
             s.on_command(&cmd("PORT 192,0,2,1,19,137")),
@@ -359,6 +465,7 @@ mod tests {
                     upstream_mode: mode,
                 },
             );
+            s.on_reply(&Verb::User, 230);
             s.on_command(&cmd(if client_passive {
                 "EPSV"
             } else {
@@ -388,6 +495,81 @@ mod tests {
     }
 
     #[test]
+    fn data_commands_need_a_login_and_open_nothing_before() {
+        let mut s = ControlState::new(
+            "192.0.2.1".parse().unwrap(),
+            "198.51.100.1".parse().unwrap(),
+            Policy {
+                nat_traversal: true,
+                passive_address: None,
+                upstream_mode: UpstreamMode::Client,
+            },
+        );
+        for line in [
+            "PASV",
+            "EPSV",
+            "EPSV ALL",
+            "PORT 192,0,2,1,19,137",
+            "EPRT |1|192.0.2.1|5001|",
+            "RETR x",
+            "LIST",
+        ] {
+            let decision = s.on_command(&cmd(line));
+            assert_eq!(code(&decision), Some(530), "{line}");
+            assert_eq!(s.arrangement(), Arrangement::None, "{line}");
+        }
+        assert_eq!(s.on_command(&cmd("USER anonymous")), Decision::Forward);
+        assert_eq!(s.on_reply(&Verb::User, 331), None);
+        assert_eq!(s.on_reply(&Verb::Pass, 530), Some(LoginResult::Failed));
+        assert!(!s.logged_in());
+        assert_eq!(s.on_reply(&Verb::Pass, 230), Some(LoginResult::Ok));
+        assert!(matches!(
+            s.on_command(&cmd("PASV")),
+            Decision::OpenPassive(_)
+        ));
+        // REIN logs out.
+        assert_eq!(s.on_command(&cmd("REIN")), Decision::Forward);
+        assert_eq!(code(&s.on_command(&cmd("PASV"))), Some(530));
+    }
+
+    #[test]
+    fn pasv_takes_no_argument() {
+        let mut s = state("192.0.2.1", "198.51.100.1");
+        assert_eq!(code(&s.on_command(&cmd("PASV 1"))), Some(501));
+        assert_eq!(s.arrangement(), Arrangement::None);
+    }
+
+    #[test]
+    fn plain_forwards_are_what_on_command_forwards() {
+        for line in [
+            "NOOP",
+            "STAT",
+            "USER x",
+            "QUIT",
+            "REIN",
+            "SITE x",
+            "FOO",
+            "PWD",
+            "RETR x",
+            "PASV",
+            "PORT 1,2,3,4,5,6",
+            "ABOR",
+            "AUTH TLS",
+            "EPSV",
+        ] {
+            let mut s = state("192.0.2.1", "198.51.100.1");
+            let plain = s.is_plain_forward(&cmd(line));
+            let decision = s.on_command(&cmd(line));
+            assert_eq!(
+                plain,
+                matches!(decision, Decision::Forward | Decision::Quit)
+                    && cmd(line).verb != Verb::Abor,
+                "{line}: {decision:?}"
+            );
+        }
+    }
+
+    #[test]
     fn refused_port_clears_the_arrangement() {
         let mut s = state("192.0.2.1", "198.51.100.1");
         s.on_command(&cmd("PASV"));
@@ -409,6 +591,7 @@ mod tests {
             ], 0..40)) {
             let mut s = state("203.0.113.9", "198.51.100.1");
             let mut codec = crate::protocol::CommandCodec::new(512);
+            let mut transfers = 0u32;
             let mut buf = BytesMut::from(lines.join("\r\n").as_bytes());
             buf.extend_from_slice(b"\r\n");
             while let Some(item) = codec.decode(&mut buf).unwrap() {
@@ -424,6 +607,11 @@ mod tests {
                     Decision::Transfer { client, .. } => {
                         proptest::prop_assert_ne!(client, Arrangement::None);
                         proptest::prop_assert_eq!(client, before.arrangement());
+                        // Every other transfer uses its arrangement.
+                        transfers += 1;
+                        if transfers % 2 == 0 {
+                            s.consume_arrangement();
+                        }
                     }
                     _ => {}
                 }

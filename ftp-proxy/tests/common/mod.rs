@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+pub mod fake;
+pub mod inproc;
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A network namespace with only a loopback interface, removed on drop.

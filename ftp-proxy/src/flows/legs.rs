@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::metrics::TcpLeg;
+use crate::session::Connection;
 
 /// How long a closed connection stays known.
 const KEEP_CLOSED: Duration = Duration::from_secs(120);
@@ -22,19 +22,19 @@ const MAX_CLOSED: usize = 16_384;
 
 /// A connection's owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Owner {
+pub(crate) struct Owner {
     /// The session.
-    pub session_id: u64,
+    pub(crate) session_id: u64,
     /// Which of its connections.
-    pub leg: TcpLeg,
+    pub(crate) connection: Connection,
     /// The gateway's end of the connection.
-    pub local: SocketAddr,
+    pub(crate) local: SocketAddr,
 }
 
 /// The endpoints of a connection, in a canonical order so that either
 /// side's view finds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Endpoints(SocketAddr, SocketAddr);
+pub(crate) struct Endpoints(SocketAddr, SocketAddr);
 
 fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
@@ -42,7 +42,7 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 
 impl Endpoints {
     /// The connection between `a` and `b` (in either order).
-    pub fn new(a: SocketAddr, b: SocketAddr) -> Endpoints {
+    pub(crate) fn new(a: SocketAddr, b: SocketAddr) -> Endpoints {
         let (a, b) = (canonical(a), canonical(b));
         if (a.ip(), a.port()) <= (b.ip(), b.port()) {
             Endpoints(a, b)
@@ -61,11 +61,11 @@ struct Table {
 
 /// The table, shared by all sessions.
 #[derive(Debug, Clone, Default)]
-pub struct LegRegistry(Arc<Mutex<Table>>);
+pub(crate) struct LegRegistry(Arc<Mutex<Table>>);
 
 /// A registered connection; dropping it marks the connection closed.
 #[derive(Debug)]
-pub struct Registration {
+pub(crate) struct Registration {
     registry: LegRegistry,
     endpoints: Endpoints,
 }
@@ -103,12 +103,12 @@ impl Table {
 }
 
 impl LegRegistry {
-    /// Registers the connection between `local` and `peer` as `leg` of
+    /// Registers the connection between `local` and `peer` as `connection` of
     /// `session_id`, until the returned value is dropped.
-    pub fn register(
+    pub(crate) fn register(
         &self,
         session_id: u64,
-        leg: TcpLeg,
+        connection: Connection,
         local: SocketAddr,
         peer: SocketAddr,
     ) -> Registration {
@@ -119,7 +119,7 @@ impl LegRegistry {
                 endpoints,
                 Owner {
                     session_id,
-                    leg,
+                    connection,
                     local: canonical(local),
                 },
             );
@@ -131,7 +131,7 @@ impl LegRegistry {
     }
 
     /// The owner of the connection between `a` and `b`, open or recently closed.
-    pub fn owner(&self, a: SocketAddr, b: SocketAddr) -> Option<Owner> {
+    pub(crate) fn owner(&self, a: SocketAddr, b: SocketAddr) -> Option<Owner> {
         let endpoints = Endpoints::new(a, b);
         let table = self.0.lock().ok()?;
         table
@@ -141,8 +141,9 @@ impl LegRegistry {
             .copied()
     }
 
+    #[cfg(test)]
     /// Connections open now.
-    pub fn open_count(&self) -> usize {
+    pub(crate) fn open_count(&self) -> usize {
         self.0.lock().map(|t| t.open.len()).unwrap_or(0)
     }
 }
@@ -160,7 +161,7 @@ mod tests {
         let r = LegRegistry::default();
         let reg = r.register(
             7,
-            TcpLeg::ClientData,
+            Connection::ClientData,
             sa("127.0.0.1:20"),
             sa("127.0.0.1:5001"),
         );
@@ -168,7 +169,7 @@ mod tests {
             r.owner(sa("127.0.0.1:5001"), sa("127.0.0.1:20")),
             Some(Owner {
                 session_id: 7,
-                leg: TcpLeg::ClientData,
+                connection: Connection::ClientData,
                 local: sa("127.0.0.1:20"),
             })
         );
@@ -182,8 +183,8 @@ mod tests {
         // Still known after it closed.
         assert_eq!(
             r.owner(sa("127.0.0.1:5001"), sa("127.0.0.1:20"))
-                .map(|o| o.leg),
-            Some(TcpLeg::ClientData)
+                .map(|o| o.connection),
+            Some(Connection::ClientData)
         );
         assert_eq!(r.open_count(), 0);
         assert_eq!(r.owner(sa("127.0.0.1:5002"), sa("127.0.0.1:20")), None);
@@ -196,7 +197,7 @@ mod tests {
             let p = 1024 + (port % 60_000) as u16;
             drop(r.register(
                 1,
-                TcpLeg::ServerData,
+                Connection::ServerData,
                 sa("10.0.0.1:21"),
                 SocketAddr::new([10, 0, (port >> 16) as u8, 2].into(), p),
             ));

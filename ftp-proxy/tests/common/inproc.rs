@@ -1,0 +1,264 @@
+//! The gateway's real wiring (`ftp_proxy::run`) started inside the test
+//! process on 127.0.0.1:0, and a small async FTP client to drive it: the
+//! unprivileged tier, which needs no root and no system packages.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use ftp_proxy::config::Cli;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long a test waits for any one reply before failing.
+pub const REPLY_WAIT: Duration = Duration::from_secs(20);
+
+/// The gateway running in this process; shut down on drop.
+pub struct InProcess {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), ftp_proxy::StartError>>>,
+    _reloads: watch::Sender<Arc<ftp_proxy::Config>>,
+}
+
+impl InProcess {
+    /// Starts the gateway in front of `upstream` with extra command-line
+    /// arguments.
+    pub fn start(upstream: SocketAddr, extra: &[&str]) -> InProcess {
+        // FTPX_SHOW_LOGS=1 shows the gateway's logs (debug level).
+        if std::env::var_os("FTPX_SHOW_LOGS").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter("debug")
+                .with_test_writer()
+                .try_init();
+        }
+        let upstream = upstream.to_string();
+        let mut args = vec![
+            "ftp-proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &upstream,
+            "--metrics",
+            "127.0.0.1:0",
+            "--ebpf",
+            "off",
+        ];
+        args.extend_from_slice(extra);
+        let mut cli = Cli::try_parse_from(args).unwrap();
+        let settings = std::mem::take(&mut cli.settings);
+        let config = cli.load(settings).unwrap();
+        let listeners = ftp_proxy::Listeners::bind(&config).unwrap();
+        let addr = listeners.control_addrs()[0];
+        let metrics_addr = listeners.metrics_addr().unwrap();
+        let (reloads_tx, reloads) = watch::channel(Arc::new(config.clone()));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(ftp_proxy::run(
+            config,
+            listeners,
+            None,
+            shutdown.clone(),
+            reloads,
+        ));
+        InProcess {
+            addr,
+            metrics_addr,
+            shutdown,
+            task: Some(task),
+            _reloads: reloads_tx,
+        }
+    }
+
+    /// GET `path` from the HTTP endpoint: (status line, body).
+    pub async fn http(&self, path: &str) -> (String, String) {
+        let mut stream = TcpStream::connect(self.metrics_addr).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: t\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut response = String::new();
+        tokio::time::timeout(REPLY_WAIT, stream.read_to_string(&mut response))
+            .await
+            .unwrap()
+            .unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        (head.lines().next().unwrap().to_owned(), body.to_owned())
+    }
+
+    /// The value of one metric series, e.g.
+    /// `ftp_proxy_rejected_total{reason="bounce"}` (0 when absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (_, body) = self.http("/metrics").await;
+        body.lines()
+            .find_map(|line| {
+                line.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+
+    /// Waits until a metric reaches `want` (sessions end asynchronously).
+    pub async fn wait_metric(&self, series: &str, want: f64) {
+        let deadline = tokio::time::Instant::now() + REPLY_WAIT;
+        loop {
+            let now = self.metric(series).await;
+            if now == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} is {now}, want {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Graceful shutdown; waits for the drain.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(REPLY_WAIT, task)
+                .await
+                .expect("the gateway drains in time")
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The code of a reply.
+pub fn code(reply: &str) -> u16 {
+    reply.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// A control connection driven by hand.
+pub struct FtpClient {
+    rx: BufReader<OwnedReadHalf>,
+    tx: OwnedWriteHalf,
+}
+
+impl FtpClient {
+    /// Connects and reads the banner.
+    pub async fn connect(addr: SocketAddr) -> (FtpClient, String) {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (rx, tx) = stream.into_split();
+        let mut client = FtpClient {
+            rx: BufReader::new(rx),
+            tx,
+        };
+        let banner = client.reply().await;
+        (client, banner)
+    }
+
+    /// Connects, checks the banner and logs in.
+    pub async fn login(addr: SocketAddr) -> FtpClient {
+        let (mut client, banner) = FtpClient::connect(addr).await;
+        assert_eq!(code(&banner), 220, "{banner}");
+        assert_eq!(code(&client.cmd("USER test").await), 331);
+        assert_eq!(code(&client.cmd("PASS secret").await), 230);
+        client
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.tx.write_all(bytes).await.unwrap();
+    }
+
+    pub async fn send(&mut self, line: &str) {
+        self.send_raw(format!("{line}\r\n").as_bytes()).await;
+    }
+
+    /// The socket, for urgent data.
+    pub fn socket(&self) -> socket2::SockRef<'_> {
+        socket2::SockRef::from(self.tx.as_ref())
+    }
+
+    /// Reads one whole reply (multi-line aware), lines joined by '\n';
+    /// `<closed>` when the connection ends. Fails after [`REPLY_WAIT`].
+    pub async fn reply(&mut self) -> String {
+        self.reply_within(REPLY_WAIT)
+            .await
+            .expect("a reply in time")
+    }
+
+    /// A reply within `wait`, or `None`.
+    pub async fn reply_within(&mut self, wait: Duration) -> Option<String> {
+        tokio::time::timeout(wait, async {
+            let mut lines = Vec::new();
+            let mut first_code = String::new();
+            loop {
+                let mut line = String::new();
+                if self.rx.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    lines.push("<closed>".to_owned());
+                    break;
+                }
+                let line = line.trim_end().to_owned();
+                if first_code.is_empty() {
+                    first_code = line.chars().take(3).collect();
+                    let more = line.chars().nth(3) == Some('-');
+                    lines.push(line);
+                    if !more {
+                        break;
+                    }
+                } else {
+                    let end = line.starts_with(&first_code) && line.chars().nth(3) == Some(' ');
+                    lines.push(line);
+                    if end {
+                        break;
+                    }
+                }
+            }
+            lines.join("\n")
+        })
+        .await
+        .ok()
+    }
+
+    pub async fn cmd(&mut self, line: &str) -> String {
+        self.send(line).await;
+        self.reply().await
+    }
+
+    /// EPSV: the gateway's data address.
+    pub async fn epsv(&mut self, gateway: SocketAddr) -> SocketAddr {
+        let reply = self.cmd("EPSV").await;
+        assert_eq!(code(&reply), 229, "{reply}");
+        let port: u16 = reply.split('|').nth(3).unwrap().parse().unwrap();
+        SocketAddr::new(gateway.ip(), port)
+    }
+
+    /// PORT toward a fresh listener on 127.0.0.1.
+    pub async fn port(&mut self) -> tokio::net::TcpListener {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let reply = self
+            .cmd(&format!("PORT 127,0,0,1,{},{}", port / 256, port % 256))
+            .await;
+        assert_eq!(code(&reply), 200, "{reply}");
+        listener
+    }
+}
+
+/// Reads a data connection to its end.
+pub async fn read_all(mut stream: TcpStream) -> Vec<u8> {
+    let mut data = Vec::new();
+    tokio::time::timeout(REPLY_WAIT, stream.read_to_end(&mut data))
+        .await
+        .unwrap()
+        .unwrap();
+    data
+}
