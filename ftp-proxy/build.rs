@@ -83,10 +83,7 @@ fn main() -> Result<()> {
     // The eBPF crate's inputs, watched file by file (aya-build watches its
     // whole directory, which a cache hit below does not call it for).
     for input in ["src", "Cargo.toml", "Cargo.lock", ".cargo"] {
-        println!(
-            "cargo::rerun-if-changed={}",
-            ebpf_dir.join(input).display()
-        );
+        println!("cargo::rerun-if-changed={}", ebpf_dir.join(input).display());
     }
     // aya-build compiles the object (core included) into this run's OUT_DIR,
     // so every profile and every build-script hash would pay about a

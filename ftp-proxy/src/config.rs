@@ -202,7 +202,7 @@ pub struct Settings {
     #[arg(long, value_name = "LOW-HIGH")]
     pub active_ports: Option<String>,
 
-    /// How data connections to the server are opened.
+    /// How data connections to the server are opened [default: client].
     #[arg(long, value_enum, value_name = "MODE")]
     pub upstream_mode: Option<UpstreamMode>,
 
@@ -279,7 +279,7 @@ pub struct Settings {
     #[serde(default)]
     pub interface: Vec<String>,
 
-    /// Log format.
+    /// Log format [default: text].
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
 
@@ -835,6 +835,125 @@ mod tests {
         let max = default_max_sessions() as u64;
         assert!(max * FDS_PER_SESSION + FDS_RESERVED <= hard.max(FDS_RESERVED + 2));
         assert!(max >= 1);
+    }
+
+    /// A setting's default as `--help` prints it and as the example file
+    /// shows it, derived from [`defaults`] and the enums' defaults.
+    fn documented_defaults() -> Vec<(&'static str, String, String)> {
+        fn name<T: ValueEnum + Default>() -> String {
+            T::default()
+                .to_possible_value()
+                .map(|v| v.get_name().to_owned())
+                .unwrap_or_default()
+        }
+        let plain = |key: &'static str, value: String| (key, value.clone(), value);
+        let quoted =
+            |key: &'static str, value: String| (key, value.clone(), format!("\"{value}\""));
+        let secs = |key: &'static str, d: Duration| plain(key, d.as_secs().to_string());
+        vec![
+            (
+                "listen",
+                defaults::LISTEN.to_owned(),
+                format!("[\"{}\"]", defaults::LISTEN),
+            ),
+            quoted("upstream-mode", name::<UpstreamMode>()),
+            plain("nat-traversal", defaults::NAT_TRAVERSAL.to_string()),
+            quoted("server-passive-address", name::<ServerPassivePolicy>()),
+            plain("max-sessions", defaults::MAX_SESSIONS.to_string()),
+            plain(
+                "max-sessions-per-client",
+                defaults::MAX_SESSIONS_PER_CLIENT.to_string(),
+            ),
+            plain("max-line", defaults::MAX_LINE.to_string()),
+            secs("connect-timeout", defaults::CONNECT_TIMEOUT),
+            secs("data-timeout", defaults::DATA_TIMEOUT),
+            secs("idle-timeout", defaults::IDLE_TIMEOUT),
+            secs("transfer-idle-timeout", defaults::TRANSFER_IDLE_TIMEOUT),
+            secs("reply-timeout", defaults::REPLY_TIMEOUT),
+            secs("drain-timeout", defaults::DRAIN_TIMEOUT),
+            quoted("relay-mode", name::<RelayMode>()),
+            plain("pipe-size", defaults::PIPE_SIZE.to_string()),
+            plain("copy-buffer", defaults::COPY_BUFFER.to_string()),
+            quoted("ebpf", name::<EbpfMode>()),
+            quoted("log-format", name::<LogFormat>()),
+            quoted("log-level", defaults::LOG_LEVEL.to_owned()),
+        ]
+    }
+
+    /// Settings whose default depends on the machine or the session, or
+    /// that have none: documented in words.
+    const NO_FIXED_DEFAULT: &[&str] = &[
+        "upstream",
+        "passive-ports",
+        "passive-address",
+        "active-ports",
+        "worker-threads",
+        "metrics",
+        "interface",
+    ];
+
+    fn example() -> String {
+        std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ftp-proxy.example.toml"),
+        )
+        .unwrap()
+    }
+
+    /// One source for each default (issue 11, item 8): `--help`, the
+    /// example file and validation say the same, and every setting is
+    /// either in the table or named as having no fixed default.
+    #[test]
+    fn defaults_agree_with_help_and_the_example_file() {
+        use clap::CommandFactory;
+        let table = documented_defaults();
+        let example = example();
+        let command = Cli::command();
+        for arg in command.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "config" | "check-config" | "help" | "version") {
+                continue;
+            }
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            match table.iter().find(|(key, ..)| *key == long) {
+                Some((_, in_help, in_file)) => {
+                    assert!(
+                        help.contains(&format!("[default: {in_help}")),
+                        "--{long} help says {help:?}, the default is {in_help}"
+                    );
+                    assert!(
+                        example.contains(&format!("\n#{long} = {in_file}\n")),
+                        "the example file lacks the default line #{long} = {in_file}"
+                    );
+                }
+                None => {
+                    assert!(
+                        NO_FIXED_DEFAULT.contains(&long),
+                        "--{long}: add its default to documented_defaults() or NO_FIXED_DEFAULT"
+                    );
+                    assert!(help.contains("[default"), "--{long} help names no default");
+                    assert!(
+                        example.contains(&format!("{long} = ")),
+                        "the example file does not document {long}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The example file validates, and apart from the upstream it names
+    /// it is the defaults.
+    #[test]
+    fn the_example_file_is_the_defaults() {
+        let from_file: Settings = toml::from_str(&example()).unwrap();
+        let upstream = from_file.upstream.clone().unwrap();
+        let from_file = from_file.validate().unwrap();
+        let bare = Settings {
+            upstream: Some(upstream),
+            ..Settings::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(from_file, bare);
     }
 
     #[test]

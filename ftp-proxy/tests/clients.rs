@@ -31,6 +31,7 @@ fn bytes(out: &std::process::Output) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn curl_passive_and_active() {
     let lab = Lab::new(&[]);
     let content = pattern(300_000, 3);
@@ -89,6 +90,7 @@ fn curl_passive_and_active() {
 }
 
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn curl_over_ipv6() {
     let lab = Lab::with_upstream(SERVER6, &[]);
     let content = pattern(70_000, 1);
@@ -101,6 +103,7 @@ fn curl_over_ipv6() {
 }
 
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn lftp_session() {
     let lab = Lab::new(&[]);
     lab.server.put("a.txt", b"alpha\n");
@@ -160,6 +163,7 @@ fn lftp_session() {
 
 /// Every command of the list through ftplib, checking each reply.
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn ftplib_command_set() {
     let lab = Lab::new(&[]);
     lab.server.put("f.txt", b"0123456789");

@@ -32,16 +32,13 @@ use ftp_proxy::flowtrack::{FlowRecord, FlowState, FlowTracker, FlowtrackOptions,
 /// every object named like ours.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn can_run() -> bool {
-    if !FlowTracker::available() {
-        eprintln!("skipped: eBPF object not built into this binary");
-        return false;
-    }
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return false;
-    }
-    true
+/// The privileged tier's prerequisites: a missing one fails the test.
+fn require() {
+    assert!(
+        FlowTracker::available(),
+        "the eBPF object is not built into this binary (FTPX_EBPF_BUILD=require)"
+    );
+    assert!(rustix::process::geteuid().is_root(), "needs root");
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -226,11 +223,10 @@ fn assert_orderly(r: &FlowRecord, client: SocketAddr, server: SocketAddr, up: us
 }
 
 #[test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
 fn loopback_in_a_namespace() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !can_run() {
-        return;
-    }
+    require();
     let rt = runtime();
     let ns = NetNs::new();
     let listener = ns.listen("127.0.0.1:0".parse().unwrap());
@@ -326,11 +322,10 @@ impl VethPair {
 }
 
 #[test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
 fn veth_between_two_namespaces() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !can_run() {
-        return;
-    }
+    require();
     let rt = runtime();
     let pair = VethPair::new();
     let listener = pair.server.listen("10.200.0.2:0".parse().unwrap());
@@ -382,11 +377,10 @@ fn veth_between_two_namespaces() {
 }
 
 #[test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
 fn a_thousand_short_connections() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !can_run() {
-        return;
-    }
+    require();
     const N: usize = 1000;
     let rt = runtime();
     let ns = NetNs::new();
@@ -468,11 +462,10 @@ fn a_thousand_short_connections() {
 /// both connections are reported, each as a flow of its own (the first
 /// one's entry left the table when it closed).
 #[test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
 fn port_reuse_is_a_new_flow() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !can_run() {
-        return;
-    }
+    require();
     let rt = runtime();
     let ns = NetNs::new();
     let listener = ns.listen("127.0.0.1:0".parse().unwrap());
@@ -516,11 +509,10 @@ fn port_reuse_is_a_new_flow() {
 }
 
 #[test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
 fn start_errors_leave_nothing_behind() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !can_run() {
-        return;
-    }
+    require();
     let rt = runtime();
     let ns = NetNs::new();
     let handle = rt.handle().clone();

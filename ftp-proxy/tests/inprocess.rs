@@ -114,7 +114,10 @@ async fn a_late_final_reply_never_answers_a_later_command() {
     let asked = Instant::now();
     let reply = client.cmd("EPSV").await;
     assert_eq!(code(&reply), 229, "{reply}");
-    assert!(asked.elapsed() < Duration::from_secs(1), "stalled for the owed reply");
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "stalled for the owed reply"
+    );
     // A command for the server: the server answers it after its late
     // reply, which the gateway swallows.
     let reply = client.cmd("NOOP").await;
@@ -225,8 +228,15 @@ async fn commands_during_a_transfer_are_passed_on_at_once() {
     assert_eq!(code(&client.cmd("RETR f").await), 150);
     let reader = tokio::spawn(read_all(stream));
     let reply = client.cmd("STAT").await;
-    assert_eq!(code(&reply), 213, "STAT reports the transfer in progress: {reply}");
-    assert!(!reader.is_finished(), "STAT was answered during the transfer");
+    assert_eq!(
+        code(&reply),
+        213,
+        "STAT reports the transfer in progress: {reply}"
+    );
+    assert!(
+        !reader.is_finished(),
+        "STAT was answered during the transfer"
+    );
     client.send("NOOP").await;
     assert_eq!(code(&client.reply().await), 226);
     assert_eq!(code(&client.reply().await), 200);
@@ -288,7 +298,13 @@ async fn data_commands_before_login_get_530_and_open_nothing() {
     let server = FakeServer::start(Behavior::default()).await;
     let gateway = InProcess::start(server.addr, &[]);
     let (mut client, _) = FtpClient::connect(gateway.addr).await;
-    for line in ["PASV", "EPSV", "PORT 127,0,0,1,200,1", "EPRT |1|127.0.0.1|51201|", "LIST"] {
+    for line in [
+        "PASV",
+        "EPSV",
+        "PORT 127,0,0,1,200,1",
+        "EPRT |1|127.0.0.1|51201|",
+        "LIST",
+    ] {
         let reply = client.cmd(line).await;
         assert_eq!(code(&reply), 530, "{line}: {reply}");
     }

@@ -50,6 +50,7 @@ fn retr_active(control: &mut Control, listener: &TcpListener, name: &str) -> Vec
 }
 
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn nat_traversal_connects_to_the_observed_address() {
     let lab = Lab::new(&[]);
     lab.server.put("n.txt", b"behind nat");
@@ -88,6 +89,7 @@ fn nat_traversal_connects_to_the_observed_address() {
 }
 
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn nat_traversal_can_be_turned_off() {
     let lab = Lab::new(&["--nat-traversal", "false"]);
     let stream = lab
@@ -101,6 +103,7 @@ fn nat_traversal_can_be_turned_off() {
 }
 
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn bounce_attempts_are_refused() {
     let lab = Lab::new(&[]);
     let baseline = lab.gateway.fd_count();
@@ -155,6 +158,7 @@ fn bounce_attempts_are_refused() {
 }
 
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn bad_lines_get_replies_and_the_session_goes_on() {
     let lab = Lab::new(&["--max-line", "512"]);
     let mut control = Control::connect(&lab.ns, GATEWAY4);
@@ -200,6 +204,7 @@ fn bad_lines_get_replies_and_the_session_goes_on() {
 }
 
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn ipv6_specific_refusals() {
     let lab = Lab::with_upstream(SERVER6, &[]);
     let mut control = Control::connect(&lab.ns, GATEWAY6);
@@ -217,6 +222,7 @@ fn ipv6_specific_refusals() {
 }
 
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn data_connection_from_another_address_is_closed() {
     let lab = Lab::new(&[]);
     lab.server.put("t.txt", b"theft-proof");
@@ -255,6 +261,7 @@ fn data_connection_from_another_address_is_closed() {
 }
 
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn server_down_gets_421_and_the_gateway_keeps_serving() {
     let ns = NetNs::new();
     // Nothing listens on the upstream port.
@@ -306,6 +313,7 @@ fn server_down_gets_421_and_the_gateway_keeps_serving() {
 
 /// A hostile server: its 227 names another host, or a privileged port.
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn hostile_server_passive_replies() {
     let ns = NetNs::new();
     let fake = ns.listen("127.0.0.1:2997".parse().unwrap());
@@ -359,7 +367,7 @@ fn hostile_server_passive_replies() {
     }
     assert!(control.cmd("NOOP").starts_with("200"));
     assert!(control.cmd("QUIT").starts_with("221"));
-    gateway.expect_logs("refused the server's passive address", 3);
+    gateway.expect_logs("\"kind\":\"policy\"", 3);
     server.join().unwrap();
 }
 
@@ -381,6 +389,7 @@ fn session_pids(server: &Vsftpd) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn server_dies_mid_transfer() {
     let lab = Lab::new(&[]);
     write_pattern_file(&lab.server.public().join("big.bin"), 512 << 20, 1);
@@ -419,6 +428,7 @@ fn server_dies_mid_transfer() {
 }
 
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn client_dies_mid_transfer() {
     let lab = Lab::new(&[]);
     write_pattern_file(&lab.server.public().join("big.bin"), 512 << 20, 1);
@@ -452,6 +462,7 @@ fn client_dies_mid_transfer() {
 }
 
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn session_limits_answer_421() {
     let lab = Lab::new(&["--max-sessions", "3", "--max-sessions-per-client", "2"]);
     let a = Control::connect(&lab.ns, GATEWAY4);
@@ -494,6 +505,7 @@ fn session_limits_answer_421() {
 }
 
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn idle_control_connection_gets_421() {
     let lab = Lab::new(&["--idle-timeout", "1"]);
     let mut control = Control::connect(&lab.ns, GATEWAY4);
@@ -505,6 +517,7 @@ fn idle_control_connection_gets_421() {
 }
 
 #[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
 fn data_setup_timeout_gives_425_and_the_session_goes_on() {
     let lab = Lab::new(&["--data-timeout", "1"]);
     lab.server.put("d.txt", b"data");

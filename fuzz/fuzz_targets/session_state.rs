@@ -1,14 +1,14 @@
 //! Fuzzes the session's protocol state with arbitrary client streams: the
 //! gateway never arranges a data connection to another host or a
-//! privileged port, never answers PORT/PASV after EPSV ALL, and never starts
-//! a transfer without an arrangement.
+//! privileged port, never answers PORT/PASV after EPSV ALL, never starts
+//! a transfer without an arrangement, and arranges nothing before login.
 #![no_main]
 
 use std::net::IpAddr;
 
 use bytes::BytesMut;
 use ftp_proxy::config::UpstreamMode;
-use ftp_proxy::protocol::CommandCodec;
+use ftp_proxy::protocol::{CommandCodec, Verb};
 use ftp_proxy::session::state::{Arrangement, ControlState, Decision, PassiveAnswer, Policy};
 use libfuzzer_sys::fuzz_target;
 use tokio_util::codec::Decoder;
@@ -24,6 +24,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let policy = Policy { nat_traversal: flags & 8 == 0, passive_address: None, upstream_mode: mode };
     let mut state = ControlState::new(client, local, policy);
+    if flags & 16 == 0 {
+        state.on_reply(&Verb::Pass, 230);
+    }
     let mut codec = CommandCodec::new(256);
     let mut buf = BytesMut::from(data);
     while let Ok(Some(item)) = codec.decode(&mut buf) {
@@ -32,6 +35,12 @@ fuzz_target!(|data: &[u8]| {
             Ok(command) => state.on_command(&command),
             Err(error) => state.on_bad_line(&error),
         };
+        match decision {
+            Decision::Active(_) | Decision::OpenPassive(_) | Decision::Transfer { .. } => {
+                assert!(before.logged_in(), "a data command before login");
+            }
+            _ => {}
+        }
         match decision {
             Decision::Active(target) => {
                 assert_eq!(target.target().ip(), client);
@@ -45,7 +54,9 @@ fuzz_target!(|data: &[u8]| {
             Decision::Transfer { client: arranged, server_passive } => {
                 assert_ne!(arranged, Arrangement::None);
                 assert_eq!(arranged, before.arrangement());
-                assert_eq!(state.arrangement(), Arrangement::None);
+                // The arrangement stays until the transfer uses it.
+                assert_eq!(state.arrangement(), arranged);
+                state.consume_arrangement();
                 match mode {
                     UpstreamMode::Passive => assert!(server_passive),
                     UpstreamMode::Active => assert!(!server_passive),

@@ -232,11 +232,23 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
     }
     // setup() installed the eBPF toolchain: a daemon without the flow
     // tracker would be a silent CI gap, so its absence is an error here.
+    // Both tiers: plain `cargo test` ignores the privileged tests (root,
+    // namespaces, real servers and clients, eBPF); here they run, and a
+    // missing prerequisite fails them.
+    let (cargo_args, harness_args) = match args.iter().position(|a| a == "--") {
+        Some(at) => {
+            let (before, after) = args.split_at(at);
+            (before, after.get(1..).unwrap_or_default())
+        }
+        None => (args, &[][..]),
+    };
     status(
         cargo()
             .env("FTPX_EBPF_BUILD", "require")
             .args(["test", "--workspace", "--no-fail-fast"])
-            .args(args),
+            .args(cargo_args)
+            .args(["--", "--include-ignored"])
+            .args(harness_args),
     )?;
     if args.is_empty() {
         // A bounded smoke run of every fuzz target; `cargo xtask fuzz` runs longer.
@@ -341,11 +353,54 @@ fn run(args: &[String]) -> Result<()> {
         );
     }
     gateway.args(args);
-    let status = gateway.status().context("running the gateway")?;
-    if !status.success() && status.code() != Some(130) {
+    let status = run_until_interrupted(gateway)?;
+    if let Some(status) = status
+        && !status.success()
+    {
         bail!("gateway exited with {status}");
     }
     Ok(())
+}
+
+/// Runs the gateway until it exits (its status) or this process gets
+/// SIGINT or SIGTERM (`None`): then the gateway gets SIGINT, and the demo
+/// server is stopped when the caller's guard drops. Handling the signal
+/// here, rather than dying of it, means the demo never outlives a Ctrl-C,
+/// also when SIGINT was ignored by whatever started us (a background job
+/// inherits that, and an ignored SIGINT would leave vsftpd running).
+fn run_until_interrupted(gateway: Command) -> Result<Option<std::process::ExitStatus>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime")?;
+    runtime.block_on(async {
+        let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut child = tokio::process::Command::from(gateway)
+            .kill_on_drop(true)
+            .spawn()
+            .context("running the gateway")?;
+        tokio::select! {
+            status = child.wait() => return Ok(Some(status.context("waiting for the gateway")?)),
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        if let Some(pid) = child
+            .id()
+            .and_then(|id| rustix::process::Pid::from_raw(id as i32))
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+        }
+        if tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+        eprintln!("xtask: stopped");
+        Ok(None)
+    })
 }
 
 fn main() -> Result<()> {

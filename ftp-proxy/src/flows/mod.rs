@@ -419,7 +419,8 @@ impl FlowView {
         if let (Ok(now), Ok(mut last)) = (tracker.counters(), self.last_counters.lock()) {
             let inserts: fn(&EventCounters) -> u64 =
                 |c| c.insert_enomem + c.insert_e2big + c.insert_other;
-            let counts: [(MapErrorReason, fn(&EventCounters) -> u64); 4] = [
+            type Count = fn(&EventCounters) -> u64;
+            let counts: [(MapErrorReason, Count); 4] = [
                 (MapErrorReason::Insert, inserts),
                 (MapErrorReason::Lookup, |c: &EventCounters| {
                     c.lookup_after_insert

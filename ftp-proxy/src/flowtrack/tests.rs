@@ -1,8 +1,8 @@
 //! The real programs and maps, driven with `BPF_PROG_TEST_RUN` on hand-built
 //! frames: every transition of `ftp_proxy_common::transition` observed
 //! through the kernel, both hooks, IPv4 and IPv6, and the parser's edges.
-//! Needs root and the embedded eBPF object; skipped (with a message)
-//! otherwise.
+//! Needs root and the embedded eBPF object: the privileged tier
+//! (`cargo xtask test`), ignored by a plain `cargo test`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -12,16 +12,13 @@ use ftp_proxy_common::flow::tcp_flags::{ACK, FIN, PSH, RST, SYN};
 
 use super::*;
 
-fn can_run() -> bool {
-    if !FlowTracker::available() {
-        eprintln!("skipped: eBPF object not built into this binary");
-        return false;
-    }
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipped: needs root (BPF)");
-        return false;
-    }
-    true
+/// The privileged tier's prerequisites: a missing one fails the test.
+fn require() {
+    assert!(
+        FlowTracker::available(),
+        "the eBPF object is not built into this binary (FTPX_EBPF_BUILD=require)"
+    );
+    assert!(rustix::process::geteuid().is_root(), "needs root (BPF)");
 }
 
 /// An Ethernet frame with an IPv4 or IPv6 header and a TCP header.
@@ -145,9 +142,7 @@ fn send(h: &Harness, hook: Hook, from: &mut Peer, to: &Peer, flags: u8, payload:
 /// is the TCP client), every segment through the real programs, alternating
 /// hooks, and each transition read back from the flow table.
 fn seed_retr(server: SocketAddr, client: SocketAddr) {
-    if !can_run() {
-        return;
-    }
+    require();
     let h = Harness::new(&[20]);
     let mut srv = Peer {
         addr: server,
@@ -213,6 +208,7 @@ fn seed_retr(server: SocketAddr, client: SocketAddr) {
 }
 
 #[tokio::test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
 async fn seed_retr_ipv4() {
     seed_retr(
         "10.0.0.1:20".parse().unwrap(),
@@ -221,6 +217,7 @@ async fn seed_retr_ipv4() {
 }
 
 #[tokio::test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
 async fn seed_retr_ipv6() {
     // Here the FTP server is the higher address: endpoint b.
     seed_retr(
@@ -230,10 +227,9 @@ async fn seed_retr_ipv6() {
 }
 
 #[tokio::test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
 async fn rst_before_and_after_the_handshake_and_port_reuse() {
-    if !can_run() {
-        return;
-    }
+    require();
     let h = Harness::new(&[2121]);
     let mut cli = Peer {
         addr: "127.0.0.1:40000".parse().unwrap(),
@@ -286,10 +282,9 @@ async fn rst_before_and_after_the_handshake_and_port_reuse() {
 }
 
 #[tokio::test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
 async fn syn_retransmission_and_simultaneous_close() {
-    if !can_run() {
-        return;
-    }
+    require();
     let h = Harness::new(&[21]);
     let mut a = Peer {
         addr: "192.0.2.1:21".parse().unwrap(),
@@ -342,10 +337,9 @@ async fn syn_retransmission_and_simultaneous_close() {
 /// never push it out. Twice the table's size of refused connections (SYN,
 /// RST+ACK) goes through the programs.
 #[tokio::test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
 async fn closed_flows_never_evict_a_quiet_live_flow() {
-    if !can_run() {
-        return;
-    }
+    require();
     let h = Harness::new(&[21]);
     let mut idle = Peer {
         addr: "10.3.0.1:40000".parse().unwrap(),
@@ -388,10 +382,9 @@ async fn closed_flows_never_evict_a_quiet_live_flow() {
 }
 
 #[tokio::test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
 async fn unwatched_untracked_malformed_and_other_traffic() {
-    if !can_run() {
-        return;
-    }
+    require();
     let h = Harness::new(&[21]);
     let seg = |src: &str, dst: &str, flags| Frame {
         src: src.parse().unwrap(),
@@ -467,10 +460,9 @@ async fn unwatched_untracked_malformed_and_other_traffic() {
 }
 
 #[tokio::test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
 async fn sweeper_expires_by_state() {
-    if !can_run() {
-        return;
-    }
+    require();
     let h = Harness::new(&[21]);
     let mut cli = Peer {
         addr: "10.1.1.1:5555".parse().unwrap(),
@@ -543,10 +535,9 @@ fn tracker_is_send_and_sync() {
 /// The programs' aya-log records come out as tracing events (target
 /// `ftp_proxy::flowtrack::ebpf`), with the level taken from tracing.
 #[test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
 fn ebpf_logs_reach_tracing() {
-    if !can_run() {
-        return;
-    }
+    require();
     use std::io::Write;
 
     #[derive(Clone, Default)]

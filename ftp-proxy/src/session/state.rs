@@ -609,7 +609,7 @@ mod tests {
                         proptest::prop_assert_eq!(client, before.arrangement());
                         // Every other transfer uses its arrangement.
                         transfers += 1;
-                        if transfers % 2 == 0 {
+                        if transfers.is_multiple_of(2) {
                             s.consume_arrangement();
                         }
                     }

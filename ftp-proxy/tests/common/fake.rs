@@ -116,7 +116,10 @@ async fn write(tx: &mut OwnedWriteHalf, text: &str) {
 }
 
 fn parse_port(arg: &str) -> Option<SocketAddr> {
-    let n: Vec<u16> = arg.split(',').filter_map(|p| p.trim().parse().ok()).collect();
+    let n: Vec<u16> = arg
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
     if n.len() != 6 {
         return None;
     }
@@ -129,7 +132,10 @@ fn parse_eprt(arg: &str) -> Option<SocketAddr> {
     if parts.len() < 5 {
         return None;
     }
-    Some(SocketAddr::new(parts[2].parse().ok()?, parts[3].parse().ok()?))
+    Some(SocketAddr::new(
+        parts[2].parse().ok()?,
+        parts[3].parse().ok()?,
+    ))
 }
 
 /// Reads one line (with its end), cancel-safe: what is read stays in
@@ -280,10 +286,7 @@ async fn serve(
             }
             "RETR" | "LIST" | "NLST" | "STOR" | "APPE" => {
                 let content = match verb.as_str() {
-                    "RETR" => match files.lock().unwrap().get(&arg) {
-                        Some(content) => Some(content.clone()),
-                        None => None,
-                    },
+                    "RETR" => files.lock().unwrap().get(&arg).cloned(),
                     "LIST" | "NLST" => {
                         let names: Vec<String> = files.lock().unwrap().keys().cloned().collect();
                         Some(names.join("\r\n").into_bytes())
