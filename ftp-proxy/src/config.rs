@@ -16,6 +16,8 @@ use serde::Deserialize;
 pub use crate::flowtrack::EbpfMode;
 pub use crate::protocol::policy::ServerPassivePolicy;
 pub use crate::relay::RelayMode;
+pub use crate::tls::{ClientDataTls, ClientTlsMode, ServerDataTls, ServerTlsMode, TlsReuse};
+use crate::tls::{ClientTls, ServerTls, ServerTrust};
 
 /// Exit code for bad configuration (sysexits.h `EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
@@ -101,6 +103,34 @@ setting_enum!(EbpfMode {
     Auto => "auto": "use the tracker when it loads; say once that it does not",
     Required => "required": "exit when the tracker cannot be loaded and attached",
     Off => "off": "never load it",
+});
+
+setting_enum!(ClientTlsMode {
+    Off => "off": "no TLS toward clients: AUTH is refused",
+    Optional => "optional": "AUTH TLS offered, plain sessions allowed",
+    Required => "required": "USER before AUTH TLS gets 530",
+});
+
+setting_enum!(ClientDataTls {
+    Optional => "optional": "the client chooses with PROT",
+    Required => "required": "PROT C is refused; transfers need PROT P",
+});
+
+setting_enum!(TlsReuse {
+    Off => "off": "any data connection handshake is accepted",
+    Required => "required": "a client data connection must resume the control connection's TLS session",
+});
+
+setting_enum!(ServerTlsMode {
+    Off => "off": "plain FTP toward the server",
+    Explicit => "explicit": "AUTH TLS after the server's banner",
+    Implicit => "implicit": "TLS from the first byte",
+});
+
+setting_enum!(ServerDataTls {
+    Client => "client": "protect server data connections as the client's PROT says",
+    Required => "required": "always protect server data connections",
+    Clear => "clear": "never protect server data connections",
 });
 
 setting_enum!(ServerPassivePolicy {
@@ -278,6 +308,51 @@ pub struct Settings {
     #[arg(long = "interface", value_name = "NAME")]
     #[serde(default)]
     pub interface: Vec<String>,
+
+    /// PEM file with the gateway's certificate chain toward clients (end entity first) [default: none]. Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM file with the private key of --tls-cert [default: none]. Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// TLS toward clients on the control connection [default: optional with a certificate, else off].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub client_tls: Option<ClientTlsMode>,
+
+    /// Protection of client data connections [default: optional].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub client_data_tls: Option<ClientDataTls>,
+
+    /// Address for implicit FTPS clients: the TLS handshake comes before the 220 (repeatable) [default: none].
+    #[arg(long, value_name = "ADDR:PORT")]
+    #[serde(default)]
+    pub listen_implicit: Vec<String>,
+
+    /// Whether client data connections must resume the control connection's TLS session [default: off].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub client_tls_reuse: Option<TlsReuse>,
+
+    /// TLS toward the server [default: off].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub server_tls: Option<ServerTlsMode>,
+
+    /// PEM file of the authorities that sign the server's certificate [default: the system's trust store].
+    #[arg(long, value_name = "FILE")]
+    pub server_ca: Option<PathBuf>,
+
+    /// The name the server's certificate must carry [default: the upstream host].
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+
+    /// Do not verify the server's certificate (insecure: anyone between the gateway and the server can read and change the session) [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub server_tls_insecure: Option<bool>,
+
+    /// Protection of server data connections [default: required].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub server_data_tls: Option<ServerDataTls>,
 
     /// Log format [default: text].
     #[arg(long, value_enum, value_name = "FORMAT")]
@@ -516,8 +591,51 @@ pub struct Config {
     pub ebpf: EbpfMode,
     /// Interfaces the flow tracker attaches to (resolved: never empty).
     pub interfaces: Vec<String>,
+    /// Implicit FTPS listen addresses (TLS before the banner).
+    pub listen_implicit: Vec<SocketAddr>,
+    /// FTPS toward clients and servers.
+    pub tls: TlsSettings,
     /// Logging.
     pub log: LogConfig,
+}
+
+/// FTPS toward clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTlsSettings {
+    /// `AUTH TLS` off, optional or required.
+    pub mode: ClientTlsMode,
+    /// Data connection protection.
+    pub data: ClientDataTls,
+    /// Whether data connections must resume the control connection's session.
+    pub reuse: TlsReuse,
+    /// The certificate and key (present when `mode` is not off, or implicit
+    /// listeners are configured).
+    pub identity: Option<ClientTls>,
+}
+
+/// FTPS toward the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTlsSettings {
+    /// Off, explicit or implicit.
+    pub mode: ServerTlsMode,
+    /// Data connection protection.
+    pub data: ServerDataTls,
+    /// The client configuration (present when `mode` is not off).
+    pub client: Option<ServerTls>,
+    /// The name the server's certificate must carry.
+    pub name: String,
+    /// Whether certificates are not verified (`--server-tls-insecure`).
+    pub insecure: bool,
+}
+
+/// FTPS settings, validated: files read, the certificate and key checked
+/// to belong together, the trust store loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// Toward clients.
+    pub client: ClientTlsSettings,
+    /// Toward the server.
+    pub server: ServerTlsSettings,
 }
 
 /// The interfaces that carry `listen` addresses, loopback included: every
@@ -543,6 +661,62 @@ fn secs(key: &'static str, value: Option<u64>, default: Duration) -> Result<Dura
         n if n > 7 * 24 * 3600 => Err(invalid(key, n, "must be at most a week")),
         n => Ok(Duration::from_secs(n)),
     }
+}
+
+/// Reads a PEM certificate chain and its key, and checks they belong
+/// together.
+fn load_identity(cert: &Path, key: &Path) -> Result<ClientTls, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let shown = |p: &Path| p.display().to_string();
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| invalid("tls-cert", shown(cert), e))?;
+    let private =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| invalid("tls-key", shown(key), e))?;
+    ClientTls::new(chain, private).map_err(|e| {
+        invalid(
+            "tls-key",
+            shown(key),
+            format!("does not go with {}: {e}", shown(cert)),
+        )
+    })
+}
+
+/// The authorities to verify servers with: `--server-ca`, else the
+/// system's trust store.
+fn load_trust(ca: Option<&Path>) -> Result<ServerTrust, ConfigError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let shown = path.display().to_string();
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| invalid("server-ca", &shown, e))?;
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| invalid("server-ca", &shown, e))?;
+            }
+            if roots.is_empty() {
+                return Err(invalid("server-ca", &shown, "holds no certificate"));
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(native.certs);
+            if added == 0 {
+                return Err(invalid(
+                    "server-ca",
+                    "(the system's trust store)",
+                    "no usable authority found; give --server-ca FILE",
+                ));
+            }
+        }
+    }
+    Ok(ServerTrust::Roots(std::sync::Arc::new(roots)))
 }
 
 /// File descriptors a session holds at least: its two control sockets.
@@ -594,6 +768,7 @@ impl Settings {
         macro_rules! pick {
             ($($field:ident),*) => { Settings {
                 listen: if self.listen.is_empty() { lower.listen } else { self.listen },
+                listen_implicit: if self.listen_implicit.is_empty() { lower.listen_implicit } else { self.listen_implicit },
                 interface: if self.interface.is_empty() { lower.interface } else { self.interface },
                 $($field: self.$field.or(lower.$field)),*
             } };
@@ -621,6 +796,16 @@ impl Settings {
             metrics,
             drain_timeout,
             ebpf,
+            tls_cert,
+            tls_key,
+            client_tls,
+            client_data_tls,
+            client_tls_reuse,
+            server_tls,
+            server_ca,
+            server_name,
+            server_tls_insecure,
+            server_data_tls,
             log_format,
             log_level
         )
@@ -717,6 +902,92 @@ impl Settings {
             .unwrap_or_else(|| defaults::LOG_LEVEL.to_owned());
         tracing_subscriber::EnvFilter::try_new(&log_filter)
             .map_err(|e| invalid("log-level", &log_filter, e))?;
+        let listen_implicit = self
+            .listen_implicit
+            .iter()
+            .map(|l| {
+                l.parse::<SocketAddr>().map_err(|e| {
+                    invalid(
+                        "listen-implicit",
+                        l,
+                        format!("{e} (expected ADDR:PORT, [IPv6]:PORT)"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(load_identity(cert, key)?),
+            (None, None) => None,
+            (Some(cert), None) => {
+                return Err(invalid(
+                    "tls-key",
+                    "",
+                    format!("--tls-cert {} needs its key", cert.display()),
+                ));
+            }
+            (None, Some(key)) => {
+                return Err(invalid(
+                    "tls-cert",
+                    "",
+                    format!("--tls-key {} needs its certificate", key.display()),
+                ));
+            }
+        };
+        let client_tls = self.client_tls.unwrap_or(if identity.is_some() {
+            ClientTlsMode::Optional
+        } else {
+            ClientTlsMode::Off
+        });
+        if identity.is_none() && client_tls != ClientTlsMode::Off {
+            return Err(invalid(
+                "client-tls",
+                ClientTlsMode::to_possible_value(&client_tls)
+                    .map(|v| v.get_name().to_owned())
+                    .unwrap_or_default(),
+                "needs --tls-cert and --tls-key",
+            ));
+        }
+        if identity.is_none() && !listen_implicit.is_empty() {
+            return Err(invalid(
+                "listen-implicit",
+                self.listen_implicit.join(","),
+                "implicit FTPS needs --tls-cert and --tls-key",
+            ));
+        }
+        let server_mode = self.server_tls.unwrap_or_default();
+        let insecure = self.server_tls_insecure.unwrap_or(false);
+        let server_client = match server_mode {
+            ServerTlsMode::Off => None,
+            _ => {
+                let trust = if insecure {
+                    ServerTrust::Insecure
+                } else {
+                    load_trust(self.server_ca.as_deref())?
+                };
+                Some(ServerTls::new(trust).map_err(|e| invalid("server-tls", "", e))?)
+            }
+        };
+        let server_name = self
+            .server_name
+            .clone()
+            .unwrap_or_else(|| upstream.host.clone());
+        crate::tls::server_name(&server_name)
+            .map_err(|e| invalid("server-name", &server_name, e))?;
+        let tls = TlsSettings {
+            client: ClientTlsSettings {
+                mode: client_tls,
+                data: self.client_data_tls.unwrap_or_default(),
+                reuse: self.client_tls_reuse.unwrap_or_default(),
+                identity,
+            },
+            server: ServerTlsSettings {
+                mode: server_mode,
+                data: self.server_data_tls.unwrap_or_default(),
+                client: server_client,
+                name: server_name,
+                insecure,
+            },
+        };
         let interfaces = if self.interface.is_empty() {
             interfaces_of(&listen)
         } else {
@@ -770,6 +1041,8 @@ impl Settings {
             pipe_size,
             copy_buffer,
             worker_threads,
+            listen_implicit,
+            tls,
             log: LogConfig {
                 format: self.log_format.unwrap_or_default(),
                 filter: log_filter,
@@ -875,6 +1148,11 @@ mod tests {
             plain("pipe-size", defaults::PIPE_SIZE.to_string()),
             plain("copy-buffer", defaults::COPY_BUFFER.to_string()),
             quoted("ebpf", name::<EbpfMode>()),
+            quoted("client-data-tls", name::<ClientDataTls>()),
+            quoted("client-tls-reuse", name::<TlsReuse>()),
+            quoted("server-tls", name::<ServerTlsMode>()),
+            plain("server-tls-insecure", "false".to_owned()),
+            quoted("server-data-tls", name::<ServerDataTls>()),
             quoted("log-format", name::<LogFormat>()),
             quoted("log-level", defaults::LOG_LEVEL.to_owned()),
         ]
@@ -890,6 +1168,12 @@ mod tests {
         "worker-threads",
         "metrics",
         "interface",
+        "tls-cert",
+        "tls-key",
+        "client-tls",
+        "listen-implicit",
+        "server-ca",
+        "server-name",
     ];
 
     fn example() -> String {

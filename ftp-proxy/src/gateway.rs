@@ -29,7 +29,8 @@ use crate::session::{self, ConnectionObserver, Shared, data::PortPool};
 /// A gateway ready to run on its listeners.
 pub(crate) struct Gateway {
     config: Arc<Config>,
-    listeners: Vec<TcpListener>,
+    /// Each listener, and whether it is for implicit FTPS.
+    listeners: Vec<(TcpListener, bool)>,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     observer: Arc<dyn ConnectionObserver>,
@@ -120,7 +121,7 @@ impl Gateway {
     /// A gateway on `listeners`.
     pub(crate) fn new(
         config: Arc<Config>,
-        listeners: Vec<TcpListener>,
+        listeners: Vec<(TcpListener, bool)>,
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
         observer: Arc<dyn ConnectionObserver>,
@@ -156,12 +157,13 @@ impl Gateway {
         let (generation_tx, generation_rx) = watch::channel(first);
         let tracker = TaskTracker::new();
         let ids = Arc::new(std::sync::atomic::AtomicU64::new(1));
-        for listener in self.listeners {
+        for (listener, implicit_tls) in self.listeners {
             if let Ok(addr) = listener.local_addr() {
-                info!(addr = %addr, upstream = %self.config.upstream.authority(), "listening");
+                info!(addr = %addr, upstream = %self.config.upstream.authority(), implicit_tls, "listening");
             }
             tracker.spawn(accept_loop(
                 listener,
+                implicit_tls,
                 generation_rx.clone(),
                 tracker.clone(),
                 Arc::clone(&ids),
@@ -267,6 +269,7 @@ fn refuse(stream: &TcpStream, reason: Reject) {
 
 async fn accept_loop(
     listener: TcpListener,
+    implicit_tls: bool,
     generations: watch::Receiver<Generation>,
     tracker: TaskTracker,
     ids: Arc<std::sync::atomic::AtomicU64>,
@@ -287,7 +290,7 @@ async fn accept_loop(
                         let id = ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracker.spawn(async move {
                             let _admitted = admitted;
-                            session::run(stream, id, shared).await;
+                            session::run(stream, id, shared, implicit_tls).await;
                         });
                     }
                     Err(reason) => {

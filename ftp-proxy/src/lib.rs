@@ -41,6 +41,7 @@ pub(crate) mod metrics;
 pub mod protocol;
 pub(crate) mod relay;
 pub mod session;
+pub mod tls;
 
 use std::io;
 use std::net::SocketAddr;
@@ -78,6 +79,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Listeners {
     control: Vec<std::net::TcpListener>,
+    implicit: Vec<std::net::TcpListener>,
     metrics: Option<std::net::TcpListener>,
 }
 
@@ -115,6 +117,11 @@ impl Listeners {
                 .iter()
                 .map(|&addr| bind(addr))
                 .collect::<Result<_, _>>()?,
+            implicit: config
+                .listen_implicit
+                .iter()
+                .map(|&addr| bind(addr))
+                .collect::<Result<_, _>>()?,
             metrics: config.metrics.map(bind).transpose()?,
         })
     }
@@ -122,6 +129,14 @@ impl Listeners {
     /// The control listeners' addresses (with the ports chosen for port 0).
     pub fn control_addrs(&self) -> Vec<SocketAddr> {
         self.control
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// The implicit FTPS listeners' addresses.
+    pub fn implicit_addrs(&self) -> Vec<SocketAddr> {
+        self.implicit
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect()
@@ -169,7 +184,13 @@ pub async fn run(
     reloads: watch::Receiver<Arc<Config>>,
 ) -> Result<(), StartError> {
     gateway::raise_open_file_limit(config.limits.max_sessions);
-    let control_addrs = listeners.control_addrs();
+    if config.tls.server.insecure && config.tls.server.mode != tls::ServerTlsMode::Off {
+        tracing::warn!(
+            "--server-tls-insecure: the server's certificate is not verified; anyone between the gateway and the server can read and change the sessions"
+        );
+    }
+    let mut control_addrs = listeners.control_addrs();
+    control_addrs.extend(listeners.implicit_addrs());
     let to_tokio = |listener: std::net::TcpListener| {
         let addr = listener
             .local_addr()
@@ -177,11 +198,15 @@ pub async fn run(
         tokio::net::TcpListener::from_std(listener)
             .map_err(|source| StartError::Bind { addr, source })
     };
-    let control = listeners
+    let mut control = Vec::new();
+    for (listener, implicit) in listeners
         .control
         .into_iter()
-        .map(to_tokio)
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|l| (l, false))
+        .chain(listeners.implicit.into_iter().map(|l| (l, true)))
+    {
+        control.push((to_tokio(listener)?, implicit));
+    }
     let metrics_listener = listeners.metrics.map(to_tokio).transpose()?;
     let metrics = Arc::new(Metrics::new()?);
     let readiness = Arc::new(Readiness::default());

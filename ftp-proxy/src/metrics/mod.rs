@@ -22,6 +22,31 @@ use crate::session::data::{DataError, DataErrorKind, DataMode};
 use crate::session::state::LoginResult;
 use crate::session::transfer::{TransferKind, TransferResult};
 use crate::session::{SessionOutcome, UpstreamFailure};
+use crate::tls::{Handshake, TlsError, TlsFailure, TlsVersion};
+
+/// How a TLS handshake ended (`tls_handshakes_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HandshakeOutcome {
+    Full,
+    Resumed,
+    Failed,
+}
+
+impl HandshakeOutcome {
+    const ALL: [HandshakeOutcome; 3] = [
+        HandshakeOutcome::Full,
+        HandshakeOutcome::Resumed,
+        HandshakeOutcome::Failed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            HandshakeOutcome::Full => "full",
+            HandshakeOutcome::Resumed => "resumed",
+            HandshakeOutcome::Failed => "failed",
+        }
+    }
+}
 
 /// The class of a reply sent to a client (`replies_total{class}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +98,10 @@ pub struct Metrics {
     replies_total: IntCounterVec,
     data_connections_total: IntCounterVec,
     data_errors_total: IntCounterVec,
+    tls_handshakes_total: IntCounterVec,
+    tls_versions_total: IntCounterVec,
+    tls_errors_total: IntCounterVec,
+    tls_resumptions_refused_total: IntCounterVec,
     transfers_total: IntCounterVec,
     transfer_bytes_total: IntCounterVec,
     transfer_duration: Histogram,
@@ -174,6 +203,26 @@ impl Metrics {
                 "data_errors_total",
                 "Data connections that could not be established, by side and kind",
                 &["side", "kind"],
+            )?,
+            tls_handshakes_total: counter_vec(
+                "tls_handshakes_total",
+                "TLS handshakes, by side (toward the client or the server) and outcome (full, resumed, failed)",
+                &["side", "outcome"],
+            )?,
+            tls_versions_total: counter_vec(
+                "tls_versions_total",
+                "TLS handshakes completed, by side and negotiated version",
+                &["side", "version"],
+            )?,
+            tls_errors_total: counter_vec(
+                "tls_errors_total",
+                "TLS handshakes that failed, by side and reason",
+                &["side", "reason"],
+            )?,
+            tls_resumptions_refused_total: counter_vec(
+                "tls_resumptions_refused_total",
+                "Data connections refused for not resuming the control connection's TLS session",
+                &["side"],
             )?,
             transfers_total: counter_vec(
                 "transfers_total",
@@ -281,6 +330,20 @@ impl Metrics {
             self.replies_total.with_label_values(&[class.label()]);
         }
         for side in Side::ALL {
+            for outcome in HandshakeOutcome::ALL {
+                self.tls_handshakes_total
+                    .with_label_values(&[side.label(), outcome.label()]);
+            }
+            for version in TlsVersion::ALL {
+                self.tls_versions_total
+                    .with_label_values(&[side.label(), version.label()]);
+            }
+            for failure in TlsFailure::ALL {
+                self.tls_errors_total
+                    .with_label_values(&[side.label(), failure.label()]);
+            }
+            self.tls_resumptions_refused_total
+                .with_label_values(&[side.label()]);
             for mode in DataMode::ALL {
                 self.data_connections_total
                     .with_label_values(&[side.label(), mode.label()]);
@@ -404,6 +467,39 @@ impl Metrics {
             .inc();
         if error.side == Side::Server {
             self.upstream_error(UpstreamFailure::DataSetup);
+        }
+    }
+
+    /// A TLS handshake completed.
+    pub(crate) fn tls_handshake(&self, side: Side, handshake: &Handshake) {
+        let outcome = if handshake.resumed {
+            HandshakeOutcome::Resumed
+        } else {
+            HandshakeOutcome::Full
+        };
+        self.tls_handshakes_total
+            .with_label_values(&[side.label(), outcome.label()])
+            .inc();
+        if let Some(version) = handshake.version {
+            self.tls_versions_total
+                .with_label_values(&[side.label(), version.label()])
+                .inc();
+        }
+    }
+
+    /// A TLS handshake failed (a data connection refused for not resuming
+    /// counts here too, with its own reason).
+    pub(crate) fn tls_error(&self, error: &TlsError) {
+        self.tls_handshakes_total
+            .with_label_values(&[error.side.label(), HandshakeOutcome::Failed.label()])
+            .inc();
+        self.tls_errors_total
+            .with_label_values(&[error.side.label(), error.failure.label()])
+            .inc();
+        if error.failure == TlsFailure::NotResumed {
+            self.tls_resumptions_refused_total
+                .with_label_values(&[error.side.label()])
+                .inc();
         }
     }
 

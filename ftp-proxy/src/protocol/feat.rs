@@ -1,17 +1,23 @@
-//! The `FEAT` reply (RFC 2389) as the gateway passes it on: features the
-//! gateway cannot carry are removed, the extended data commands it always
-//! implements itself (RFC 2428) are announced.
+//! The `FEAT` reply (RFC 2389) as the gateway passes it on: the server's
+//! security features are removed (TLS toward the client is the gateway's,
+//! whatever the server offers), and what the gateway implements itself is
+//! announced: the extended data commands (RFC 2428) always, `AUTH TLS`,
+//! `PBSZ` and `PROT` (RFC 4217) when it offers TLS to clients.
 
 use super::reply::Reply;
 
-/// Features that need the gateway to take part in a TLS handshake or a
-/// command it does not relay; they are not offered to the client.
+/// The server's features the gateway does not pass on: security (the
+/// gateway's own, announced below when offered), and the long-address
+/// commands it refuses.
 const UNSUPPORTED: &[&[u8]] = &[
     b"AUTH", b"PBSZ", b"PROT", b"CCC", b"LPRT", b"LPSV", b"ADAT", b"MIC", b"CONF", b"ENC",
 ];
 
 /// Features the gateway implements whatever the server does.
 const ALWAYS: &[&[u8]] = &[b"EPRT", b"EPSV"];
+
+/// Features announced when the gateway offers TLS to clients.
+const TLS: &[&[u8]] = &[b"AUTH TLS", b"AUTH SSL", b"PBSZ", b"PROT"];
 
 fn feature_name(line: &[u8]) -> &[u8] {
     let line = line.trim_ascii_start();
@@ -20,8 +26,8 @@ fn feature_name(line: &[u8]) -> &[u8] {
 }
 
 /// Rewrites a successful multi-line `211` answer to `FEAT`; other replies
-/// are returned unchanged.
-pub fn rewrite_feat(reply: Reply) -> Reply {
+/// are returned unchanged. `tls`: the gateway offers `AUTH TLS`.
+pub fn rewrite_feat(reply: Reply, tls: bool) -> Reply {
     if reply.code != 211 || reply.lines.len() < 2 {
         return reply;
     }
@@ -51,6 +57,12 @@ pub fn rewrite_feat(reply: Reply) -> Reply {
             out.push([b" ".as_slice(), feature].concat());
         }
     }
+    if tls {
+        out.extend(
+            TLS.iter()
+                .map(|feature| [b" ".as_slice(), feature].concat()),
+        );
+    }
     out.push(last);
     Reply { code, lines: out }
 }
@@ -73,7 +85,7 @@ mod tests {
                 "End",
             ],
         );
-        let out = rewrite_feat(reply);
+        let out = rewrite_feat(reply.clone(), false);
         let text: Vec<String> = out
             .lines
             .iter()
@@ -90,13 +102,32 @@ mod tests {
                 "211 End"
             ]
         );
+        // With TLS offered, the gateway's own security features.
+        let out = rewrite_feat(reply, true);
+        let text: Vec<String> = out
+            .lines
+            .iter()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect();
+        assert_eq!(
+            &text[3..],
+            [
+                " EPRT",
+                " EPSV",
+                " AUTH TLS",
+                " AUTH SSL",
+                " PBSZ",
+                " PROT",
+                "211 End"
+            ]
+        );
     }
 
     #[test]
     fn leaves_other_replies_alone() {
         let reply = Reply::new(211, "no features");
-        assert_eq!(rewrite_feat(reply.clone()), reply);
+        assert_eq!(rewrite_feat(reply.clone(), true), reply);
         let reply = Reply::new(500, "unknown");
-        assert_eq!(rewrite_feat(reply.clone()), reply);
+        assert_eq!(rewrite_feat(reply.clone(), true), reply);
     }
 }

@@ -89,11 +89,14 @@ pub enum Reject {
     IdleTimeout,
     /// A command that needs a login, before the server accepted one.
     NotLoggedIn,
+    /// Something TLS policy requires was missing (`AUTH TLS` before `USER`,
+    /// `PROT P` before a transfer).
+    TlsRequired,
 }
 
 impl Reject {
     /// Every reason, for series created at zero.
-    pub const ALL: [Reject; 10] = [
+    pub const ALL: [Reject; 11] = [
         Reject::Bounce,
         Reject::LowPort,
         Reject::PortTheft,
@@ -104,6 +107,7 @@ impl Reject {
         Reject::BadInput,
         Reject::IdleTimeout,
         Reject::NotLoggedIn,
+        Reject::TlsRequired,
     ];
 
     /// The metric label.
@@ -119,6 +123,7 @@ impl Reject {
             Reject::BadInput => "bad_input",
             Reject::IdleTimeout => "idle_timeout",
             Reject::NotLoggedIn => "not_logged_in",
+            Reject::TlsRequired => "tls_required",
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Moves bytes between the client's and the server's data connections.
 //!
 //! Owns: the two pumps of a data relay (client → server, server → client),
-//! each with `splice(2)` through a pipe or with a user-space copy, the
+//! each with `splice(2)` through a pipe or with a user-space copy (plain
+//! legs), or a TLS-aware loop when a leg is TLS (`stream`), the
 //! propagation of half-close (a peer's FIN is passed on after its last byte,
 //! in the order the peers used it), resets on failure, the idle watchdog and
 //! the byte counts.
@@ -11,7 +12,11 @@
 //! counts, same cancellation), checked by one test suite run against both.
 
 mod pump;
+mod stream;
 
+pub(crate) use stream::Leg;
+
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Shutdown};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,17 +84,20 @@ pub(crate) enum Method {
     Splice,
     /// Through a user-space buffer.
     Copy,
+    /// Through TLS on at least one leg (read, decrypt or encrypt, write).
+    Tls,
 }
 
 impl Method {
     /// Every method.
-    pub(crate) const ALL: [Method; 2] = [Method::Splice, Method::Copy];
+    pub(crate) const ALL: [Method; 3] = [Method::Splice, Method::Copy, Method::Tls];
 
     /// A label for logs and metrics.
     pub(crate) fn label(self) -> &'static str {
         match self {
             Method::Splice => "splice",
             Method::Copy => "copy",
+            Method::Tls => "tls",
         }
     }
 }
@@ -146,6 +154,9 @@ pub(crate) enum RelayError {
     /// The other direction failed, so this one was cut.
     #[error("cut because the other direction failed")]
     Cut,
+    /// The legs could not be made ready (a TLS handshake failed).
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// The state of one direction.
@@ -248,13 +259,54 @@ impl RelayHandle {
 }
 
 /// Starts relaying between the two connections on a task of its own.
-pub(crate) fn spawn(client: TcpStream, server: TcpStream, options: RelayOptions) -> RelayHandle {
+pub(crate) fn spawn(client: Leg, server: Leg, options: RelayOptions) -> RelayHandle {
     let (tx, rx) = watch::channel(Progress {
         client_to_server: Flow::Running,
         server_to_client: Flow::Running,
     });
-    let task = tokio::spawn(run(client, server, options, tx));
+    let task = match (client, server) {
+        (Leg::Plain(client), Leg::Plain(server)) => tokio::spawn(run(client, server, options, tx)),
+        (client, server) => tokio::spawn(stream::run(client, server, options, tx)),
+    };
     RelayHandle { task, progress: rx }
+}
+
+/// Starts relaying once `setup` has made the legs ready (TLS handshakes);
+/// a failed setup fails both directions with its reason.
+pub(crate) fn spawn_after(
+    setup: impl Future<Output = Result<(Leg, Leg), String>> + Send + 'static,
+    options: RelayOptions,
+) -> RelayHandle {
+    let (tx, rx) = watch::channel(Progress {
+        client_to_server: Flow::Running,
+        server_to_client: Flow::Running,
+    });
+    let task = tokio::spawn(async move {
+        let setup = tokio::time::timeout(options.idle_timeout, setup).await;
+        match setup {
+            Ok(Ok((Leg::Plain(client), Leg::Plain(server)))) => {
+                run(client, server, options, tx).await;
+            }
+            Ok(Ok((client, server))) => stream::run(client, server, options, tx).await,
+            Ok(Err(reason)) => fail_both(&tx, RelayError::Setup(reason)),
+            Err(_) => fail_both(&tx, RelayError::Idle(options.idle_timeout)),
+        }
+    });
+    RelayHandle { task, progress: rx }
+}
+
+fn fail_both(tx: &watch::Sender<Progress>, error: RelayError) {
+    tx.send_modify(|p| {
+        for direction in [Direction::ClientToServer, Direction::ServerToClient] {
+            p.set(
+                direction,
+                Flow::Failed {
+                    bytes: 0,
+                    error: error.clone(),
+                },
+            );
+        }
+    });
 }
 
 /// Milliseconds since the relay started, at the last byte moved.
@@ -264,6 +316,13 @@ struct Activity {
 }
 
 impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
     fn touch(&self) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
@@ -313,10 +372,7 @@ async fn run(
     options: RelayOptions,
     tx: watch::Sender<Progress>,
 ) {
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    };
+    let activity = Activity::new();
     let both = async {
         tokio::try_join!(
             one_way(

@@ -56,7 +56,8 @@ pub(super) async fn pump(
                 .map(|bytes| (bytes, Method::Copy))
                 .map_err(|(bytes, e)| (bytes, io_error(direction, e))),
         },
-        Method::Copy => copy_pump(from, to, options.copy_buffer, touch)
+        // Plain sockets are never "TLS": copy is the method that works for any.
+        Method::Copy | Method::Tls => copy_pump(from, to, options.copy_buffer, touch)
             .await
             .map(|bytes| (bytes, Method::Copy))
             .map_err(|(bytes, e)| (bytes, io_error(direction, e))),

@@ -1,27 +1,105 @@
-//! One suite, run against both relay modes: the contract is the same.
+//! One suite, run against every relay mode: splice, copy, auto (plain
+//! legs), and TLS on the client leg, the server leg or both. The contract
+//! is the same.
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::*;
+use crate::tls::test_certs::TestCerts;
 
-/// Two connected pairs: (client application, gateway's client side) and
-/// (gateway's server side, server application).
-async fn pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let connect = TcpStream::connect(listener.local_addr().unwrap());
-        let (a, b) = tokio::join!(connect, listener.accept());
-        (a.unwrap(), b.unwrap().0)
-    }
-    (pair().await, pair().await)
+/// How the two legs are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Plain TCP on both legs, relayed as the mode says.
+    Plain(RelayMode),
+    /// TLS on the client leg, the server leg, or both.
+    Tls { client: bool, server: bool },
 }
 
-fn options(mode: RelayMode) -> RelayOptions {
+trait AppIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AppIo for T {}
+
+/// An application end (the FTP client's or server's data connection):
+/// its stream, and its socket (for resets).
+struct App {
+    io: Box<dyn AppIo>,
+    sock: socket2::Socket,
+}
+
+fn app(io: impl AppIo + 'static, sock: socket2::Socket) -> App {
+    App {
+        io: Box::new(io),
+        sock,
+    }
+}
+
+fn sock_of(tcp: &TcpStream) -> socket2::Socket {
+    socket2::SockRef::from(tcp).try_clone().unwrap()
+}
+
+async fn tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let connect = TcpStream::connect(listener.local_addr().unwrap());
+    let (a, b) = tokio::join!(connect, listener.accept());
+    (a.unwrap(), b.unwrap().0)
+}
+
+/// (client application, gateway's client leg, gateway's server leg, server
+/// application), with TLS handshakes done where the mode asks: the
+/// gateway is the TLS server toward the client and the TLS client toward
+/// the server.
+async fn pairs(mode: Mode) -> (App, Leg, Leg, App) {
+    let ((client, gw_client), (gw_server, server)) = (tcp_pair().await, tcp_pair().await);
+    let (tls_client, tls_server) = match mode {
+        Mode::Plain(_) => (false, false),
+        Mode::Tls { client, server } => (client, server),
+    };
+    let certs = TestCerts::new();
+    let timeout = Duration::from_secs(5);
+    let name = crate::tls::server_name("localhost").unwrap();
+    let (client_sock, server_sock) = (sock_of(&client), sock_of(&server));
+    let client_end = async {
+        if !tls_client {
+            return (app(client, client_sock), Leg::Plain(gw_client));
+        }
+        let (a, g) = tokio::join!(
+            crate::tls::connect(certs.server_side().session(), name.clone(), client, timeout),
+            crate::tls::accept(
+                certs.client_side().session().data(false).config(),
+                Leg::tls_io(gw_client),
+                timeout
+            )
+        );
+        (app(a.unwrap().0, client_sock), Leg::tls(g.unwrap().0))
+    };
+    let server_end = async {
+        if !tls_server {
+            return (Leg::Plain(gw_server), app(server, server_sock));
+        }
+        let (g, a) = tokio::join!(
+            crate::tls::connect(
+                certs.server_side().session(),
+                name.clone(),
+                Leg::tls_io(gw_server),
+                timeout
+            ),
+            crate::tls::accept(certs.client_side().session().control(), server, timeout)
+        );
+        (Leg::tls(g.unwrap().0), app(a.unwrap().0, server_sock))
+    };
+    let ((c, gc), (gs, sv)) = tokio::join!(client_end, server_end);
+    (c, gc, gs, sv)
+}
+
+fn options(mode: Mode) -> RelayOptions {
     RelayOptions {
-        mode,
+        mode: match mode {
+            Mode::Plain(mode) => mode,
+            Mode::Tls { .. } => RelayMode::Auto,
+        },
         pipe_size: 1 << 16,
         copy_buffer: 1 << 16,
         idle_timeout: Duration::from_secs(5),
@@ -32,30 +110,32 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 256) as u8).collect()
 }
 
-async fn both_directions_with_counts(mode: RelayMode) {
-    both_directions(options(mode)).await;
+async fn both_directions_with_counts(mode: Mode) {
+    both_directions(mode, options(mode)).await;
 }
 
 /// A megabyte per system call (the default pipe size): chunks larger than
 /// the socket buffers, partial writes.
-async fn both_directions_with_large_chunks(mode: RelayMode) {
-    both_directions(RelayOptions {
-        pipe_size: 1 << 20,
-        copy_buffer: 1 << 20,
-        ..options(mode)
-    })
+async fn both_directions_with_large_chunks(mode: Mode) {
+    both_directions(
+        mode,
+        RelayOptions {
+            pipe_size: 1 << 20,
+            copy_buffer: 1 << 20,
+            ..options(mode)
+        },
+    )
     .await;
 }
 
-async fn both_directions(options: RelayOptions) {
-    let mode = options.mode;
-    let ((mut client, gw_client), (gw_server, mut server)) = pairs().await;
+async fn both_directions(mode: Mode, options: RelayOptions) {
+    let (client, gw_client, gw_server, server) = pairs(mode).await;
     let mut relay = spawn(gw_client, gw_server, options);
     let up = pattern(3 << 20);
     let down = pattern(5 << 20 | 17);
     let (up2, down2) = (up.clone(), down.clone());
     let client_task = tokio::spawn(async move {
-        let (mut r, mut w) = client.split();
+        let (mut r, mut w) = tokio::io::split(client.io);
         let write = async {
             w.write_all(&up2).await.unwrap();
             w.shutdown().await.unwrap()
@@ -67,7 +147,7 @@ async fn both_directions(options: RelayOptions) {
         got
     });
     let server_task = tokio::spawn(async move {
-        let (mut r, mut w) = server.split();
+        let (mut r, mut w) = tokio::io::split(server.io);
         let write = async {
             w.write_all(&down2).await.unwrap();
             w.shutdown().await.unwrap()
@@ -82,10 +162,10 @@ async fn both_directions(options: RelayOptions) {
     assert_eq!(server_task.await.unwrap(), up);
     let progress = relay.wait_all().await;
     // Every pair is on loopback, where auto copies.
-    let want_method = if mode == RelayMode::Splice {
-        Method::Splice
-    } else {
-        Method::Copy
+    let want_method = match mode {
+        Mode::Plain(RelayMode::Splice) => Method::Splice,
+        Mode::Plain(_) => Method::Copy,
+        Mode::Tls { .. } => Method::Tls,
     };
     assert!(
         matches!(progress.client_to_server, Flow::Finished { bytes, method } if bytes == up.len() as u64 && method == want_method),
@@ -100,13 +180,13 @@ async fn both_directions(options: RelayOptions) {
 /// The seed's order: the server's last data carries its FIN, the gateway
 /// passes it on after the last byte; the client keeps its side open, and its
 /// FIN follows later.
-async fn half_close_in_order(mode: RelayMode) {
-    let ((mut client, gw_client), (gw_server, mut server)) = pairs().await;
+async fn half_close_in_order(mode: Mode) {
+    let (mut client, gw_client, gw_server, mut server) = pairs(mode).await;
     let mut relay = spawn(gw_client, gw_server, options(mode));
-    server.write_all(b"readme contents").await.unwrap();
-    server.shutdown().await.unwrap();
+    server.io.write_all(b"readme contents").await.unwrap();
+    server.io.shutdown().await.unwrap();
     let mut got = Vec::new();
-    client.read_to_end(&mut got).await.unwrap();
+    client.io.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"readme contents");
     assert!(matches!(
         relay.wait(Direction::ServerToClient).await,
@@ -115,10 +195,10 @@ async fn half_close_in_order(mode: RelayMode) {
     // The client's direction is still open: data still flows after the
     // server's FIN, then the client's FIN reaches the server.
     assert!(!relay.progress().client_to_server.is_over());
-    client.write_all(b"late").await.unwrap();
-    client.shutdown().await.unwrap();
+    client.io.write_all(b"late").await.unwrap();
+    client.io.shutdown().await.unwrap();
     let mut late = Vec::new();
-    server.read_to_end(&mut late).await.unwrap();
+    server.io.read_to_end(&mut late).await.unwrap();
     assert_eq!(late, b"late");
     assert!(matches!(
         relay.wait(Direction::ClientToServer).await,
@@ -126,19 +206,17 @@ async fn half_close_in_order(mode: RelayMode) {
     ));
 }
 
-async fn reset_is_propagated(mode: RelayMode) {
-    let ((client, gw_client), (gw_server, mut server)) = pairs().await;
+async fn reset_is_propagated(mode: Mode) {
+    let (client, gw_client, gw_server, mut server) = pairs(mode).await;
     let mut relay = spawn(gw_client, gw_server, options(mode));
     // The client dies with data unread: its kernel resets the connection.
-    socket2::SockRef::from(&client)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
+    client.sock.set_linger(Some(Duration::ZERO)).unwrap();
     drop(client);
     // The server keeps sending; it must learn of the failure quickly.
     let chunk = vec![0u8; 1 << 16];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     let failed = loop {
-        match tokio::time::timeout_at(deadline, server.write_all(&chunk)).await {
+        match tokio::time::timeout_at(deadline, server.io.write_all(&chunk)).await {
             Ok(Ok(())) => continue,
             Ok(Err(_)) => break true,
             Err(_) => break false,
@@ -153,8 +231,8 @@ async fn reset_is_propagated(mode: RelayMode) {
     );
 }
 
-async fn idle_timeout_fails_both(mode: RelayMode) {
-    let ((_client, gw_client), (gw_server, mut server)) = pairs().await;
+async fn idle_timeout_fails_both(mode: Mode) {
+    let (_client, gw_client, gw_server, mut server) = pairs(mode).await;
     let mut opts = options(mode);
     opts.idle_timeout = Duration::from_millis(200);
     let mut relay = spawn(gw_client, gw_server, opts);
@@ -172,18 +250,18 @@ async fn idle_timeout_fails_both(mode: RelayMode) {
         "{progress:?}"
     );
     let mut buf = [0u8; 1];
-    assert!(server.read(&mut buf).await.is_err() || buf == [0u8; 1]);
+    assert!(server.io.read(&mut buf).await.is_err() || buf == [0u8; 1]);
 }
 
-async fn drop_cuts_both(mode: RelayMode) {
-    let ((mut client, gw_client), (gw_server, mut server)) = pairs().await;
+async fn drop_cuts_both(mode: Mode) {
+    let (mut client, gw_client, gw_server, mut server) = pairs(mode).await;
     let relay = spawn(gw_client, gw_server, options(mode));
     drop(relay);
     let mut buf = [0u8; 8];
-    let a = tokio::time::timeout(Duration::from_secs(2), client.read(&mut buf))
+    let a = tokio::time::timeout(Duration::from_secs(2), client.io.read(&mut buf))
         .await
         .unwrap();
-    let b = tokio::time::timeout(Duration::from_secs(2), server.read(&mut buf))
+    let b = tokio::time::timeout(Duration::from_secs(2), server.io.read(&mut buf))
         .await
         .unwrap();
     assert!(matches!(a, Ok(0) | Err(_)) && matches!(b, Ok(0) | Err(_)));
@@ -191,9 +269,12 @@ async fn drop_cuts_both(mode: RelayMode) {
 
 macro_rules! suite {
     ($($name:ident),*) => {
-        mod splice_mode { $( #[tokio::test] async fn $name() { super::$name(super::RelayMode::Splice).await } )* }
-        mod copy_mode { $( #[tokio::test] async fn $name() { super::$name(super::RelayMode::Copy).await } )* }
-        mod auto_mode { $( #[tokio::test] async fn $name() { super::$name(super::RelayMode::Auto).await } )* }
+        mod splice_mode { $( #[tokio::test] async fn $name() { super::$name(super::Mode::Plain(super::RelayMode::Splice)).await } )* }
+        mod copy_mode { $( #[tokio::test] async fn $name() { super::$name(super::Mode::Plain(super::RelayMode::Copy)).await } )* }
+        mod auto_mode { $( #[tokio::test] async fn $name() { super::$name(super::Mode::Plain(super::RelayMode::Auto)).await } )* }
+        mod tls_client_mode { $( #[tokio::test] async fn $name() { super::$name(super::Mode::Tls { client: true, server: false }).await } )* }
+        mod tls_server_mode { $( #[tokio::test] async fn $name() { super::$name(super::Mode::Tls { client: false, server: true }).await } )* }
+        mod tls_both_mode { $( #[tokio::test] async fn $name() { super::$name(super::Mode::Tls { client: true, server: true }).await } )* }
     };
 }
 

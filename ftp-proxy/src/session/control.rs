@@ -1,4 +1,9 @@
-//! The client's control connection as a byte stream.
+//! The control connections as byte streams, plain or TLS.
+//!
+//! [`ClientReader`]/[`ClientWriter`] and [`ServerReader`]/[`ServerWriter`]
+//! are the two halves of each control connection, which becomes TLS in the
+//! middle of a session (`AUTH TLS`): the session swaps the halves, the
+//! codecs above them stay.
 //!
 //! Clients send the Telnet Synch before `ABOR` as TCP urgent data (RFC 959
 //! §4.1.3). A read stops short at the urgent mark, and tokio's own
@@ -12,8 +17,118 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// The client's control connection under TLS.
+pub(crate) type ClientTlsStream = tokio_rustls::server::TlsStream<ControlStream>;
+/// The server's control connection under TLS.
+pub(crate) type ServerTlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Reading half of the client's control connection.
+pub(crate) enum ClientReader {
+    /// Plain TCP.
+    Plain(ControlStream),
+    /// TLS (after `AUTH TLS`, or on an implicit listener).
+    Tls(ReadHalf<ClientTlsStream>),
+    /// Taken away for an upgrade: reads end of stream.
+    Closed,
+}
+
+/// Writing half of the client's control connection.
+pub(crate) enum ClientWriter {
+    /// Plain TCP.
+    Plain(ControlStream),
+    /// TLS.
+    Tls(WriteHalf<ClientTlsStream>),
+    /// Taken away for an upgrade: writes fail.
+    Closed,
+}
+
+/// Reading half of the server's control connection.
+pub(crate) enum ServerReader {
+    /// Plain TCP.
+    Plain(OwnedReadHalf),
+    /// TLS.
+    Tls(ReadHalf<ServerTlsStream>),
+    /// Taken away for an upgrade: reads end of stream.
+    Closed,
+}
+
+/// Writing half of the server's control connection.
+pub(crate) enum ServerWriter {
+    /// Plain TCP; the socket can send urgent data.
+    Plain(OwnedWriteHalf),
+    /// TLS (no urgent data: it would break the record stream).
+    Tls(WriteHalf<ServerTlsStream>),
+    /// Taken away for an upgrade: writes fail.
+    Closed,
+}
+
+fn closed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "control connection being upgraded",
+    )
+}
+
+macro_rules! delegate_read {
+    ($ty:ident) => {
+        impl AsyncRead for $ty {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_read(cx, buf),
+                    $ty::Tls(s) => Pin::new(s).poll_read(cx, buf),
+                    $ty::Closed => Poll::Ready(Ok(())),
+                }
+            }
+        }
+    };
+}
+
+macro_rules! delegate_write {
+    ($ty:ident) => {
+        impl AsyncWrite for $ty {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_write(cx, buf),
+                    $ty::Tls(s) => Pin::new(s).poll_write(cx, buf),
+                    $ty::Closed => Poll::Ready(Err(closed())),
+                }
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_flush(cx),
+                    $ty::Tls(s) => Pin::new(s).poll_flush(cx),
+                    $ty::Closed => Poll::Ready(Ok(())),
+                }
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_shutdown(cx),
+                    $ty::Tls(s) => Pin::new(s).poll_shutdown(cx),
+                    $ty::Closed => Poll::Ready(Ok(())),
+                }
+            }
+        }
+    };
+}
+
+delegate_read!(ClientReader);
+delegate_write!(ClientWriter);
+delegate_read!(ServerReader);
+delegate_write!(ServerWriter);
 
 /// One half of a control connection; both halves share the socket.
 #[derive(Debug, Clone)]

@@ -100,6 +100,10 @@ pub(crate) enum DataFailure {
         /// What is wrong with it.
         error: AddressError,
     },
+    /// The TLS handshake on the data connection failed, or it did not
+    /// resume the control connection's session when that is required.
+    #[error("{0}")]
+    Tls(crate::tls::TlsError),
     /// A socket call failed.
     #[error("{operation} {addr}: {source}")]
     Io {
@@ -126,18 +130,21 @@ pub(crate) enum DataErrorKind {
     /// The server refused the gateway's data command, or answered it with
     /// a malformed reply.
     ServerReply,
+    /// TLS on the data connection failed (or did not resume).
+    Tls,
     /// Another socket error.
     Io,
 }
 
 impl DataErrorKind {
     /// Every kind.
-    pub(crate) const ALL: [DataErrorKind; 6] = [
+    pub(crate) const ALL: [DataErrorKind; 7] = [
         DataErrorKind::PoolExhausted,
         DataErrorKind::Timeout,
         DataErrorKind::Refused,
         DataErrorKind::Policy,
         DataErrorKind::ServerReply,
+        DataErrorKind::Tls,
         DataErrorKind::Io,
     ];
 
@@ -149,6 +156,7 @@ impl DataErrorKind {
             DataErrorKind::Refused => "refused",
             DataErrorKind::Policy => "policy",
             DataErrorKind::ServerReply => "server_reply",
+            DataErrorKind::Tls => "tls",
             DataErrorKind::Io => "io",
         }
     }
@@ -167,6 +175,7 @@ impl DataFailure {
             DataFailure::ServerRefused { .. } | DataFailure::InvalidReply { .. } => {
                 DataErrorKind::ServerReply
             }
+            DataFailure::Tls(_) => DataErrorKind::Tls,
             DataFailure::Io { .. } => DataErrorKind::Io,
         }
     }

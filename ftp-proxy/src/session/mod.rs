@@ -29,6 +29,7 @@
 pub(crate) mod control;
 pub(crate) mod data;
 pub(crate) mod ledger;
+mod server_conn;
 pub mod state;
 pub(crate) mod transfer;
 
@@ -41,8 +42,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
@@ -53,15 +55,18 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::feat::rewrite_feat;
 use crate::protocol::policy::{ActiveTarget, Reject};
-use crate::protocol::reply::{DEFAULT_MAX_REPLY_LINE, DEFAULT_MAX_REPLY_LINES};
 use crate::protocol::{
     Command, CommandCodec, CommandError, Reply, ReplyCodec, ReplyError, Side, Verb,
 };
-use crate::relay::{self, Direction, Flow, RelayHandle, RelayOptions};
-use control::ControlStream;
+use crate::relay::{self, Direction, Flow, Leg, RelayHandle, RelayOptions};
+use crate::tls::{
+    self, ClientSessionTls, ClientTlsMode, ServerDataTls, ServerTlsMode, TlsError, TlsFailure,
+    TlsReuse,
+};
+use control::{ClientReader, ClientWriter, ControlStream, ServerReader, ServerWriter};
 use data::{DataError, DataFailure, DataMode, PortPool};
 use ledger::{EntryId, Ledger, Step, Waiter};
-use state::{Arrangement, ControlState, Decision, Policy};
+use state::{Arrangement, ControlState, Decision, Policy, TlsPolicy};
 use transfer::{Action, Event, Failure, Outcome, Plan, Relayed, Transfer, TransferResult, Wait};
 
 /// Commands read during a transfer and kept for after it.
@@ -70,7 +75,7 @@ const MAX_DEFERRED: usize = 32;
 /// most replies are a few dozen bytes; longer ones grow the buffer (up to
 /// the line and reply bounds). tokio-util's default of 8 KiB per buffer,
 /// two per session, was most of an idle session's memory.
-const CONTROL_BUFFER: usize = 512;
+pub(super) const CONTROL_BUFFER: usize = 512;
 /// How long to wait for `ABOR`'s own reply once the transfer's reply came:
 /// a compliant server sends both at once; one that sends a single reply is
 /// not waited for longer (a later `225`/`226` is still swallowed).
@@ -259,6 +264,19 @@ pub(crate) enum SessionError {
     /// The client's control connection failed.
     #[error("client connection failed: {0}")]
     ClientIo(#[source] io::Error),
+    /// A TLS handshake on a control connection failed (the error knows
+    /// its side).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The server refused what TLS toward it needs (`AUTH TLS`, `PBSZ`,
+    /// `PROT P`).
+    #[error("the server refused {command}: {reply}")]
+    ServerRefusedTls {
+        /// The command.
+        command: &'static str,
+        /// Its reply.
+        reply: String,
+    },
 }
 
 impl SessionError {
@@ -266,6 +284,7 @@ impl SessionError {
     pub(crate) fn side(&self) -> Side {
         match self {
             SessionError::ClientIo(_) => Side::Client,
+            SessionError::Tls(error) => error.side,
             _ => Side::Server,
         }
     }
@@ -273,6 +292,7 @@ impl SessionError {
     fn outcome(&self) -> SessionOutcome {
         match self {
             SessionError::ClientIo(_) => SessionOutcome::ClientError,
+            SessionError::Tls(error) if error.side == Side::Client => SessionOutcome::ClientError,
             SessionError::ServerTimeout { .. } => SessionOutcome::Timeout,
             _ => SessionOutcome::ServerError,
         }
@@ -281,12 +301,12 @@ impl SessionError {
 
 /// Runs one session to its end. Never panics, always closes both
 /// connections; errors are logged and counted here.
-pub(crate) async fn run(client: TcpStream, id: u64, shared: Shared) {
+pub(crate) async fn run(client: TcpStream, id: u64, shared: Shared, implicit_tls: bool) {
     let client_addr = client.peer_addr().ok();
     let span = info_span!("session", session_id = id, client = ?client_addr, server = tracing::field::Empty);
     async move {
         shared.metrics.session_started();
-        let outcome = match Session::start(client, id, &shared).await {
+        let outcome = match Session::start(client, id, &shared, implicit_tls).await {
             Ok(mut session) => {
                 let outcome = session.serve().await;
                 session.finish(&outcome).await;
@@ -295,7 +315,8 @@ pub(crate) async fn run(client: TcpStream, id: u64, shared: Shared) {
             Err((client, error)) => {
                 match error.side() {
                     // Gone before its session began (a port scan resets at
-                    // once): the client's doing, not the server's.
+                    // once), or not speaking TLS on the implicit port: the
+                    // client's doing, not the server's.
                     Side::Client => info!(side = "client", error = %error, "client gone before the session started"),
                     Side::Server => {
                         warn!(side = "server", error = %error, "upstream unreachable");
@@ -304,6 +325,7 @@ pub(crate) async fn run(client: TcpStream, id: u64, shared: Shared) {
                             let reply = Reply::new(421, &format!("Service not available: {error}"));
                             let _ = tokio::time::timeout(FAREWELL, client.write_all(&reply.to_bytes()))
                                 .await;
+                            let _ = tokio::time::timeout(FAREWELL, client.shutdown()).await;
                         }
                     }
                 }
@@ -360,6 +382,8 @@ struct Active {
     pending: Option<Pending>,
     /// Both data connections, (client, server), until the relay takes them.
     legs: Option<(TcpStream, TcpStream)>,
+    /// TLS to set up on them before the relay starts.
+    leg_tls: Option<LegTls>,
     relay: Option<RelayHandle>,
     abort_entry: Option<EntryId>,
     deadline: Option<Instant>,
@@ -388,10 +412,16 @@ struct Session<'a> {
     client_local: SocketAddr,
     server_ip: IpAddr,
     server_local: SocketAddr,
-    client_rx: FramedRead<ControlStream, CommandCodec>,
-    client_tx: ControlStream,
-    server_rx: FramedRead<OwnedReadHalf, ReplyCodec>,
-    server_tx: OwnedWriteHalf,
+    client_rx: FramedRead<ClientReader, CommandCodec>,
+    client_tx: ClientWriter,
+    server_rx: FramedRead<ServerReader, ReplyCodec>,
+    server_tx: ServerWriter,
+    /// The server's banner, relayed once the session is set up.
+    banner: Vec<Reply>,
+    /// TLS toward the client: this session's resumption scope.
+    client_tls: Option<ClientSessionTls>,
+    /// TLS toward the server: this session's configuration and the name.
+    server_tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     /// What the client's commands mean (pure).
     state: ControlState,
     /// What the server owes (pure).
@@ -415,27 +445,9 @@ struct Session<'a> {
     _control: [Guard; 2],
 }
 
-async fn connect_upstream(config: &Config) -> Result<TcpStream, ConnectError> {
-    let authority = config.upstream.authority();
-    let addrs = tokio::net::lookup_host(&authority)
-        .await
-        .map_err(|source| ConnectError::Resolve {
-            authority: authority.clone(),
-            source,
-        })?;
-    let mut last = ConnectError::NoAddress {
-        authority: authority.clone(),
-    };
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(stream) => return Ok(stream),
-            Err(source) => last = ConnectError::Connect { addr, source },
-        }
-    }
-    Err(last)
-}
-
-fn reply_or_error(reply: Option<Result<Reply, ReplyError>>) -> Result<Reply, SessionError> {
+pub(super) fn reply_or_error(
+    reply: Option<Result<Reply, ReplyError>>,
+) -> Result<Reply, SessionError> {
     match reply {
         Some(Ok(reply)) => Ok(reply),
         Some(Err(ReplyError::Io(e))) => Err(SessionError::ServerIo(e)),
@@ -484,7 +496,6 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// Everything a data-setup future needs, owned.
-#[derive(Clone)]
 struct LegContext {
     client_ip: IpAddr,
     client_local_ip: IpAddr,
@@ -492,6 +503,79 @@ struct LegContext {
     timeout: Duration,
     active_ports: Arc<PortPool>,
     metrics: Arc<Metrics>,
+}
+
+/// TLS on a transfer's data connections, set up once both TCP connections
+/// are established and the server's `1xx` is relayed: clients (curl in
+/// active mode) wait for the `150` before their handshake, as servers send
+/// it before theirs.
+struct LegTls {
+    /// TLS on the client's leg (the gateway is the TLS server), and
+    /// whether it must resume the control connection's session.
+    client: Option<(tls::DataAcceptor, TlsReuse)>,
+    /// TLS on the server's leg (the gateway is the TLS client).
+    server: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl LegTls {
+    /// Both handshakes at once; a failure is counted here (metrics) and
+    /// reported to the relay, which fails the transfer.
+    async fn secure(self, client: TcpStream, server: TcpStream) -> Result<(Leg, Leg), String> {
+        let server = async {
+            let Some((config, name)) = &self.server else {
+                return Ok(Leg::Plain(server));
+            };
+            match tls::connect(
+                Arc::clone(config),
+                name.clone(),
+                Leg::tls_io(server),
+                self.timeout,
+            )
+            .await
+            {
+                Ok((stream, handshake)) => {
+                    self.metrics.tls_handshake(Side::Server, &handshake);
+                    Ok(Leg::tls(stream))
+                }
+                Err(error) => Err(error),
+            }
+        };
+        let client = async {
+            let Some((acceptor, reuse)) = &self.client else {
+                return Ok(Leg::Plain(client));
+            };
+            // RFC 4217: the FTP client is the TLS client, passive and active.
+            match tls::accept(acceptor.config(), Leg::tls_io(client), self.timeout).await {
+                Ok((stream, handshake)) => {
+                    acceptor.finish(handshake.resumed);
+                    if handshake.resumed || *reuse == TlsReuse::Off {
+                        self.metrics.tls_handshake(Side::Client, &handshake);
+                        return Ok(Leg::tls(stream));
+                    }
+                    Err(TlsError {
+                        side: Side::Client,
+                        failure: TlsFailure::NotResumed,
+                        detail: "the data connection did not resume the control connection's TLS session"
+                            .to_owned(),
+                    })
+                }
+                Err(error) => {
+                    acceptor.finish(false);
+                    Err(error)
+                }
+            }
+        };
+        tokio::try_join!(client, server).map_err(|error| {
+            self.metrics.tls_error(&error);
+            let side = error.side;
+            let error = DataFailure::Tls(error).on(side);
+            self.metrics.data_error(&error);
+            warn!(side = side.label(), kind = "tls", error = %error, "data connection failed");
+            error.to_string()
+        })
+    }
 }
 
 impl LegContext {
@@ -551,13 +635,16 @@ impl LegContext {
 }
 
 impl<'a> Session<'a> {
-    /// Connects to the server. On failure the client stream is handed back
-    /// (when the client is still there) so that the caller can answer 421.
+    /// Sets the session up: TLS with the client on an implicit listener,
+    /// the server's control connection (TLS toward it as configured, the
+    /// banner). On failure the client's writing half is handed back (when
+    /// the client is still there) so that the caller can answer 421.
     async fn start(
         client: TcpStream,
         id: u64,
         shared: &'a Shared,
-    ) -> Result<Session<'a>, (Option<TcpStream>, SessionError)> {
+        implicit_tls: bool,
+    ) -> Result<Session<'a>, (Option<ClientWriter>, SessionError)> {
         let config = &*shared.config;
         // The client first: one that is already gone (a scanner's reset)
         // costs no connection to the server.
@@ -565,37 +652,61 @@ impl<'a> Session<'a> {
             (Ok(peer), Ok(local)) => (peer, local),
             (Err(e), _) | (_, Err(e)) => return Err((None, SessionError::ClientIo(e))),
         };
-        let started = Instant::now();
-        let unreachable = |source| SessionError::Unreachable {
-            upstream: config.upstream.authority(),
-            source,
-        };
-        let server =
-            match tokio::time::timeout(config.timeouts.connect, connect_upstream(config)).await {
-                Ok(Ok(server)) => server,
-                Ok(Err(error)) => return Err((Some(client), unreachable(error))),
-                Err(_) => {
-                    return Err((
-                        Some(client),
-                        unreachable(ConnectError::Timeout(config.timeouts.connect)),
-                    ));
-                }
-            };
-        shared.metrics.upstream_connected(started.elapsed());
-        let (server_addr, server_local) = match (server.peer_addr(), server.local_addr()) {
-            (Ok(peer), Ok(local)) => (peer, local),
-            (Err(e), _) | (_, Err(e)) => return Err((Some(client), SessionError::ServerIo(e))),
-        };
-        tracing::Span::current().record("server", tracing::field::display(server_addr));
         // Control replies are small and latency-bound: no Nagle.
         let _ = client.set_nodelay(true);
-        let _ = server.set_nodelay(true);
         // Clients send the Telnet Synch before ABOR as urgent data (RFC 959
         // §4.1.3); keep it in the stream so the decoder sees IAC DM whole.
         let _ = socket2::SockRef::from(&client).set_out_of_band_inline(true);
+        let client_tls = config.tls.client.identity.as_ref().map(|id| id.session());
         let (client_read, client_tx) = ControlStream::split(client);
-        let (server_read, server_tx) = server.into_split();
+        let (client_reader, client_writer) = match (&client_tls, implicit_tls) {
+            (Some(tls), true) => {
+                drop(client_tx);
+                let result = tls::accept(tls.control(), client_read, config.timeouts.connect).await;
+                match result {
+                    Ok((stream, handshake)) => {
+                        shared.metrics.tls_handshake(Side::Client, &handshake);
+                        let (read, write) = tokio::io::split(stream);
+                        (ClientReader::Tls(read), ClientWriter::Tls(write))
+                    }
+                    Err(error) => {
+                        shared.metrics.tls_error(&error);
+                        return Err((None, SessionError::Tls(error)));
+                    }
+                }
+            }
+            _ => (
+                ClientReader::Plain(client_read),
+                ClientWriter::Plain(client_tx),
+            ),
+        };
+        let server = match server_conn::open(config, &shared.metrics).await {
+            Ok(server) => server,
+            Err(error) => return Err((Some(client_writer), error)),
+        };
+        tracing::Span::current().record("server", tracing::field::display(server.peer));
         let observer = &shared.observer;
+        let forward_prot = config.tls.server.mode != ServerTlsMode::Off
+            && config.tls.server.data == ServerDataTls::Client;
+        let mut state = ControlState::new(
+            client_addr.ip(),
+            client_local.ip(),
+            Policy {
+                nat_traversal: config.nat_traversal,
+                passive_address: config.passive_address,
+                upstream_mode: config.upstream_mode,
+                tls: TlsPolicy {
+                    mode: config.tls.client.mode,
+                    data: config.tls.client.data,
+                    forward_prot,
+                },
+            },
+        );
+        if implicit_tls {
+            // Implicit FTPS: data protection is the default (as vsftpd
+            // and ProFTPD have it).
+            state.tls_started(true);
+        }
         Ok(Session {
             id,
             shared,
@@ -603,29 +714,20 @@ impl<'a> Session<'a> {
             metrics: &shared.metrics,
             client_ip: client_addr.ip().to_canonical(),
             client_local: canonical(client_local),
-            server_ip: server_addr.ip().to_canonical(),
-            server_local: canonical(server_local),
+            server_ip: server.peer.ip().to_canonical(),
+            server_local: canonical(server.local),
             client_rx: FramedRead::with_capacity(
-                client_read,
+                client_reader,
                 CommandCodec::new(config.limits.max_line),
                 CONTROL_BUFFER,
             ),
-            client_tx,
-            server_rx: FramedRead::with_capacity(
-                server_read,
-                ReplyCodec::new(DEFAULT_MAX_REPLY_LINE, DEFAULT_MAX_REPLY_LINES),
-                CONTROL_BUFFER,
-            ),
-            server_tx,
-            state: ControlState::new(
-                client_addr.ip(),
-                client_local.ip(),
-                Policy {
-                    nat_traversal: config.nat_traversal,
-                    passive_address: config.passive_address,
-                    upstream_mode: config.upstream_mode,
-                },
-            ),
+            client_tx: client_writer,
+            server_rx: server.rx,
+            server_tx: server.tx,
+            banner: server.banner,
+            client_tls,
+            server_tls: server.tls,
+            state,
             ledger: Ledger::new(),
             passive: None,
             active: None,
@@ -637,31 +739,19 @@ impl<'a> Session<'a> {
             quitting: false,
             _control: [
                 observer.register(id, Connection::ClientControl, client_local, client_addr),
-                observer.register(id, Connection::ServerControl, server_local, server_addr),
+                observer.register(id, Connection::ServerControl, server.local, server.peer),
             ],
         })
     }
 
     /// Relays the banner: 120 (ready in n minutes) may precede 220.
     async fn banner(&mut self) -> Result<bool, SessionError> {
-        let timeout = self.config.timeouts.connect;
-        loop {
-            let banner = match tokio::time::timeout(timeout, self.server_rx.next()).await {
-                Ok(reply) => reply_or_error(reply)?,
-                Err(_) => {
-                    return Err(SessionError::ServerTimeout {
-                        command: "banner",
-                        timeout,
-                    });
-                }
-            };
-            self.send(&banner).await?;
-            match banner.code {
-                120 => continue,
-                220 => return Ok(true),
-                _ => return Ok(false),
-            }
+        let banner = std::mem::take(&mut self.banner);
+        let ready = banner.last().is_some_and(|r| r.code == 220);
+        for reply in &banner {
+            self.send(reply).await?;
         }
+        Ok(ready)
     }
 
     async fn serve(&mut self) -> Result<SessionOutcome, SessionError> {
@@ -892,12 +982,58 @@ impl<'a> Session<'a> {
             Decision::Transfer { server_passive, .. } => {
                 self.start_transfer(command, server_passive).await?;
             }
+            Decision::ForwardProt => self.forward(&command, Waiter::Client).await?,
+            Decision::StartTls { private_data } => self.start_client_tls(private_data).await?,
         }
         // The listener lives exactly as long as the passive arrangement.
         if self.state.arrangement() != Arrangement::Passive {
             self.passive = None;
         }
         Ok(Next::Continue)
+    }
+
+    /// `AUTH TLS` accepted: 234, then the handshake on the control
+    /// connection (RFC 4217 §4). A failed handshake ends the session: the
+    /// connection can carry nothing any more.
+    async fn start_client_tls(&mut self, private_data: bool) -> Result<(), SessionError> {
+        let Some(session_tls) = self.client_tls.as_ref() else {
+            return self.reply(502, "TLS is not offered by this gateway").await;
+        };
+        let config = session_tls.control();
+        // Clear text after AUTH and before the handshake would be taken as
+        // protected (a STARTTLS command injection): it is dropped.
+        if !self.client_rx.read_buffer().is_empty() {
+            warn!(
+                side = "client",
+                bytes = self.client_rx.read_buffer().len(),
+                "clear text after AUTH TLS dropped"
+            );
+            self.metrics.rejected(Reject::BadInput);
+            self.client_rx.read_buffer_mut().clear();
+        }
+        self.reply(234, "AUTH TLS successful").await?;
+        let reader = std::mem::replace(self.client_rx.get_mut(), ClientReader::Closed);
+        self.client_tx = ClientWriter::Closed;
+        let ClientReader::Plain(stream) = reader else {
+            return Err(SessionError::ClientIo(io::Error::other(
+                "control connection already upgraded",
+            )));
+        };
+        match tls::accept(config, stream, self.config.timeouts.connect).await {
+            Ok((stream, handshake)) => {
+                self.metrics.tls_handshake(Side::Client, &handshake);
+                let (read, write) = tokio::io::split(stream);
+                *self.client_rx.get_mut() = ClientReader::Tls(read);
+                self.client_tx = ClientWriter::Tls(write);
+                self.state.tls_started(private_data);
+                debug!(version = ?handshake.version, "control connection protected");
+                Ok(())
+            }
+            Err(error) => {
+                self.metrics.tls_error(&error);
+                Err(SessionError::Tls(error))
+            }
+        }
     }
 
     async fn start_transfer(
@@ -919,6 +1055,7 @@ impl<'a> Session<'a> {
             client_leg: None,
             pending: None,
             legs: None,
+            leg_tls: None,
             relay: None,
             abort_entry: None,
             deadline: None,
@@ -946,11 +1083,17 @@ impl<'a> Session<'a> {
     /// IP and IAC as urgent data, then DM and the command, so that a server
     /// busy with the transfer notices it.
     async fn send_abort(&mut self) -> Result<EntryId, SessionError> {
-        let sock = socket2::SockRef::from(self.server_tx.as_ref());
-        let rest: &[u8] = match sock.send_out_of_band(b"\xff\xf4\xff") {
-            Ok(3) => b"\xf2ABOR\r\n",
-            // Could not send it urgent: a plain ABOR still works with a
-            // server that reads commands during a transfer.
+        let rest: &[u8] = match &self.server_tx {
+            ServerWriter::Plain(write) => {
+                let sock = socket2::SockRef::from(write.as_ref());
+                match sock.send_out_of_band(b"\xff\xf4\xff") {
+                    Ok(3) => b"\xf2ABOR\r\n",
+                    // Could not send it urgent: a plain ABOR still works with
+                    // a server that reads commands during a transfer.
+                    _ => b"ABOR\r\n",
+                }
+            }
+            // Urgent data would break the TLS record stream.
             _ => b"ABOR\r\n",
         };
         self.server_tx
@@ -989,7 +1132,7 @@ impl<'a> Session<'a> {
                     self.metrics.login(result);
                 }
                 let reply = if attribution.verb == Verb::Feat {
-                    rewrite_feat(reply)
+                    rewrite_feat(reply, self.config.tls.client.mode != ClientTlsMode::Off)
                 } else {
                     reply
                 };
@@ -1064,6 +1207,16 @@ impl<'a> Session<'a> {
             register(Connection::ClientData, client)?,
             register(Connection::ServerData, server)?,
         ])
+    }
+
+    /// Whether the server's data connections are TLS now.
+    fn server_data_protected(&self) -> bool {
+        match self.config.tls.server.data {
+            _ if self.server_tls.is_none() => false,
+            ServerDataTls::Required => true,
+            ServerDataTls::Clear => false,
+            ServerDataTls::Client => self.state.data_protected(),
+        }
     }
 
     fn relay_options(&self) -> RelayOptions {
@@ -1188,6 +1341,10 @@ impl<'a> Session<'a> {
                 }
             }
             Action::OpenLegs => {
+                let upload = self
+                    .active
+                    .as_ref()
+                    .is_some_and(|a| a.machine.kind() == transfer::TransferKind::Upload);
                 let context = LegContext {
                     client_ip: self.client_ip,
                     client_local_ip: self.client_local.ip(),
@@ -1196,9 +1353,24 @@ impl<'a> Session<'a> {
                     active_ports: Arc::clone(&self.shared.active_ports),
                     metrics: Arc::clone(&self.shared.metrics),
                 };
+                let leg_tls = LegTls {
+                    client: self
+                        .client_tls
+                        .as_ref()
+                        .filter(|_| self.state.data_protected())
+                        .map(|tls| (tls.data(upload), self.config.tls.client.reuse)),
+                    server: self
+                        .server_tls
+                        .clone()
+                        .filter(|_| self.server_data_protected()),
+                    timeout: self.config.timeouts.data_connect,
+                    metrics: Arc::clone(&self.shared.metrics),
+                };
                 let Some(active) = self.active.as_mut() else {
                     return Ok(None);
                 };
+                active.leg_tls =
+                    (leg_tls.client.is_some() || leg_tls.server.is_some()).then_some(leg_tls);
                 if let Some(ClientLeg::Active(target)) = &active.client_leg {
                     active
                         .guards
@@ -1232,7 +1404,10 @@ impl<'a> Session<'a> {
                 if let Some(active) = self.active.as_mut()
                     && let Some((client, server)) = active.legs.take()
                 {
-                    active.relay = Some(relay::spawn(client, server, options));
+                    active.relay = Some(match active.leg_tls.take() {
+                        None => relay::spawn(Leg::Plain(client), Leg::Plain(server), options),
+                        Some(tls) => relay::spawn_after(tls.secure(client, server), options),
+                    });
                 }
             }
             Action::Cut => {

@@ -3,8 +3,9 @@
 //! out. This is what the fuzz target and the property tests drive.
 //!
 //! State: whether the server has accepted a login, whether `EPSV ALL` is in
-//! force, and what the client has arranged for its next data connection
-//! (nothing, a passive listener, an active target). Decisions: relay the
+//! force, what the client has arranged for its next data connection
+//! (nothing, a passive listener, an active target), and its TLS (RFC 4217:
+//! whether the control connection is protected, `PBSZ`, `PROT`). Decisions: relay the
 //! command, answer it, open a passive listener, remember an active target,
 //! or start a transfer.
 //!
@@ -17,6 +18,7 @@ use crate::config::UpstreamMode;
 use crate::protocol::address::{self, AddressError, EpsvArg};
 use crate::protocol::policy::{self, ActiveTarget, Reject};
 use crate::protocol::{Command, CommandError, Reply, Verb};
+use crate::tls::{ClientDataTls, ClientTlsMode};
 
 /// How a login attempt ended (`logins_total{result}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +108,15 @@ pub enum Decision {
     },
     /// Relay QUIT; the session ends when the server says 221 (or closes).
     Quit,
+    /// `AUTH TLS`: answer 234 and accept a TLS handshake on the control
+    /// connection; then [`ControlState::tls_started`].
+    StartTls {
+        /// `AUTH SSL` (or `TLS-P`): data protection is implied.
+        private_data: bool,
+    },
+    /// `PROT` accepted by the gateway and passed to the server, whose
+    /// answer is relayed (and settles the level: [`ControlState::on_reply`]).
+    ForwardProt,
 }
 
 fn refuse(code: u16, text: &str, reject: Option<Reject>) -> Decision {
@@ -113,6 +124,28 @@ fn refuse(code: u16, text: &str, reject: Option<Reject>) -> Decision {
         reply: Reply::new(code, text),
         reject,
     }
+}
+
+/// TLS toward the client, as the state needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsPolicy {
+    /// Whether `AUTH TLS` is offered, or required before `USER`.
+    pub mode: ClientTlsMode,
+    /// Whether data connections must be protected.
+    pub data: ClientDataTls,
+    /// Whether the client's `PROT` also goes to the server (TLS toward the
+    /// server with `--server-data-tls client`): the server's answer is the
+    /// client's.
+    pub forward_prot: bool,
+}
+
+impl TlsPolicy {
+    /// No TLS toward the client.
+    pub const OFF: TlsPolicy = TlsPolicy {
+        mode: ClientTlsMode::Off,
+        data: ClientDataTls::Optional,
+        forward_prot: false,
+    };
 }
 
 /// Settings the state needs from the configuration.
@@ -124,6 +157,8 @@ pub struct Policy {
     pub passive_address: Option<IpAddr>,
     /// How the server's data connections are opened.
     pub upstream_mode: UpstreamMode,
+    /// TLS toward the client.
+    pub tls: TlsPolicy,
 }
 
 /// The protocol state of one session.
@@ -135,6 +170,14 @@ pub struct ControlState {
     logged_in: bool,
     epsv_all: bool,
     arrangement: Arrangement,
+    /// The control connection is protected.
+    protected: bool,
+    /// `PBSZ` was given (or implied).
+    pbsz: bool,
+    /// `PROT P` is in force.
+    private_data: bool,
+    /// A forwarded `PROT`'s level, until the server answers.
+    pending_prot: Option<bool>,
 }
 
 impl ControlState {
@@ -148,7 +191,33 @@ impl ControlState {
             logged_in: false,
             epsv_all: false,
             arrangement: Arrangement::None,
+            protected: false,
+            pbsz: false,
+            private_data: false,
+            pending_prot: None,
         }
+    }
+
+    /// The TLS handshake on the control connection succeeded (after
+    /// `AUTH`, or at once on an implicit listener). `private_data`: data
+    /// protection is implied (`AUTH SSL`, implicit FTPS), as if `PBSZ 0`
+    /// and `PROT P` had been given.
+    pub fn tls_started(&mut self, private_data: bool) {
+        self.protected = true;
+        if private_data {
+            self.pbsz = true;
+            self.private_data = true;
+        }
+    }
+
+    /// Whether the control connection is protected.
+    pub fn control_protected(&self) -> bool {
+        self.protected
+    }
+
+    /// Whether `PROT P` is in force: client data connections are TLS.
+    pub fn data_protected(&self) -> bool {
+        self.private_data
     }
 
     /// Whether the server has accepted a login.
@@ -175,6 +244,14 @@ impl ControlState {
                 self.logged_in = false;
                 None
             }
+            (Verb::Prot, _) => {
+                if let Some(private) = self.pending_prot.take()
+                    && (200..300).contains(&code)
+                {
+                    self.private_data = private;
+                }
+                None
+            }
             _ => None,
         }
     }
@@ -190,24 +267,31 @@ impl ControlState {
     /// server at once, the others wait for the transfer's end. Does not
     /// change the state.
     pub fn is_plain_forward(&self, command: &Command) -> bool {
-        !matches!(
-            command.verb,
-            Verb::Port
-                | Verb::Eprt
-                | Verb::Pasv
-                | Verb::Epsv
-                | Verb::Lprt
-                | Verb::Lpsv
-                | Verb::Abor
-                | Verb::Auth
-                | Verb::Pbsz
-                | Verb::Prot
-                | Verb::Ccc
-                | Verb::Adat
-                | Verb::Mic
-                | Verb::Conf
-                | Verb::Enc
-        ) && !command.verb.is_transfer()
+        let refused_by_tls = match command.verb {
+            Verb::User => self.policy.tls.mode == ClientTlsMode::Required && !self.protected,
+            Verb::Rein => self.protected,
+            _ => false,
+        };
+        !refused_by_tls
+            && !matches!(
+                command.verb,
+                Verb::Port
+                    | Verb::Eprt
+                    | Verb::Pasv
+                    | Verb::Epsv
+                    | Verb::Lprt
+                    | Verb::Lpsv
+                    | Verb::Abor
+                    | Verb::Auth
+                    | Verb::Pbsz
+                    | Verb::Prot
+                    | Verb::Ccc
+                    | Verb::Adat
+                    | Verb::Mic
+                    | Verb::Conf
+                    | Verb::Enc
+            )
+            && !command.verb.is_transfer()
     }
 
     /// What the client has arranged.
@@ -251,22 +335,44 @@ impl ControlState {
                 "LPRT and LPSV are not implemented; use EPRT or EPSV",
                 None,
             ),
-            Verb::Auth
-            | Verb::Pbsz
-            | Verb::Prot
-            | Verb::Ccc
-            | Verb::Adat
-            | Verb::Mic
-            | Verb::Conf
-            | Verb::Enc => refuse(
+            Verb::Auth => self.on_auth(command),
+            Verb::Pbsz => self.on_pbsz(command),
+            Verb::Prot => self.on_prot(command),
+            Verb::Ccc if self.protected => refuse(
+                534,
+                "CCC refused by policy: the control connection stays protected",
+                None,
+            ),
+            Verb::Ccc => refuse(533, "CCC requires a protected control connection", None),
+            Verb::Adat | Verb::Mic | Verb::Conf | Verb::Enc => refuse(
                 502,
-                "TLS and RFC 2228 security are not supported by this gateway",
+                "RFC 2228 security data exchanges are not supported; use AUTH TLS",
+                None,
+            ),
+            Verb::User if self.policy.tls.mode == ClientTlsMode::Required && !self.protected => {
+                refuse(
+                    530,
+                    "TLS required: send AUTH TLS before USER",
+                    Some(Reject::TlsRequired),
+                )
+            }
+            Verb::Rein if self.protected => refuse(
+                502,
+                "REIN is not supported on a TLS session; reconnect instead",
                 None,
             ),
             verb if verb.is_transfer() => {
                 let client = self.arrangement;
                 if client == Arrangement::None {
                     return refuse(425, "Use PORT, EPRT, PASV or EPSV first", None);
+                }
+                if self.policy.tls.data == ClientDataTls::Required && !self.private_data {
+                    // RFC 4217 §9: 521 for a PROT level the server refuses.
+                    return refuse(
+                        521,
+                        "Data connection cannot be opened with this PROT setting: PROT P is required",
+                        Some(Reject::TlsRequired),
+                    );
                 }
                 let server_passive = match self.policy.upstream_mode {
                     UpstreamMode::Client => client == Arrangement::Passive,
@@ -287,6 +393,81 @@ impl ControlState {
             }
             _ => Decision::Forward,
         }
+    }
+
+    fn on_auth(&mut self, command: &Command) -> Decision {
+        if self.policy.tls.mode == ClientTlsMode::Off {
+            return refuse(502, "TLS is not offered by this gateway", None);
+        }
+        if self.protected {
+            return refuse(503, "Already using TLS", None);
+        }
+        let mechanism = String::from_utf8_lossy(command.trimmed_arg()).to_ascii_uppercase();
+        match mechanism.as_str() {
+            "TLS" | "TLS-C" => Decision::StartTls {
+                private_data: false,
+            },
+            // The legacy names imply protected data (RFC 4217 §11,
+            // as vsftpd and ProFTPD treat them).
+            "SSL" | "TLS-P" => Decision::StartTls { private_data: true },
+            other => refuse(
+                504,
+                &format!("AUTH {other} not supported; use AUTH TLS"),
+                None,
+            ),
+        }
+    }
+
+    fn on_pbsz(&mut self, command: &Command) -> Decision {
+        if !self.protected {
+            return refuse(503, "PBSZ requires AUTH first", None);
+        }
+        let size = String::from_utf8_lossy(command.trimmed_arg()).into_owned();
+        if size.parse::<u64>().is_err() {
+            return refuse(501, "Invalid PBSZ argument: a number is expected", None);
+        }
+        // RFC 4217 §8: TLS is a stream; the buffer size is always 0.
+        self.pbsz = true;
+        refuse(200, "PBSZ=0", None)
+    }
+
+    fn on_prot(&mut self, command: &Command) -> Decision {
+        if !self.protected {
+            return refuse(503, "PROT requires AUTH first", None);
+        }
+        if !self.pbsz {
+            return refuse(503, "PBSZ required before PROT", None);
+        }
+        let level = String::from_utf8_lossy(command.trimmed_arg()).to_ascii_uppercase();
+        let private = match level.as_str() {
+            "P" => true,
+            "C" if self.policy.tls.data == ClientDataTls::Required => {
+                return refuse(
+                    534,
+                    "PROT C refused by policy: data connections must be protected",
+                    Some(Reject::TlsRequired),
+                );
+            }
+            "C" => false,
+            "S" | "E" => {
+                return refuse(536, &format!("PROT {level} not supported with TLS"), None);
+            }
+            other => return refuse(504, &format!("PROT {other} not recognized"), None),
+        };
+        if self.policy.tls.forward_prot {
+            self.pending_prot = Some(private);
+            return Decision::ForwardProt;
+        }
+        self.private_data = private;
+        refuse(
+            200,
+            if private {
+                "PROT now Private"
+            } else {
+                "PROT now Clear"
+            },
+            None,
+        )
     }
 
     fn on_active(&mut self, command: &Command) -> Decision {
@@ -395,6 +576,7 @@ mod tests {
                 nat_traversal: true,
                 passive_address: None,
                 upstream_mode: UpstreamMode::Client,
+                tls: TlsPolicy::OFF,
             },
         );
         assert_eq!(s.on_reply(&Verb::Pass, 230), Some(LoginResult::Ok));
@@ -463,6 +645,7 @@ mod tests {
                     nat_traversal: true,
                     passive_address: None,
                     upstream_mode: mode,
+                    tls: TlsPolicy::OFF,
                 },
             );
             s.on_reply(&Verb::User, 230);
@@ -503,6 +686,7 @@ mod tests {
                 nat_traversal: true,
                 passive_address: None,
                 upstream_mode: UpstreamMode::Client,
+                tls: TlsPolicy::OFF,
             },
         );
         for line in [

@@ -534,10 +534,15 @@ impl Transfer {
         } else {
             TransferResult::Failed
         };
-        let reply = if delivered {
-            reply
-        } else {
-            self.undelivered(&reply)
+        let reply = match &relayed.error {
+            None => reply,
+            // The data connections never became usable (a TLS handshake
+            // failed after the 1xx): the gateway's reason, not the
+            // server's view of a connection that broke.
+            Some(RelayError::Setup(reason)) => {
+                Reply::new(425, &format!("Can't open data connection: {reason}"))
+            }
+            Some(_) => self.undelivered(&reply),
         };
         let failure = relayed.error.clone().map(Failure::Relay);
         let mut outcome = self.outcome(result, failure);
@@ -886,6 +891,18 @@ mod tests {
             show(&t.on(Event::DataFailed(error))),
             ["cut", "reply 425", "finish failed"]
         );
+    }
+
+    #[test]
+    fn a_data_connection_that_never_became_ready_answers_425_with_the_reason() {
+        let mut t = relaying("RETR f");
+        t.on(Event::RelayEnded(Relayed {
+            bytes: 0,
+            method: None,
+            error: Some(RelayError::Setup("TLS with the client failed".into())),
+        }));
+        let actions = t.on(Event::Reply(Step::Command, &r(426)));
+        assert_eq!(show(&actions), ["reply 425", "finish failed"]);
     }
 
     #[test]
