@@ -11,6 +11,7 @@ use ftp_proxy::config::Cli;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_rustls::client::TlsStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +22,8 @@ pub const REPLY_WAIT: Duration = Duration::from_secs(20);
 /// The gateway running in this process; shut down on drop.
 pub struct InProcess {
     pub addr: SocketAddr,
+    /// The first implicit FTPS listener, if any.
+    pub implicit_addr: Option<SocketAddr>,
     pub metrics_addr: SocketAddr,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), ftp_proxy::StartError>>>,
@@ -56,6 +59,7 @@ impl InProcess {
         let config = cli.load(settings).unwrap();
         let listeners = ftp_proxy::Listeners::bind(&config).unwrap();
         let addr = listeners.control_addrs()[0];
+        let implicit_addr = listeners.implicit_addrs().first().copied();
         let metrics_addr = listeners.metrics_addr().unwrap();
         let (reloads_tx, reloads) = watch::channel(Arc::new(config.clone()));
         let shutdown = CancellationToken::new();
@@ -68,6 +72,7 @@ impl InProcess {
         ));
         InProcess {
             addr,
+            implicit_addr,
             metrics_addr,
             shutdown,
             task: Some(task),
@@ -146,23 +151,110 @@ pub fn code(reply: &str) -> u16 {
     reply.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
-/// A control connection driven by hand.
+/// A control connection driven by hand, plain or TLS.
 pub struct FtpClient {
-    rx: BufReader<OwnedReadHalf>,
-    tx: OwnedWriteHalf,
+    conn: Conn,
+}
+
+enum Conn {
+    Plain {
+        rx: BufReader<OwnedReadHalf>,
+        tx: OwnedWriteHalf,
+    },
+    Tls {
+        rx: BufReader<tokio::io::ReadHalf<TlsStream<TcpStream>>>,
+        tx: tokio::io::WriteHalf<TlsStream<TcpStream>>,
+    },
+    Gone,
+}
+
+fn name() -> rustls::pki_types::ServerName<'static> {
+    rustls::pki_types::ServerName::try_from("localhost").unwrap()
 }
 
 impl FtpClient {
+    fn plain(stream: TcpStream) -> FtpClient {
+        let (rx, tx) = stream.into_split();
+        FtpClient {
+            conn: Conn::Plain {
+                rx: BufReader::new(rx),
+                tx,
+            },
+        }
+    }
+
+    fn tls(stream: TlsStream<TcpStream>) -> FtpClient {
+        let (rx, tx) = tokio::io::split(stream);
+        FtpClient {
+            conn: Conn::Tls {
+                rx: BufReader::new(rx),
+                tx,
+            },
+        }
+    }
+
     /// Connects and reads the banner.
     pub async fn connect(addr: SocketAddr) -> (FtpClient, String) {
         let stream = TcpStream::connect(addr).await.unwrap();
-        let (rx, tx) = stream.into_split();
-        let mut client = FtpClient {
-            rx: BufReader::new(rx),
-            tx,
-        };
+        let mut client = FtpClient::plain(stream);
         let banner = client.reply().await;
         (client, banner)
+    }
+
+    /// Connects, checks the banner, and protects the control connection.
+    pub async fn connect_tls(
+        addr: SocketAddr,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    ) -> FtpClient {
+        let (mut client, banner) = FtpClient::connect(addr).await;
+        assert_eq!(code(&banner), 220, "{banner}");
+        client.starttls(config).await;
+        client
+    }
+
+    /// Implicit FTPS: the handshake, then the banner.
+    pub async fn connect_implicit(
+        addr: SocketAddr,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    ) -> FtpClient {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name(), stream)
+            .await
+            .unwrap();
+        let mut client = FtpClient::tls(tls);
+        let banner = client.reply().await;
+        assert_eq!(code(&banner), 220, "{banner}");
+        client
+    }
+
+    /// `AUTH TLS` and the handshake.
+    pub async fn starttls(&mut self, config: std::sync::Arc<rustls::ClientConfig>) {
+        let reply = self.cmd("AUTH TLS").await;
+        assert_eq!(code(&reply), 234, "{reply}");
+        let Conn::Plain { rx, tx } = std::mem::replace(&mut self.conn, Conn::Gone) else {
+            panic!("not a plain control connection");
+        };
+        assert!(rx.buffer().is_empty(), "bytes after 234");
+        let stream = rx.into_inner().reunite(tx).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name(), stream)
+            .await
+            .unwrap();
+        *self = FtpClient::tls(tls);
+    }
+
+    /// Reads until the connection ends; whether it did within `wait`.
+    pub async fn closed_within(&mut self, wait: Duration) -> bool {
+        let mut rest = Vec::new();
+        let read = async {
+            match &mut self.conn {
+                Conn::Plain { rx, .. } => rx.read_to_end(&mut rest).await,
+                Conn::Tls { rx, .. } => rx.read_to_end(&mut rest).await,
+                Conn::Gone => Ok(0),
+            }
+        };
+        tokio::time::timeout(wait, read).await.is_ok()
     }
 
     /// Connects, checks the banner and logs in.
@@ -175,16 +267,23 @@ impl FtpClient {
     }
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {
-        self.tx.write_all(bytes).await.unwrap();
+        match &mut self.conn {
+            Conn::Plain { tx, .. } => tx.write_all(bytes).await.unwrap(),
+            Conn::Tls { tx, .. } => tx.write_all(bytes).await.unwrap(),
+            Conn::Gone => panic!("connection gone"),
+        }
     }
 
     pub async fn send(&mut self, line: &str) {
         self.send_raw(format!("{line}\r\n").as_bytes()).await;
     }
 
-    /// The socket, for urgent data.
+    /// The socket, for urgent data (plain connections only).
     pub fn socket(&self) -> socket2::SockRef<'_> {
-        socket2::SockRef::from(self.tx.as_ref())
+        match &self.conn {
+            Conn::Plain { tx, .. } => socket2::SockRef::from(tx.as_ref()),
+            _ => panic!("not a plain control connection"),
+        }
     }
 
     /// Reads one whole reply (multi-line aware), lines joined by '\n';
@@ -202,7 +301,12 @@ impl FtpClient {
             let mut first_code = String::new();
             loop {
                 let mut line = String::new();
-                if self.rx.read_line(&mut line).await.unwrap_or(0) == 0 {
+                let n = match &mut self.conn {
+                    Conn::Plain { rx, .. } => rx.read_line(&mut line).await,
+                    Conn::Tls { rx, .. } => rx.read_line(&mut line).await,
+                    Conn::Gone => Ok(0),
+                };
+                if n.unwrap_or(0) == 0 {
                     lines.push("<closed>".to_owned());
                     break;
                 }
@@ -251,6 +355,28 @@ impl FtpClient {
         assert_eq!(code(&reply), 200, "{reply}");
         listener
     }
+}
+
+/// A protected data connection to `at`, resuming through `config`'s store.
+pub async fn tls_data(
+    at: SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> TlsStream<TcpStream> {
+    let stream = TcpStream::connect(at).await.unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name(), stream)
+        .await
+        .unwrap()
+}
+
+/// Reads a protected data connection to its end (its close_notify).
+pub async fn read_all_tls(mut stream: TlsStream<TcpStream>) -> Vec<u8> {
+    let mut data = Vec::new();
+    tokio::time::timeout(REPLY_WAIT, stream.read_to_end(&mut data))
+        .await
+        .unwrap()
+        .unwrap();
+    data
 }
 
 /// Reads a data connection to its end.

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+pub mod certs;
 pub mod fake;
 pub mod inproc;
 
