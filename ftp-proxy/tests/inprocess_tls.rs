@@ -64,7 +64,8 @@ async fn a_real_client_over_explicit_tls() {
             .into_secure(suppaftp::RustlsConnector::from(config), "localhost")
             .unwrap();
         ftp.login("user", "secret").unwrap();
-        ftp.transfer_type(suppaftp::types::FileType::Binary).unwrap();
+        ftp.transfer_type(suppaftp::types::FileType::Binary)
+            .unwrap();
         for i in 0..3 {
             let got = ftp.retr_as_buffer("f.bin").unwrap().into_inner();
             assert_eq!(got, expected, "download {i}");
@@ -72,7 +73,10 @@ async fn a_real_client_over_explicit_tls() {
             ftp.put_file(format!("up-{i}.bin"), &mut up).unwrap();
         }
         let listing = ftp.nlst(None).unwrap();
-        assert!(listing.iter().any(|l| l.contains("up-2.bin")), "{listing:?}");
+        assert!(
+            listing.iter().any(|l| l.contains("up-2.bin")),
+            "{listing:?}"
+        );
         ftp.quit().unwrap();
     })
     .await
@@ -204,7 +208,10 @@ async fn implicit_ftps_and_a_plain_client_on_its_port() {
     plain.write_all(b"USER anonymous\r\n").await.unwrap();
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut buf)).await;
-    assert!(read.is_ok(), "the gateway did not close the plain connection");
+    assert!(
+        read.is_ok(),
+        "the gateway did not close the plain connection"
+    );
     gateway
         .wait_metric(
             "ftp_proxy_tls_errors_total{reason=\"not_tls\",side=\"client\"}",
@@ -280,5 +287,104 @@ async fn broken_handshakes_end_the_session_and_nothing_else() {
     // Another session is served.
     let mut client = FtpClient::connect_tls(gateway.addr, ca.client_config()).await;
     assert_eq!(code(&client.cmd("USER user").await), 331);
+    gateway.stop().await;
+}
+
+/// An implicit-FTPS "server" that only does the TLS handshake with the
+/// certificate of `ca` (to see what the gateway says of it).
+async fn tls_listener(ca: &TestCa) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&ca.chain)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&ca.key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(stream).await {
+                    // A banner, then 200 to anything (PBSZ, PROT).
+                    let _ = tls.write_all(b"220 hello\r\n").await;
+                    let mut buf = [0u8; 512];
+                    while let Ok(n) = tls.read(&mut buf).await {
+                        if n == 0 || tls.write_all(b"200 ok\r\n").await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A server certificate that is expired, for another name, or from an
+/// authority the gateway does not trust: the client gets 421 with the
+/// reason, the failure is counted by reason, nothing else is affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_server_certificates_get_421_with_the_reason() {
+    let trusted = TestCa::new();
+    let cases = [
+        (
+            TestCa::with_leaf(&["localhost", "127.0.0.1"], Some(())),
+            "certificate_expired",
+        ),
+        (
+            TestCa::with_leaf(&["elsewhere.example"], None),
+            "certificate_name",
+        ),
+        (TestCa::new(), "certificate_issuer"),
+    ];
+    for (server_ca, reason) in cases {
+        // The authority the gateway trusts: the server's own, except in
+        // the last case.
+        let trust = if reason == "certificate_issuer" {
+            &trusted
+        } else {
+            &server_ca
+        };
+        let upstream = tls_listener(&server_ca).await;
+        let gateway = InProcess::start(
+            upstream,
+            &[
+                "--server-tls",
+                "implicit",
+                "--server-ca",
+                TestCa::path(&trust.ca),
+            ],
+        );
+        let (_client, banner) = FtpClient::connect(gateway.addr).await;
+        assert_eq!(code(&banner), 421, "{reason}: {banner}");
+        assert!(banner.contains(reason), "{reason}: {banner}");
+        gateway
+            .wait_metric(
+                &format!("ftp_proxy_tls_errors_total{{reason=\"{reason}\",side=\"server\"}}"),
+                1.0,
+            )
+            .await;
+        gateway.stop().await;
+    }
+    // With verification off, the same untrusted server is accepted.
+    let server_ca = TestCa::new();
+    let upstream = tls_listener(&server_ca).await;
+    let gateway = InProcess::start(
+        upstream,
+        &["--server-tls", "implicit", "--server-tls-insecure"],
+    );
+    let (_client, banner) = FtpClient::connect(gateway.addr).await;
+    assert_eq!(code(&banner), 220, "{banner}");
     gateway.stop().await;
 }

@@ -200,7 +200,11 @@ impl TlsFailure {
                 | CertificateError::NotValidYetContext { .. } => TlsFailure::CertificateExpired,
                 CertificateError::NotValidForName
                 | CertificateError::NotValidForNameContext { .. } => TlsFailure::CertificateName,
-                CertificateError::UnknownIssuer => TlsFailure::CertificateIssuer,
+                // A signature that does not verify: signed by another
+                // authority than the one of that name the gateway trusts.
+                CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                    TlsFailure::CertificateIssuer
+                }
                 _ => TlsFailure::Certificate,
             },
             rustls::Error::InvalidMessage(_) => TlsFailure::NotTls,

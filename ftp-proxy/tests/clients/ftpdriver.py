@@ -9,12 +9,33 @@ so the test decides what a failure means.
 
 Data connections are set up by hand (not by ftplib's helpers) so that each
 of PASV, EPSV, PORT and EPRT can be chosen on either address family.
+
+FTPS: "tls": "explicit" (AUTH TLS after the banner) or "implicit" (TLS from
+the first byte), with "cafile" to trust; the "prot_p" step protects data
+connections, which then resume the control connection's TLS session (as
+curl and lftp do; stock ftplib does not).
 """
 import ftplib
 import hashlib
 import json
 import socket
+import ssl
 import sys
+
+
+class ImplicitFTP_TLS(ftplib.FTP_TLS):
+    """ftplib has no implicit FTPS: the handshake before the banner."""
+
+    def connect(self, host="", port=0, timeout=-999, source_address=None):
+        self.host, self.port = host, port
+        if timeout != -999:
+            self.timeout = timeout
+        self.sock = socket.create_connection((host, port), self.timeout, source_address=source_address)
+        self.af = self.sock.family
+        self.sock = self.context.wrap_socket(self.sock, server_hostname=host)
+        self.file = self.sock.makefile("r", encoding=self.encoding)
+        self.welcome = self.getresp()
+        return self.welcome
 
 
 def pattern(size, seed=0):
@@ -32,14 +53,46 @@ class Driver:
         self.spec = spec
         self.ftp = None
         self.bind = spec.get("bind")
+        self.context = None
+        self.protected = False
+        self.reused = []
 
     def connect(self):
-        ftp = ftplib.FTP(timeout=self.spec.get("timeout", 30))
+        timeout = self.spec.get("timeout", 30)
+        tls = self.spec.get("tls")
+        self.context = None
+        self.protected = False
+        if tls:
+            self.context = ssl.create_default_context(cafile=self.spec.get("cafile"))
+            cls = ImplicitFTP_TLS if tls == "implicit" else ftplib.FTP_TLS
+            ftp = cls(context=self.context, timeout=timeout)
+        else:
+            ftp = ftplib.FTP(timeout=timeout)
         source = (self.bind, 0) if self.bind else None
         ftp.source_address = source
         welcome = ftp.connect(self.spec["host"], self.spec["port"], source_address=source)
         self.ftp = ftp
-        return {"reply": welcome}
+        result = {"reply": welcome}
+        if tls == "explicit":
+            result["auth"] = ftp.auth()
+        return result
+
+    def protect(self, conn):
+        """TLS on a data connection, resuming the control connection's session."""
+        if not self.protected:
+            return conn
+        wrapped = self.context.wrap_socket(conn, server_hostname=self.spec["host"], session=self.ftp.sock.session)
+        self.reused.append(wrapped.session_reused)
+        return wrapped
+
+    def finish_data(self, conn):
+        """The end of a protected data connection: close_notify both ways."""
+        if isinstance(conn, ssl.SSLSocket):
+            try:
+                conn = conn.unwrap()
+            except (OSError, ValueError):
+                pass
+        conn.close()
 
     def open_data(self, mode):
         """Returns (accept_or_socket, is_listener)."""
@@ -80,6 +133,10 @@ class Driver:
             conn, peer = lsock.accept()
             lsock.close()
             conn.settimeout(self.spec.get("timeout", 30))
+        # RFC 4217: the FTP client is the TLS client, also in active mode;
+        # the handshake follows the 150.
+        if first.startswith("1"):
+            conn = self.protect(conn)
         digest = hashlib.sha256()
         size = 0
         if upload is not None:
@@ -87,6 +144,9 @@ class Driver:
                 conn.sendall(chunk)
                 digest.update(chunk)
                 size += len(chunk)
+            if isinstance(conn, ssl.SSLSocket):
+                # close_notify, then the peer's, then the plain socket's end.
+                conn = conn.unwrap()
             conn.shutdown(socket.SHUT_WR)
             # Wait for the server's side to close before the final reply.
             while conn.recv(65536):
@@ -100,15 +160,26 @@ class Driver:
                 size += len(chunk)
                 if limit is not None and size >= limit:
                     return conn, {"setup": setup, "first": first, "size": size}
-        conn.close()
+        self.finish_data(conn)
         final = ftp.getresp()
-        return None, {"setup": setup, "first": first, "final": final, "size": size, "sha256": digest.hexdigest()}
+        result = {"setup": setup, "first": first, "final": final, "size": size, "sha256": digest.hexdigest()}
+        if self.protected:
+            result["reused"] = self.reused[-1] if self.reused else None
+        return None, result
 
     def step(self, step):
         op = step["op"]
         ftp = self.ftp
         if op == "connect":
             return self.connect()
+        if op == "prot_p":
+            self.protected = True
+            return {"reply": ftp.prot_p()}
+        if op == "rest_retr":
+            # REST, then RETR from that offset.
+            ftp.sendcmd("REST %d" % step["offset"])
+            _, r = self.transfer("RETR " + step["path"], step.get("mode", "pasv"))
+            return r
         if op == "login":
             return {"reply": ftp.login(step.get("user", "anonymous"), step.get("password", "test@example.com"))}
         if op == "cmd":
@@ -138,8 +209,12 @@ class Driver:
             # Start a download, read some of it, then ABOR as ftplib does
             # (Telnet IP and Synch, then ABOR), with the data connection open.
             conn, r = self.transfer("RETR " + step["path"], step.get("mode", "pasv"), limit=step.get("after", 1 << 20))
-            ftp.sock.sendall(b"\xff\xf4\xff", socket.MSG_OOB)
-            ftp.sock.sendall(b"\xf2ABOR\r\n")
+            if isinstance(ftp.sock, ssl.SSLSocket):
+                # No urgent data under TLS: it would break the record stream.
+                ftp.sock.sendall(b"ABOR\r\n")
+            else:
+                ftp.sock.sendall(b"\xff\xf4\xff", socket.MSG_OOB)
+                ftp.sock.sendall(b"\xf2ABOR\r\n")
             if conn is not None:
                 conn.close()
             replies = []

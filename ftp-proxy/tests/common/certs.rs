@@ -31,13 +31,19 @@ impl TestCa {
     /// An authority and a leaf for `names`; `expired` makes the leaf's
     /// validity end in the past.
     pub fn with_leaf(names: &[&str], expired: Option<()>) -> TestCa {
-        let dir = tempfile::Builder::new().prefix("ftpx-certs").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("ftpx-certs")
+            .tempdir()
+            .unwrap();
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "ftp-proxy test authority");
+        static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ca_params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("ftp-proxy test authority {} {serial}", std::process::id()),
+        );
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let ca_pem = ca_cert.pem();
         let issuer = Issuer::new(ca_params, ca_key);

@@ -145,6 +145,11 @@ pub struct Vsftpd {
 
 impl Vsftpd {
     pub fn start(ns: &NetNs, addr: SocketAddr, pasv: (u16, u16)) -> Vsftpd {
+        Vsftpd::start_with(ns, addr, pasv, "")
+    }
+
+    /// vsftpd with extra configuration lines (FTPS, say).
+    pub fn start_with(ns: &NetNs, addr: SocketAddr, pasv: (u16, u16), extra: &str) -> Vsftpd {
         let dir = tempfile::Builder::new()
             .prefix("ftpx-vsftpd")
             .tempdir()
@@ -177,7 +182,7 @@ impl Vsftpd {
             .replace("@ROOT@", &root.display().to_string())
             .replace("@PASV_MIN@", &pasv.0.to_string())
             .replace("@PASV_MAX@", &pasv.1.to_string());
-        fs::write(&config, text).unwrap();
+        fs::write(&config, format!("{text}\n{extra}\n")).unwrap();
         // vsftpd writes its start-up errors to fd 0.
         let stdin = OpenOptions::new()
             .read(true)
@@ -214,6 +219,14 @@ impl Vsftpd {
                 );
             }
             if let Ok(mut s) = ns.connect(self.addr) {
+                // Implicit FTPS says nothing before a TLS handshake.
+                let implicit = fs::read_to_string(&self.config)
+                    .unwrap_or_default()
+                    .contains("implicit_ssl=YES");
+                if implicit {
+                    return;
+                }
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                 let mut buf = [0u8; 3];
                 if s.read_exact(&mut buf).is_ok() && &buf == b"220" {
                     let _ = s.write_all(b"QUIT\r\n");
