@@ -12,10 +12,14 @@
 //!   which replies the server owes and to whom, `session::transfer` the
 //!   order of a transfer's replies and data connections; the task does the
 //!   I/O. `session::data` opens data connections (port pools, port theft
-//!   checks, port 20) and types their failures; `session::control` reads
-//!   the client past TCP urgent marks.
-//! - `relay`: moves the bytes of a data connection (splice or copy),
-//!   passing half-close on in order. Knows nothing of FTP.
+//!   checks, port 20) and types their failures; `session::control` holds
+//!   the control connections, plain or TLS, and reads the client past TCP
+//!   urgent marks; `session::server_conn` opens the server's control
+//!   connection (TLS, the banner).
+//! - `relay`: moves the bytes of a data connection (splice or copy, or
+//!   through TLS), passing half-close on in order. Knows nothing of FTP.
+//! - [`tls`]: FTPS: the gateway's certificate toward clients, the trust
+//!   toward servers, per-session resumption, handshakes.
 //! - [`flowtrack`]: the eBPF flow tracker (the only user of aya): TCP
 //!   flows on watched ports, seen from the kernel, with their handshake,
 //!   close order, bytes and timestamps.

@@ -391,7 +391,7 @@ async fn metric_series_exist_from_the_start() {
     for series in [
         "ftp_proxy_rejected_total{reason=\"not_logged_in\"} 0",
         "ftp_proxy_data_errors_total{kind=\"timeout\",side=\"client\"} 0",
-        "ftp_proxy_sessions_total{outcome=\"shutdown\"} 0",
+        "ftp_proxy_sessions_total{client=\"plain\",outcome=\"shutdown\",server=\"tls\"} 0",
         "ftp_proxy_replies_total{class=\"5xx\"} 0",
         "ftp_proxy_flowtrack_map_errors_total{reason=\"ringbuf_full\"} 0",
         "ftp_proxy_data_connections_total{leg=\"server\",mode=\"listen\"} 0",

@@ -87,6 +87,19 @@ async fn a_real_client_over_explicit_tls() {
     gateway
         .wait_metric("ftp_proxy_relay_total{mode=\"tls\"}", 7.0)
         .await;
+    // Downloads, uploads and the listing, labelled by protection.
+    gateway
+        .wait_metric(
+            "ftp_proxy_transfers_total{client=\"tls\",result=\"ok\",server=\"plain\"}",
+            7.0,
+        )
+        .await;
+    gateway
+        .wait_metric(
+            "ftp_proxy_sessions_total{client=\"tls\",outcome=\"ok\",server=\"plain\"}",
+            1.0,
+        )
+        .await;
     assert_eq!(
         gateway
             .metric("ftp_proxy_tls_resumptions_refused_total{side=\"client\"}")

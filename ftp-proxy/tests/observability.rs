@@ -262,7 +262,7 @@ fn prometheus_scrapes_what_the_test_caused_and_the_dashboard_has_data() {
     assert!(results[3]["final"].as_str().unwrap().starts_with("226"));
     Prometheus::wait_value(
         &lab.ns,
-        "ftp_proxy_transfers_total{direction=\"download\",result=\"ok\"}",
+        "sum(ftp_proxy_transfers_total{direction=\"download\",result=\"ok\"})",
         3.0,
     );
     Prometheus::wait_value(
@@ -272,7 +272,7 @@ fn prometheus_scrapes_what_the_test_caused_and_the_dashboard_has_data() {
     );
     Prometheus::wait_value(
         &lab.ns,
-        "ftp_proxy_transfers_total{direction=\"upload\",result=\"ok\"}",
+        "sum(ftp_proxy_transfers_total{direction=\"upload\",result=\"ok\"})",
         1.0,
     );
     Prometheus::wait_value(&lab.ns, "ftp_proxy_rejected_total{reason=\"bounce\"}", 1.0);

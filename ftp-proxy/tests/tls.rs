@@ -392,3 +392,68 @@ fn suppaftp_through_tls_to_tls() {
         sha256(&content)
     );
 }
+
+/// The certificate the gateway presents after `AUTH TLS` on `addr`.
+fn served_certificate(ns: &NetNs, addr: &str, ca: &TestCa) -> Vec<u8> {
+    use std::io::{BufRead, BufReader, Write};
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let config = ca.client_config();
+    ns.enter(move || {
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = BufReader::new(tcp.try_clone().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("220"), "{line}");
+        tcp.write_all(b"AUTH TLS\r\n").unwrap();
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("234"), "{line}");
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+        let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+        tls.write_all(b"NOOP\r\n").unwrap();
+        tls.flush().unwrap();
+        conn.peer_certificates().unwrap()[0].to_vec()
+    })
+}
+
+/// SIGHUP re-reads the certificate and key: new sessions get the new pair;
+/// a key that does not match its certificate refuses the reload and the
+/// running pair stays.
+#[test]
+#[ignore = "privileged tier (root, network namespaces, vsftpd): cargo xtask test runs it"]
+fn sighup_reloads_the_certificate_and_refuses_a_mismatched_key() {
+    let ns = NetNs::new();
+    let _server = Vsftpd::start(&ns, SERVER4.parse().unwrap(), (30000, 30999));
+    let mut ca = TestCa::new();
+    let config = ca.dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "upstream = \"{SERVER4}\"\ntls-cert = \"{}\"\ntls-key = \"{}\"\n",
+            TestCa::path(&ca.chain),
+            TestCa::path(&ca.key)
+        ),
+    )
+    .unwrap();
+    let gateway = Gateway::start(
+        &ns,
+        &["--listen", GATEWAY4, "--config", TestCa::path(&config)],
+    );
+    let first = served_certificate(&ns, GATEWAY4, &ca);
+    // A new pair.
+    ca.issue(&["localhost", "127.0.0.1"], None);
+    gateway.signal("HUP");
+    gateway.expect_logs("configuration reloaded", 1);
+    let second = served_certificate(&ns, GATEWAY4, &ca);
+    assert_ne!(first, second, "the new certificate is served");
+    // A key that does not go with the certificate.
+    let other_key = std::fs::read(&ca.key).unwrap();
+    ca.issue(&["localhost", "127.0.0.1"], None);
+    std::fs::write(&ca.key, other_key).unwrap();
+    gateway.signal("HUP");
+    gateway.expect_logs("invalid configuration refused", 1);
+    assert_eq!(served_certificate(&ns, GATEWAY4, &ca), second);
+}

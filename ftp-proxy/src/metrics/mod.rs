@@ -22,7 +22,7 @@ use crate::session::data::{DataError, DataErrorKind, DataMode};
 use crate::session::state::LoginResult;
 use crate::session::transfer::{TransferKind, TransferResult};
 use crate::session::{SessionOutcome, UpstreamFailure};
-use crate::tls::{Handshake, TlsError, TlsFailure, TlsVersion};
+use crate::tls::{Handshake, Protection, TlsError, TlsFailure, TlsVersion};
 
 /// How a TLS handshake ended (`tls_handshakes_total{outcome}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,8 +181,8 @@ impl Metrics {
             sessions_active,
             sessions_total: counter_vec(
                 "sessions_total",
-                "Client sessions ended, by outcome",
-                &["outcome"],
+                "Client sessions ended, by outcome and control connection protection toward the client and the server (plain or tls)",
+                &["outcome", "client", "server"],
             )?,
             commands_total: counter_vec(
                 "commands_total",
@@ -226,8 +226,8 @@ impl Metrics {
             )?,
             transfers_total: counter_vec(
                 "transfers_total",
-                "Transfers, by direction and result",
-                &["direction", "result"],
+                "Transfers, by direction, result, and data connection protection toward the client and the server (plain or tls)",
+                &["direction", "result", "client", "server"],
             )?,
             transfer_bytes_total: counter_vec(
                 "transfer_bytes_total",
@@ -301,8 +301,16 @@ impl Metrics {
         }
         for kind in TransferKind::ALL {
             for result in TransferResult::ALL {
-                self.transfers_total
-                    .with_label_values(&[kind.label(), result.label()]);
+                for client in Protection::ALL {
+                    for server in Protection::ALL {
+                        self.transfers_total.with_label_values(&[
+                            kind.label(),
+                            result.label(),
+                            client.label(),
+                            server.label(),
+                        ]);
+                    }
+                }
             }
             self.transfer_bytes_total.with_label_values(&[kind.label()]);
         }
@@ -324,7 +332,15 @@ impl Metrics {
                 .with_label_values(&[reason.label()]);
         }
         for outcome in SessionOutcome::ALL {
-            self.sessions_total.with_label_values(&[outcome.label()]);
+            for client in Protection::ALL {
+                for server in Protection::ALL {
+                    self.sessions_total.with_label_values(&[
+                        outcome.label(),
+                        client.label(),
+                        server.label(),
+                    ]);
+                }
+            }
         }
         for class in ReplyClass::ALL {
             self.replies_total.with_label_values(&[class.label()]);
@@ -410,10 +426,15 @@ impl Metrics {
     }
 
     /// A session ended.
-    pub(crate) fn session_ended(&self, outcome: SessionOutcome) {
+    pub(crate) fn session_ended(
+        &self,
+        outcome: SessionOutcome,
+        client: Protection,
+        server: Protection,
+    ) {
         self.sessions_active.dec();
         self.sessions_total
-            .with_label_values(&[outcome.label()])
+            .with_label_values(&[outcome.label(), client.label(), server.label()])
             .inc();
     }
 
@@ -530,11 +551,13 @@ impl Metrics {
         &self,
         kind: TransferKind,
         result: TransferResult,
+        protection: (Protection, Protection),
         bytes: u64,
         took: Duration,
     ) {
+        let (client, server) = protection;
         self.transfers_total
-            .with_label_values(&[kind.label(), result.label()])
+            .with_label_values(&[kind.label(), result.label(), client.label(), server.label()])
             .inc();
         self.transfer_bytes_total
             .with_label_values(&[kind.label()])
@@ -554,6 +577,7 @@ mod tests {
         m.transfer_finished(
             TransferKind::Download,
             TransferResult::Ok,
+            (Protection::Plain, Protection::Tls),
             42,
             Duration::from_millis(3),
         );

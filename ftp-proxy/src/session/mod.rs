@@ -60,8 +60,8 @@ use crate::protocol::{
 };
 use crate::relay::{self, Direction, Flow, Leg, RelayHandle, RelayOptions};
 use crate::tls::{
-    self, ClientSessionTls, ClientTlsMode, ServerDataTls, ServerTlsMode, TlsError, TlsFailure,
-    TlsReuse,
+    self, ClientSessionTls, ClientTlsMode, Protection, ServerDataTls, ServerTlsMode, TlsError,
+    TlsFailure, TlsReuse,
 };
 use control::{ClientReader, ClientWriter, ControlStream, ServerReader, ServerWriter};
 use data::{DataError, DataFailure, DataMode, PortPool};
@@ -306,10 +306,15 @@ pub(crate) async fn run(client: TcpStream, id: u64, shared: Shared, implicit_tls
     let span = info_span!("session", session_id = id, client = ?client_addr, server = tracing::field::Empty);
     async move {
         shared.metrics.session_started();
+        let mut protection = (
+            Protection::of(implicit_tls),
+            Protection::of(shared.config.tls.server.mode != ServerTlsMode::Off),
+        );
         let outcome = match Session::start(client, id, &shared, implicit_tls).await {
             Ok(mut session) => {
                 let outcome = session.serve().await;
                 session.finish(&outcome).await;
+                protection.0 = Protection::of(session.state.control_protected());
                 outcome
             }
             Err((client, error)) => {
@@ -335,11 +340,11 @@ pub(crate) async fn run(client: TcpStream, id: u64, shared: Shared, implicit_tls
         match &outcome {
             Ok(outcome) => {
                 info!(outcome = outcome.label(), "session closed");
-                shared.metrics.session_ended(*outcome);
+                shared.metrics.session_ended(*outcome, protection.0, protection.1);
             }
             Err(error) => {
                 info!(error = %error, "session closed");
-                shared.metrics.session_ended(error.outcome());
+                shared.metrics.session_ended(error.outcome(), protection.0, protection.1);
             }
         }
     }
@@ -376,6 +381,8 @@ type Pending = Pin<Box<dyn Future<Output = IoDone> + Send>>;
 /// A transfer in progress with what it holds.
 struct Active {
     machine: Transfer,
+    /// Whether the data connections are TLS toward the client and the server.
+    protection: (Protection, Protection),
     started: Instant,
     server_leg: Option<ServerLeg>,
     client_leg: Option<ClientLeg>,
@@ -1048,8 +1055,13 @@ impl<'a> Session<'a> {
             server_ip: self.server_ip,
             server_passive_policy: self.config.server_passive,
         });
+        let protection = (
+            Protection::of(self.client_tls.is_some() && self.state.data_protected()),
+            Protection::of(self.server_data_protected()),
+        );
         self.active = Some(Active {
             machine,
+            protection,
             started: Instant::now(),
             server_leg: None,
             client_leg: None,
@@ -1475,8 +1487,13 @@ impl<'a> Session<'a> {
             if let Some(method) = outcome.method {
                 self.metrics.relay_used(method);
             }
-            self.metrics
-                .transfer_finished(kind, outcome.result, outcome.bytes, took);
+            self.metrics.transfer_finished(
+                kind,
+                outcome.result,
+                active.protection,
+                outcome.bytes,
+                took,
+            );
             info!(
                 command = command.verb.as_str(),
                 direction = kind.label(),

@@ -120,6 +120,38 @@ pub enum ServerDataTls {
     Clear,
 }
 
+/// Whether a connection is protected (the `client` and `server` labels of
+/// `sessions_total` and `transfers_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    /// Clear text.
+    Plain,
+    /// TLS.
+    Tls,
+}
+
+impl Protection {
+    /// Both.
+    pub const ALL: [Protection; 2] = [Protection::Plain, Protection::Tls];
+
+    /// `Tls` when `protected`.
+    pub fn of(protected: bool) -> Protection {
+        if protected {
+            Protection::Tls
+        } else {
+            Protection::Plain
+        }
+    }
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Protection::Plain => "plain",
+            Protection::Tls => "tls",
+        }
+    }
+}
+
 /// Why a TLS handshake failed, as a metric label (`tls_errors_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsFailure {

@@ -96,16 +96,12 @@ impl InProcess {
         (head.lines().next().unwrap().to_owned(), body.to_owned())
     }
 
-    /// The value of one metric series, e.g.
-    /// `ftp_proxy_rejected_total{reason="bounce"}` (0 when absent).
-    pub async fn metric(&self, series: &str) -> f64 {
+    /// The value of a metric, e.g. `ftp_proxy_rejected_total{reason="bounce"}`:
+    /// the sum over every series of that name whose labels include the
+    /// ones given (0 when there is none).
+    pub async fn metric(&self, selector: &str) -> f64 {
         let (_, body) = self.http("/metrics").await;
-        body.lines()
-            .find_map(|line| {
-                line.strip_prefix(series)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
-            .map_or(0.0, |v| v.trim().parse().unwrap())
+        metric_value(&body, selector)
     }
 
     /// Waits until a metric reaches `want` (sessions end asynchronously).
@@ -144,6 +140,31 @@ impl Drop for InProcess {
             task.abort();
         }
     }
+}
+
+/// Sums the series of an exposition that a selector `name{a="b",...}`
+/// matches (a series may carry more labels than the selector names).
+pub fn metric_value(exposition: &str, selector: &str) -> f64 {
+    let (name, wanted) = match selector.split_once('{') {
+        Some((name, labels)) => (name, labels.trim_end_matches('}')),
+        None => (selector, ""),
+    };
+    let wanted: Vec<&str> = wanted.split(',').filter(|l| !l.is_empty()).collect();
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, labels) = match series.split_once('{') {
+                Some((n, l)) => (n, l.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels: Vec<&str> = labels.split(',').collect();
+            (series_name == name && wanted.iter().all(|w| labels.contains(w)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }
 
 /// The code of a reply.
