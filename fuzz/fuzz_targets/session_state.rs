@@ -9,7 +9,8 @@ use std::net::IpAddr;
 use bytes::BytesMut;
 use ftp_proxy::config::UpstreamMode;
 use ftp_proxy::protocol::{CommandCodec, Verb};
-use ftp_proxy::session::state::{Arrangement, ControlState, Decision, PassiveAnswer, Policy};
+use ftp_proxy::session::state::{Arrangement, ControlState, Decision, PassiveAnswer, Policy, TlsPolicy};
+use ftp_proxy::tls::{ClientDataTls, ClientTlsMode};
 use libfuzzer_sys::fuzz_target;
 use tokio_util::codec::Decoder;
 
@@ -22,7 +23,16 @@ fuzz_target!(|data: &[u8]| {
         1 => UpstreamMode::Passive,
         _ => UpstreamMode::Active,
     };
-    let policy = Policy { nat_traversal: flags & 8 == 0, passive_address: None, upstream_mode: mode };
+    let tls = if flags & 32 == 0 {
+        TlsPolicy::OFF
+    } else {
+        TlsPolicy {
+            mode: if flags & 64 == 0 { ClientTlsMode::Optional } else { ClientTlsMode::Required },
+            data: if flags & 128 == 0 { ClientDataTls::Optional } else { ClientDataTls::Required },
+            forward_prot: false,
+        }
+    };
+    let policy = Policy { nat_traversal: flags & 8 == 0, passive_address: None, upstream_mode: mode, tls };
     let mut state = ControlState::new(client, local, policy);
     if flags & 16 == 0 {
         state.on_reply(&Verb::Pass, 230);
@@ -36,8 +46,18 @@ fuzz_target!(|data: &[u8]| {
             Err(error) => state.on_bad_line(&error),
         };
         match decision {
+            Decision::Transfer { .. } if tls.data == ClientDataTls::Required => {
+                assert!(before.logged_in(), "a data command before login");
+                assert!(before.data_protected(), "a transfer without PROT P when it is required");
+            }
             Decision::Active(_) | Decision::OpenPassive(_) | Decision::Transfer { .. } => {
                 assert!(before.logged_in(), "a data command before login");
+            }
+            Decision::StartTls { .. } => {
+                assert!(tls.mode != ClientTlsMode::Off, "AUTH accepted with TLS off");
+                assert!(!before.control_protected(), "AUTH accepted twice");
+                // The session would now do the handshake.
+                state.tls_started(false);
             }
             _ => {}
         }
@@ -64,7 +84,11 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             Decision::Answer { reply, .. } => assert!((200..600).contains(&reply.code)),
-            Decision::Forward | Decision::Quit | Decision::OpenPassive(PassiveAnswer::Epsv) => {}
+            Decision::Forward
+            | Decision::Quit
+            | Decision::OpenPassive(PassiveAnswer::Epsv)
+            | Decision::StartTls { .. }
+            | Decision::ForwardProt => {}
         }
     }
 });
