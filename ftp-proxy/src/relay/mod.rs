@@ -154,9 +154,10 @@ pub(crate) enum RelayError {
     /// The other direction failed, so this one was cut.
     #[error("cut because the other direction failed")]
     Cut,
-    /// The legs could not be made ready (a TLS handshake failed).
+    /// The legs could not be made ready (a TLS handshake failed); the
+    /// error is the caller's, typed (the relay does not know it).
     #[error("{0}")]
-    Setup(String),
+    Setup(Arc<dyn std::error::Error + Send + Sync>),
 }
 
 /// The state of one direction.
@@ -273,8 +274,8 @@ pub(crate) fn spawn(client: Leg, server: Leg, options: RelayOptions) -> RelayHan
 
 /// Starts relaying once `setup` has made the legs ready (TLS handshakes);
 /// a failed setup fails both directions with its reason.
-pub(crate) fn spawn_after(
-    setup: impl Future<Output = Result<(Leg, Leg), String>> + Send + 'static,
+pub(crate) fn spawn_after<E: std::error::Error + Send + Sync + 'static>(
+    setup: impl Future<Output = Result<(Leg, Leg), E>> + Send + 'static,
     options: RelayOptions,
 ) -> RelayHandle {
     let (tx, rx) = watch::channel(Progress {
@@ -288,7 +289,7 @@ pub(crate) fn spawn_after(
                 run(client, server, options, tx).await;
             }
             Ok(Ok((client, server))) => stream::run(client, server, options, tx).await,
-            Ok(Err(reason)) => fail_both(&tx, RelayError::Setup(reason)),
+            Ok(Err(error)) => fail_both(&tx, RelayError::Setup(Arc::new(error))),
             Err(_) => fail_both(&tx, RelayError::Idle(options.idle_timeout)),
         }
     });

@@ -529,7 +529,7 @@ struct LegTls {
 impl LegTls {
     /// Both handshakes at once; a failure is counted here (metrics) and
     /// reported to the relay, which fails the transfer.
-    async fn secure(self, client: TcpStream, server: TcpStream) -> Result<(Leg, Leg), String> {
+    async fn secure(self, client: TcpStream, server: TcpStream) -> Result<(Leg, Leg), DataError> {
         let server = async {
             let Some((config, name)) = &self.server else {
                 return Ok(Leg::Plain(server));
@@ -580,7 +580,7 @@ impl LegTls {
             let error = DataFailure::Tls(error).on(side);
             self.metrics.data_error(&error);
             warn!(side = side.label(), kind = "tls", error = %error, "data connection failed");
-            error.to_string()
+            error
         })
     }
 }

@@ -676,6 +676,7 @@ mod tests {
     use super::*;
     use crate::relay::RelayError;
     use std::net::SocketAddrV4;
+    use std::sync::Arc;
     use std::time::Duration;
 
     const SERVER: &str = "198.51.100.7";
@@ -899,7 +900,9 @@ mod tests {
         t.on(Event::RelayEnded(Relayed {
             bytes: 0,
             method: None,
-            error: Some(RelayError::Setup("TLS with the client failed".into())),
+            error: Some(RelayError::Setup(Arc::new(std::io::Error::other(
+                "TLS with the client failed",
+            )))),
         }));
         let actions = t.on(Event::Reply(Step::Command, &r(426)));
         assert_eq!(show(&actions), ["reply 425", "finish failed"]);
