@@ -304,12 +304,21 @@ impl OtherJobs {
         OtherJobs { ticks }
     }
 
-    /// Ticks the other jobs used between `before` and this snapshot.
+    /// Ticks the other jobs used between `before` and this snapshot. A
+    /// process that ended in between was reaped by its parent, whose
+    /// cutime/cstime now holds all its ticks, also those from before
+    /// `before`: what it had then is taken off again.
     pub fn since(&self, before: &OtherJobs) -> u64 {
-        self.ticks
-            .iter()
-            .map(|(pid, t)| t.saturating_sub(before.ticks.get(pid).copied().unwrap_or(0)))
-            .sum()
+        let mut total: i128 = 0;
+        for (pid, t) in &self.ticks {
+            total += i128::from(*t) - i128::from(before.ticks.get(pid).copied().unwrap_or(0));
+        }
+        for (pid, t) in &before.ticks {
+            if !self.ticks.contains_key(pid) {
+                total -= i128::from(*t);
+            }
+        }
+        u64::try_from(total.max(0)).unwrap_or(0)
     }
 }
 
@@ -498,9 +507,16 @@ mod tests {
         assert_eq!(parse_sockstat_tcp_mem("UDP: inuse 1 mem 4\n"), None);
         assert!(machine_used_kib() > 0);
         let a = OtherJobs::snapshot(&[]);
-        let b = OtherJobs::snapshot(&[]);
         assert!(!a.ticks.contains_key(&std::process::id()));
-        let _ = b.since(&a);
+        // A child that ran before the first snapshot and was reaped
+        // before the second: its parent's cutime grows by all of it.
+        let before = OtherJobs {
+            ticks: HashMap::from([(10, 100), (11, 50)]),
+        };
+        let after = OtherJobs {
+            ticks: HashMap::from([(10, 100 + 50 + 3), (12, 4)]),
+        };
+        assert_eq!(after.since(&before), 3 + 4);
     }
 
     #[test]
