@@ -322,6 +322,37 @@ impl OtherJobs {
     }
 }
 
+/// Resident memory of other jobs' processes, KiB: every process outside
+/// the run's namespaces `ours` but the harness itself (kernel threads hold
+/// none). With [`machine_used_kib`] it tells the run's memory from what a
+/// compile next door allocated meanwhile.
+pub fn other_rss_kib(ours: &[u64]) -> u64 {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut kib = 0;
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me || net_ns(pid).is_some_and(|ns| ours.contains(&ns)) {
+            continue;
+        }
+        // statm: size resident shared ..., in pages.
+        let resident = std::fs::read_to_string(format!("/proc/{pid}/statm"))
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0);
+        kib += resident * 4;
+    }
+    kib
+}
+
 /// Memory in use on the machine, KiB: MemTotal − MemAvailable.
 pub fn machine_used_kib() -> u64 {
     match (meminfo_kib("MemTotal"), meminfo_kib("MemAvailable")) {

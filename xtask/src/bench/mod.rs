@@ -254,6 +254,10 @@ pub struct SlowRun {
     pub machine_before_kib: u64,
     /// Its highest sample during the downloads.
     pub machine_peak_kib: u64,
+    /// The same less other jobs' resident memory, before.
+    pub net_before_kib: u64,
+    /// Its highest sample.
+    pub net_peak_kib: u64,
     /// TCP buffer pages (sockstat) before.
     pub tcp_before_pages: u64,
     /// Their highest sample.
@@ -278,6 +282,11 @@ impl SlowRun {
     /// Machine memory growth per download, KiB.
     pub fn machine_per_download(&self) -> Option<f64> {
         self.per_download(self.machine_before_kib, self.machine_peak_kib)
+    }
+
+    /// The same net of other jobs' resident memory, KiB.
+    pub fn net_per_download(&self) -> Option<f64> {
+        self.per_download(self.net_before_kib, self.net_peak_kib)
     }
 
     /// TCP buffer growth per download, KiB.
@@ -868,7 +877,8 @@ impl Bench {
             for kind in [Kind::Direct, gateway, Kind::GatewayCopy] {
                 if kinds.contains(&kind) {
                     eprintln!(
-                        "xtask: bench: wire: {} slow downloads, {}",
+                        "xtask: bench: {}: {} slow downloads, {}",
+                        self.net().name(),
                         self.s.slow_count,
                         self.label(kind)
                     );
@@ -911,8 +921,8 @@ impl Bench {
         for rep in 0..self.s.reps {
             for kind in rotated(kinds, rep) {
                 eprintln!(
-                    "xtask: bench: {:?}: transfers, repetition {}, {}",
-                    self.net(),
+                    "xtask: bench: {}: transfers, repetition {}, {}",
+                    self.net().name(),
                     rep + 1,
                     self.label(kind)
                 );
@@ -926,8 +936,8 @@ impl Bench {
         for rep in 0..self.s.reps {
             for kind in rotated(kinds, rep) {
                 eprintln!(
-                    "xtask: bench: {:?}: session rate, repetition {}, {}",
-                    self.net(),
+                    "xtask: bench: {}: session rate, repetition {}, {}",
+                    self.net().name(),
                     rep + 1,
                     self.label(kind)
                 );
@@ -1246,7 +1256,9 @@ impl Bench {
             d.as_ref()
                 .map_or(0, |d| measure::tree_memory(d.pid).rss_kib)
         };
+        let net_used = |used: u64| used.saturating_sub(measure::other_rss_kib(&self.ns_inodes));
         run.machine_before_kib = measure::machine_used_kib();
+        run.net_before_kib = net_used(run.machine_before_kib);
         run.tcp_before_pages = measure::tcp_mem_pages();
         run.proxy_before_kib = proxy_rss(&daemon);
         let ideal = file.bytes / self.s.slow_rate.max(1);
@@ -1287,6 +1299,7 @@ impl Bench {
             let tcp = measure::tcp_mem_pages();
             let rss = proxy_rss(&daemon);
             run.machine_peak_kib = run.machine_peak_kib.max(used);
+            run.net_peak_kib = run.net_peak_kib.max(net_used(used));
             run.tcp_peak_pages = run.tcp_peak_pages.max(tcp);
             run.proxy_peak_kib = run.proxy_peak_kib.max(rss);
             run.samples += 1;
@@ -1325,11 +1338,12 @@ impl Bench {
         run.failed = n.saturating_sub(run.ok + run.mismatched);
         run.error = errors.into_iter().next();
         eprintln!(
-            "xtask: bench:   {}/{n} byte-exact in {:.1} s (longest {:.1} s); memory per download: machine {:.0} KiB, TCP {:.0} KiB, proxy RSS {:.0} KiB",
+            "xtask: bench:   {}/{n} byte-exact in {:.1} s (longest {:.1} s); memory per download: machine {:.0} KiB (net of other jobs {:.0}), TCP {:.0} KiB, proxy RSS {:.0} KiB",
             run.ok,
             run.secs,
             run.longest_secs,
             run.machine_per_download().unwrap_or(0.0),
+            run.net_per_download().unwrap_or(0.0),
             run.tcp_per_download().unwrap_or(0.0),
             run.proxy_per_download().unwrap_or(0.0)
         );

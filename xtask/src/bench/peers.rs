@@ -121,6 +121,16 @@ pub enum Net {
     Loopback,
 }
 
+impl Net {
+    /// Its name (as `--net` spells it).
+    pub fn name(self) -> &'static str {
+        match self {
+            Net::Wire => "wire",
+            Net::Loopback => "loopback",
+        }
+    }
+}
+
 /// A path the client can take to the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {

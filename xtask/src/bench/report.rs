@@ -549,18 +549,21 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
     let _ = writeln!(
         o,
         "Each download: {:.0} MB, {ideal:.0} s at its rate. Memory per download, KiB: \
-         (peak − before) / downloads; \"added\" is the machine's figure minus routed's.\n",
+         (peak − before) / downloads. \"machine\": MemTotal − MemAvailable; \"net\": the same \
+         less the resident memory of other jobs' processes (a compile next door moves \
+         \"machine\" by hundreds of MB); \"added\": net minus routed's net. \"TCP buffers\": \
+         the kernel's count for the whole machine, on every host of the wire.\n",
         s.slow_bytes as f64 / 1e6
     );
     let _ = writeln!(
         o,
-        "| path | byte-exact | run s (longest download s) | machine KiB/download | added over routed | TCP buffers KiB/download | proxy RSS peak MiB | proxy RSS KiB/download |\n\
-         |---|---|---|---|---|---|---|---|"
+        "| path | byte-exact | run s (longest download s) | machine KiB/download | net | added over routed | TCP buffers KiB/download | proxy RSS peak MiB | proxy RSS KiB/download |\n\
+         |---|---|---|---|---|---|---|---|---|"
     );
-    let routed_machine = r
+    let routed_net = r
         .slow
         .get(&Kind::Direct)
-        .and_then(SlowRun::machine_per_download);
+        .and_then(SlowRun::net_per_download);
     let mut any = false;
     for (k, avail) in &r.paths {
         let Some(run) = r.slow.get(k) else {
@@ -568,11 +571,11 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
         };
         any = true;
         if let Err(e) = avail {
-            unavailable_row(o, k.label_on(net), e, 7);
+            unavailable_row(o, k.label_on(net), e, 8);
             continue;
         }
         if let Some(why) = &run.skipped {
-            unavailable_row(o, k.label_on(net), why, 7);
+            unavailable_row(o, k.label_on(net), why, 8);
             continue;
         }
         let exact = if run.ok == run.wanted {
@@ -592,7 +595,8 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
         };
         let kib = |x: Option<f64>| x.map_or("–".into(), |x| format!("{x:.0}"));
         let machine = run.machine_per_download();
-        let added = match (machine, routed_machine, *k == Kind::Direct) {
+        let net_kib = run.net_per_download();
+        let added = match (net_kib, routed_net, *k == Kind::Direct) {
             (_, _, true) => "–".into(),
             (Some(m), Some(r), false) => format!("{:+.0}", m - r),
             _ => "–".into(),
@@ -607,16 +611,17 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
         };
         let _ = writeln!(
             o,
-            "| {} | {exact} | {:.0} ({:.1}) | {} | {added} | {} | {rss_peak} | {rss_per} |",
+            "| {} | {exact} | {:.0} ({:.1}) | {} | {} | {added} | {} | {rss_peak} | {rss_per} |",
             k.label_on(net),
             run.secs,
             run.longest_secs,
             kib(machine),
+            kib(net_kib),
             kib(run.tcp_per_download()),
         );
     }
     if !any {
-        let _ = writeln!(o, "| not measured | | | | | | | |");
+        let _ = writeln!(o, "| not measured | | | | | | | | |");
     }
 
     // --- W4: session rate ---------------------------------------------------
