@@ -15,8 +15,10 @@
 //! Owns: creating the namespaces, links, addresses, routes and forwarding;
 //! running commands (`ip netns exec`) and threads (`setns`) inside them;
 //! removing everything on drop, also when the run fails, after killing
-//! whatever still runs inside; removing what an interrupted run of the same
-//! `--base-port` left behind, before anything is created. Names carry the
+//! whatever still runs inside, and on SIGINT or SIGTERM (a thread waits
+//! for them while a topology exists, removes it and exits 130); removing
+//! what an interrupted run of the same `--base-port` left behind (SIGKILL),
+//! before anything is created. Names carry the
 //! base port, so two runs with different bases never touch each other's
 //! namespaces (and nothing else on the machine is touched).
 //!
@@ -27,6 +29,7 @@
 
 use std::net::Ipv4Addr;
 use std::process::Command;
+use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 
@@ -119,6 +122,62 @@ pub struct Topology {
     names: Names,
 }
 
+/// Namespaces that exist now, for the signal thread.
+static LIVE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// Whether the signal thread runs.
+static WATCHING: Mutex<bool> = Mutex::new(false);
+
+/// Starts, once, a thread that removes the live namespaces on SIGINT or
+/// SIGTERM and exits with 130: otherwise an interrupted run would leave
+/// them (and the daemons inside) until the next run on the same base.
+fn watch_signals() {
+    let mut watching = WATCHING.lock().unwrap_or_else(|e| e.into_inner());
+    if *watching {
+        return;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("xtask: bench: no signal handler ({e}); Ctrl-C leaves the namespaces");
+            return;
+        }
+    };
+    // Registered here, before the thread starts, so that no signal can
+    // arrive between the namespaces' creation and the handler.
+    let handlers = runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        ))
+    });
+    let (mut interrupt, mut terminate) = match handlers {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("xtask: bench: no signal handler ({e}); Ctrl-C leaves the namespaces");
+            return;
+        }
+    };
+    *watching = true;
+    std::thread::spawn(move || {
+        runtime.block_on(async {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        });
+        let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
+        for name in &live {
+            eprintln!("xtask: bench: interrupted: removing namespace {name}");
+            remove(name);
+        }
+        std::process::exit(130);
+    });
+}
+
 fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
@@ -190,10 +249,14 @@ impl Topology {
             eprintln!("xtask: bench: removing namespace {name} left by an earlier run");
             remove(&name);
         }
+        watch_signals();
         // The guard exists before the first namespace does.
         let t = Topology {
             names: Names::for_base(base),
         };
+        LIVE.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(t.names.all().iter().map(|n| (*n).to_owned()));
         t.build()
             .context("setting up the wire (network namespaces)")?;
         Ok(t)
@@ -284,8 +347,10 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
         for name in self.names.all() {
             remove(name);
+            live.retain(|n| n != name);
         }
     }
 }
