@@ -13,8 +13,8 @@
 //! /proc/stat ([`machine_busy_ticks`]), with the CPU that other jobs'
 //! processes used in the same interval beside it ([`OtherJobs`]), since
 //! the machine is shared. Memory there is the machine's
-//! (MemTotal − MemAvailable) and the kernel's TCP buffers
-//! (/proc/net/sockstat).
+//! (MemTotal − MemAvailable), beside other jobs' ([`other_rss_kib`]), and
+//! the bytes queued in each host's TCP sockets (`ss -tm`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -322,7 +322,7 @@ impl OtherJobs {
     }
 }
 
-/// Resident memory of other jobs' processes, KiB: every process outside
+/// Anonymous resident memory of other jobs' processes, KiB: every process outside
 /// the run's namespaces `ours` but the harness itself (kernel threads hold
 /// none). With [`machine_used_kib`] it tells the run's memory from what a
 /// compile next door allocated meanwhile.
@@ -343,12 +343,21 @@ pub fn other_rss_kib(ours: &[u64]) -> u64 {
         if pid == me || net_ns(pid).is_some_and(|ns| ours.contains(&ns)) {
             continue;
         }
-        // statm: size resident shared ..., in pages.
-        let resident = std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        // statm: size resident shared ..., in pages. Resident minus
+        // shared (file-backed) is the anonymous memory that
+        // MemAvailable cannot count as available.
+        let anon = std::fs::read_to_string(format!("/proc/{pid}/statm"))
             .ok()
-            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .and_then(|s| {
+                let f: Vec<u64> = s
+                    .split_whitespace()
+                    .take(3)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                Some(f.get(1)?.saturating_sub(*f.get(2)?))
+            })
             .unwrap_or(0);
-        kib += resident * 4;
+        kib += anon * 4;
     }
     kib
 }
@@ -361,22 +370,28 @@ pub fn machine_used_kib() -> u64 {
     }
 }
 
-/// Pages held by TCP socket buffers on the whole machine (the `mem` of
-/// the `TCP:` line of /proc/net/sockstat: the protocol's global count, the
-/// same from every namespace).
-pub fn tcp_mem_pages() -> u64 {
-    std::fs::read_to_string("/proc/net/sockstat")
-        .ok()
-        .and_then(|s| parse_sockstat_tcp_mem(&s))
-        .unwrap_or(0)
-}
-
-/// The `mem` of the `TCP:` line of /proc/net/sockstat.
-pub fn parse_sockstat_tcp_mem(text: &str) -> Option<u64> {
-    let line = text.lines().find(|l| l.starts_with("TCP:"))?;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == "mem")?;
-    words.get(at + 1)?.parse().ok()
+/// Bytes queued in the TCP sockets `ss -tmnH` lists (run it in a
+/// namespace to read that host's): per socket, the receive queue's memory
+/// (`r`, rmem_alloc) and the send queue's (`w`, wmem_queued), summed.
+/// Unlike /proc/net/sockstat's global count, other jobs' sockets are not
+/// in it.
+pub fn parse_ss_queued(text: &str) -> u64 {
+    let mut total = 0;
+    for part in text.split("skmem:(").skip(1) {
+        let Some(fields) = part.split(')').next() else {
+            continue;
+        };
+        for f in fields.split(',') {
+            let value = f
+                .strip_prefix('r')
+                .filter(|v| v.starts_with(|c: char| c.is_ascii_digit()))
+                .or_else(|| f.strip_prefix('w'));
+            if let Some(v) = value.and_then(|v| v.parse::<u64>().ok()) {
+                total += v;
+            }
+        }
+    }
+    total
 }
 
 /// A sysctl read from /proc/sys.
@@ -532,10 +547,13 @@ mod tests {
         assert_eq!(parse_proc_stat(stat), Some(100 + 20 + 30 + 6 + 7));
         assert_eq!(parse_proc_stat("cpu0 1 2\n"), None);
         assert!(machine_busy_ticks() > 0);
-        let sockstat =
-            "sockets: used 180\nTCP: inuse 9 orphan 0 tw 2 alloc 12 mem 37\nUDP: inuse 1 mem 4\n";
-        assert_eq!(parse_sockstat_tcp_mem(sockstat), Some(37));
-        assert_eq!(parse_sockstat_tcp_mem("UDP: inuse 1 mem 4\n"), None);
+        let ss = "ESTAB 0 0 10.201.1.1:12000 10.201.1.2:40000\n\t \
+                  skmem:(r4096,rb131072,t0,tb46080,f0,w81920,o0,bl0,d0)\n\
+                  ESTAB 0 0 10.201.2.1:5000 10.201.2.2:12001\n\t \
+                  skmem:(r100,rb6291456,t0,tb87040,f4000,w0,o0,bl0,d2)\n";
+        assert_eq!(parse_ss_queued(ss), 4096 + 81920 + 100);
+        assert_eq!(parse_ss_queued(""), 0);
+        assert!(other_rss_kib(&[]) > 0);
         assert!(machine_used_kib() > 0);
         let a = OtherJobs::snapshot(&[]);
         assert!(!a.ticks.contains_key(&std::process::id()));

@@ -258,10 +258,11 @@ pub struct SlowRun {
     pub net_before_kib: u64,
     /// Its highest sample.
     pub net_peak_kib: u64,
-    /// TCP buffer pages (sockstat) before.
-    pub tcp_before_pages: u64,
-    /// Their highest sample.
-    pub tcp_peak_pages: u64,
+    /// Bytes queued in TCP sockets on the client, gateway and server
+    /// hosts, KiB, before.
+    pub tcp_before_kib: [u64; 3],
+    /// Their highest samples.
+    pub tcp_peak_kib: [u64; 3],
     /// The proxy's RSS before, KiB (0 on the routed path).
     pub proxy_before_kib: u64,
     /// Its highest sample.
@@ -289,13 +290,15 @@ impl SlowRun {
         self.per_download(self.net_before_kib, self.net_peak_kib)
     }
 
-    /// TCP buffer growth per download, KiB.
-    pub fn tcp_per_download(&self) -> Option<f64> {
-        let page_kib = 4;
-        self.per_download(
-            self.tcp_before_pages * page_kib,
-            self.tcp_peak_pages * page_kib,
-        )
+    /// Growth of the bytes queued in TCP sockets per download, KiB, on
+    /// the client, gateway and server hosts.
+    pub fn tcp_per_download(&self) -> [Option<f64>; 3] {
+        [0, 1, 2].map(|i| {
+            self.per_download(
+                self.tcp_before_kib.get(i).copied().unwrap_or(0),
+                self.tcp_peak_kib.get(i).copied().unwrap_or(0),
+            )
+        })
     }
 
     /// The proxy's RSS growth per download, KiB.
@@ -993,6 +996,19 @@ impl Bench {
         Ok(())
     }
 
+    /// KiB queued in the TCP sockets of the client, gateway and server
+    /// hosts (on loopback, all three are this host).
+    fn tcp_queued(&self) -> [u64; 3] {
+        [Host::Client, Host::Gateway, Host::Server].map(|h| {
+            self.env
+                .command(h, "ss")
+                .arg("-tmnH")
+                .output()
+                .map(|o| measure::parse_ss_queued(&String::from_utf8_lossy(&o.stdout)) / 1024)
+                .unwrap_or(0)
+        })
+    }
+
     /// The address curl's active mode names: the client host's.
     fn client_ip(&self) -> String {
         if self.env.wire.is_some() {
@@ -1259,7 +1275,7 @@ impl Bench {
         let net_used = |used: u64| used.saturating_sub(measure::other_rss_kib(&self.ns_inodes));
         run.machine_before_kib = measure::machine_used_kib();
         run.net_before_kib = net_used(run.machine_before_kib);
-        run.tcp_before_pages = measure::tcp_mem_pages();
+        run.tcp_before_kib = self.tcp_queued();
         run.proxy_before_kib = proxy_rss(&daemon);
         let ideal = file.bytes / self.s.slow_rate.max(1);
         let limit = ideal * 3 + 60;
@@ -1296,11 +1312,13 @@ impl Bench {
         let deadline = Duration::from_secs(limit + 30);
         loop {
             let used = measure::machine_used_kib();
-            let tcp = measure::tcp_mem_pages();
+            let tcp = self.tcp_queued();
             let rss = proxy_rss(&daemon);
             run.machine_peak_kib = run.machine_peak_kib.max(used);
             run.net_peak_kib = run.net_peak_kib.max(net_used(used));
-            run.tcp_peak_pages = run.tcp_peak_pages.max(tcp);
+            for (peak, now) in run.tcp_peak_kib.iter_mut().zip(tcp) {
+                *peak = (*peak).max(now);
+            }
             run.proxy_peak_kib = run.proxy_peak_kib.max(rss);
             run.samples += 1;
             let running = clients
@@ -1310,7 +1328,7 @@ impl Bench {
             if running == 0 || started.elapsed() > deadline {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(250));
         }
         let mut errors = Vec::new();
         for (mut child, reader) in clients {
@@ -1338,13 +1356,13 @@ impl Bench {
         run.failed = n.saturating_sub(run.ok + run.mismatched);
         run.error = errors.into_iter().next();
         eprintln!(
-            "xtask: bench:   {}/{n} byte-exact in {:.1} s (longest {:.1} s); memory per download: machine {:.0} KiB (net of other jobs {:.0}), TCP {:.0} KiB, proxy RSS {:.0} KiB",
+            "xtask: bench:   {}/{n} byte-exact in {:.1} s (longest {:.1} s); memory per download: machine {:.0} KiB (net of other jobs {:.0}), TCP queued on the gateway host {:.0} KiB, proxy RSS {:.0} KiB",
             run.ok,
             run.secs,
             run.longest_secs,
             run.machine_per_download().unwrap_or(0.0),
             run.net_per_download().unwrap_or(0.0),
-            run.tcp_per_download().unwrap_or(0.0),
+            run.tcp_per_download()[1].unwrap_or(0.0),
             run.proxy_per_download().unwrap_or(0.0)
         );
         drop(daemon);

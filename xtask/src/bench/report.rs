@@ -445,9 +445,10 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
          process, {inflight} logins in flight in all): login, `TYPE I`, `EPSV`, `RETR` of a \
          {slow_mb:.0} MB file read at {rate} KB/s each as `curl --limit-rate` reads (read, then \
          sleep until the average is back at the rate), each download checked for its size and \
-         a digest of every byte. Memory sampled every 200 ms: the machine's MemTotal − \
-         MemAvailable, the kernel's TCP buffers (`mem` of /proc/net/sockstat, pages of 4 KiB) \
-         and the proxy's RSS; per download = (peak − before) / downloads.\n\
+         a digest of every byte. Memory sampled every 250 ms: the machine's MemTotal − \
+         MemAvailable (and the same less other jobs' anonymous memory), the bytes queued in \
+         each host's TCP sockets (`ss -tm`), and the proxy's RSS; per download = (peak − \
+         before) / downloads.\n\
          - Session rate: `ip netns exec {client} target/release/xtask bench-load rate --addr \
          HOST:PORT --secs {rsecs} --concurrency {conc} [--list]`, as on loopback (below).\n",
         caddr = wire::CLIENT,
@@ -551,13 +552,14 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
         "Each download: {:.0} MB, {ideal:.0} s at its rate. Memory per download, KiB: \
          (peak − before) / downloads. \"machine\": MemTotal − MemAvailable; \"net\": the same \
          less the resident memory of other jobs' processes (a compile next door moves \
-         \"machine\" by hundreds of MB); \"added\": net minus routed's net. \"TCP buffers\": \
-         the kernel's count for the whole machine, on every host of the wire.\n",
+         \"machine\" by hundreds of MB); \"added\": net minus routed's net. \"TCP queued\": \
+         bytes in the receive and send queues of the TCP sockets on the client, gateway and \
+         server hosts (`ss -tm` in each namespace; routed, the gateway host has none).\n",
         s.slow_bytes as f64 / 1e6
     );
     let _ = writeln!(
         o,
-        "| path | byte-exact | run s (longest download s) | machine KiB/download | net | added over routed | TCP buffers KiB/download | proxy RSS peak MiB | proxy RSS KiB/download |\n\
+        "| path | byte-exact | run s (longest download s) | machine KiB/download | net | added over routed | TCP queued KiB/download: client / gateway / server host | proxy RSS peak MiB | proxy RSS KiB/download |\n\
          |---|---|---|---|---|---|---|---|---|"
     );
     let routed_net = r
@@ -617,7 +619,7 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
             run.longest_secs,
             kib(machine),
             kib(net_kib),
-            kib(run.tcp_per_download()),
+            run.tcp_per_download().map(kib).join(" / "),
         );
     }
     if !any {
