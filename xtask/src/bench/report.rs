@@ -554,8 +554,14 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
          less the resident memory of other jobs' processes (a compile next door moves \
          \"machine\" by hundreds of MB); \"added\": net minus routed's net. \"TCP queued\": \
          bytes in the receive and send queues of the TCP sockets on the client, gateway and \
-         server hosts (`ss -tm` in each namespace; routed, the gateway host has none).\n",
-        s.slow_bytes as f64 / 1e6
+         server hosts (`ss -tm` in each namespace; routed, the gateway host has none). The \
+         three hosts share one kernel, and so its TCP memory limits (`net.ipv4.tcp_mem` = {} \
+         pages: pressure from the second figure): with many downloads the kernel's pressure \
+         mode, not the proxy, may bound the queues.\n",
+        s.slow_bytes as f64 / 1e6,
+        super::measure::sysctl("net/ipv4/tcp_mem")
+            .unwrap_or_default()
+            .replace('\t', " ")
     );
     let _ = writeln!(
         o,
