@@ -551,7 +551,7 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
         o,
         "Each download: {:.0} MB, {ideal:.0} s at its rate. Memory per download, KiB: \
          (peak − before) / downloads. \"machine\": MemTotal − MemAvailable; \"net\": the same \
-         less the resident memory of other jobs' processes (a compile next door moves \
+         less the anonymous resident memory of other jobs' processes (a compile next door moves \
          \"machine\" by hundreds of MB); \"added\": net minus routed's net. \"TCP queued\": \
          bytes in the receive and send queues of the TCP sockets on the client, gateway and \
          server hosts (`ss -tm` in each namespace; routed, the gateway host has none). The \
