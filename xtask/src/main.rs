@@ -14,7 +14,8 @@
 //! - `soak`: the load and fault tests with more sessions, bigger files and
 //!   a longer hold than in CI.
 //! - `bench`: the gateway against vsftpd alone and against its peers
-//!   (ProFTPD mod_proxy, the SuSE proxy-suite, HAProxy), on loopback; writes
+//!   (ProFTPD mod_proxy, the SuSE proxy-suite, HAProxy), on a wire of three
+//!   network namespaces (routed as the baseline) and on loopback; writes
 //!   `BENCHMARKS.md` (`--quick`: a small run for CI, reported in
 //!   `target/bench/BENCHMARKS-quick.md`). See [`bench`].
 

@@ -3,13 +3,17 @@
 //! of sessions over several processes (each under the open-file limit) and
 //! account for the client's CPU separately.
 //!
-//! Two modes:
+//! Three modes:
 //! - `rate`: `concurrency` workers open sessions back to back for `secs`
 //!   seconds: connect, banner, `USER`/`PASS`, `PWD`, optionally `EPSV` +
 //!   `LIST` (the listing read to its end), `QUIT`. Prints one result line.
 //! - `idle`: opens `count` logged-in sessions (at most `in_flight` at a
 //!   time), prints a result line, holds them until its standard input
 //!   closes or says anything, then drops them all.
+//! - `slow`: `count` concurrent downloads (`TYPE I`, `EPSV`, `RETR`) of one
+//!   file, each read at `rate` bytes per second as `curl --limit-rate`
+//!   does (read, then sleep until the average is back at the rate), each
+//!   checked for its size and [`Digest`]. Prints one result line.
 //!
 //! Every step has a timeout, every loop a bound in count or time.
 
@@ -51,6 +55,33 @@ enum Mode {
         /// Add EPSV + LIST to every session.
         #[arg(long)]
         list: bool,
+    },
+    /// Concurrent rate-limited downloads, checked byte for byte.
+    Slow {
+        /// Control address of the path.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Downloads.
+        #[arg(long)]
+        count: usize,
+        /// Logins and data setups in progress at once.
+        #[arg(long, default_value_t = 24)]
+        in_flight: usize,
+        /// The file to retrieve.
+        #[arg(long)]
+        path: String,
+        /// Its size in bytes.
+        #[arg(long)]
+        size: u64,
+        /// Its digest ([`Digest`], 16 hex digits).
+        #[arg(long)]
+        digest: String,
+        /// Bytes per second each download reads.
+        #[arg(long)]
+        rate: u64,
+        /// Give up on the downloads still running after this many seconds.
+        #[arg(long)]
+        secs: u64,
     },
     /// Idle logged-in sessions.
     Idle {
@@ -106,6 +137,117 @@ pub fn main(args: LoadArgs) -> Result<()> {
             open_secs,
             hold_secs,
         } => runtime.block_on(idle(addr, count, in_flight, open_secs, hold_secs)),
+        Mode::Slow {
+            addr,
+            count,
+            in_flight,
+            path,
+            size,
+            digest,
+            rate,
+            secs,
+        } => {
+            let digest = u64::from_str_radix(&digest, 16)
+                .with_context(|| format!("--digest {digest:?}: not 16 hex digits"))?;
+            let want = Expected {
+                path,
+                size,
+                digest,
+                rate: rate.max(1),
+            };
+            let r = runtime.block_on(slow(addr, count, in_flight, want, secs));
+            println!(
+                "slow ok={} failed={} mismatched={} secs={:.3} median_secs={:.3} longest_secs={:.3} first_error={}",
+                r.ok,
+                r.failed,
+                r.mismatched,
+                r.secs,
+                r.median_secs,
+                r.longest_secs,
+                r.first_error.as_deref().unwrap_or("-").replace(' ', "_")
+            );
+            Ok(())
+        }
+    }
+}
+
+/// A digest of a byte stream, the same whatever the read sizes: 64-bit
+/// words (little endian) mixed with a multiply and a rotation, the tail
+/// padded with zeros, then the length. Not cryptographic: it tells a
+/// download that lost, repeated, or reordered bytes from a good one, at a
+/// few GB/s, so a thousand clients on the client host can check every
+/// byte.
+#[derive(Debug, Clone)]
+pub struct Digest {
+    h: u64,
+    carry: [u8; 8],
+    carried: usize,
+    len: u64,
+}
+
+impl Default for Digest {
+    fn default() -> Self {
+        Digest {
+            h: 0xcbf2_9ce4_8422_2325,
+            carry: [0; 8],
+            carried: 0,
+            len: 0,
+        }
+    }
+}
+
+impl Digest {
+    fn mix(&mut self, word: u64) {
+        self.h = (self.h ^ word)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
+
+    /// Adds `data`.
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.len += data.len() as u64;
+        if self.carried > 0 {
+            let take = (8 - self.carried).min(data.len());
+            let (head, rest) = data.split_at(take);
+            if let Some(dst) = self.carry.get_mut(self.carried..self.carried + take) {
+                dst.copy_from_slice(head);
+            }
+            self.carried += take;
+            data = rest;
+            if self.carried < 8 {
+                return;
+            }
+            let w = u64::from_le_bytes(self.carry);
+            self.mix(w);
+            self.carried = 0;
+        }
+        let mut words = data.chunks_exact(8);
+        for w in words.by_ref() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            self.mix(u64::from_le_bytes(b));
+        }
+        let rest = words.remainder();
+        if let Some(dst) = self.carry.get_mut(..rest.len()) {
+            dst.copy_from_slice(rest);
+        }
+        self.carried = rest.len();
+    }
+
+    /// The digest of everything added.
+    pub fn finish(mut self) -> u64 {
+        if self.carried > 0 {
+            let mut b = [0u8; 8];
+            if let (Some(dst), Some(src)) =
+                (b.get_mut(..self.carried), self.carry.get(..self.carried))
+            {
+                dst.copy_from_slice(src);
+            }
+            self.mix(u64::from_le_bytes(b));
+        }
+        let len = self.len;
+        self.mix(len);
+        self.h
     }
 }
 
@@ -207,11 +349,10 @@ impl Control {
         Ok(c)
     }
 
-    /// EPSV (PASV where EPSV is refused, as curl does) + LIST: reads the
-    /// listing to its end and the final reply.
-    async fn list(&mut self) -> Result<usize> {
+    /// EPSV, or PASV where EPSV is refused (as curl does): the port.
+    async fn passive(&mut self) -> Result<u16> {
         let (code, text) = self.command("EPSV").await?;
-        let port = match code {
+        Ok(match code {
             229 => parse_epsv(&text).with_context(|| format!("EPSV: {text}"))?,
             500..=599 => {
                 let (code, text) = self.command("PASV").await?;
@@ -221,7 +362,13 @@ impl Control {
                 parse_pasv_port(&text).with_context(|| format!("PASV: {text}"))?
             }
             _ => bail!("EPSV: {text}"),
-        };
+        })
+    }
+
+    /// EPSV (PASV where EPSV is refused, as curl does) + LIST: reads the
+    /// listing to its end and the final reply.
+    async fn list(&mut self) -> Result<usize> {
+        let port = self.passive().await?;
         // The data connection goes to the control connection's address, as
         // RFC 2428 says for EPSV and as curl does for PASV (its address is
         // the server's view, not the client's).
@@ -348,6 +495,150 @@ async fn rate(addr: SocketAddr, concurrency: usize, secs: f64, list: bool) -> Ra
     total
 }
 
+/// What each slow download must receive.
+#[derive(Debug, Clone)]
+struct Expected {
+    path: String,
+    size: u64,
+    digest: u64,
+    rate: u64,
+}
+
+/// The outcome of the slow downloads.
+#[derive(Debug, Default)]
+struct SlowResult {
+    ok: usize,
+    failed: usize,
+    mismatched: usize,
+    secs: f64,
+    median_secs: f64,
+    longest_secs: f64,
+    first_error: Option<String>,
+}
+
+/// Bytes asked of the data socket per read (curl's --limit-rate reads
+/// with its 16 KiB buffer; twice that halves the client's wakeups).
+const SLOW_READ: usize = 32 * 1024;
+
+/// One download: login, `TYPE I`, `EPSV` (or `PASV`), `RETR`; the permit
+/// is held until the transfer started, so that at most `in_flight` logins
+/// and data setups are in progress. Returns (bytes, digest, seconds of
+/// the data phase).
+async fn slow_one(
+    addr: SocketAddr,
+    want: &Expected,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<(u64, u64, f64)> {
+    let mut c = Control::login(addr).await?;
+    c.expect("TYPE I", &[200]).await?;
+    let port = c.passive().await?;
+    let mut data = step("data connect", async {
+        TcpStream::connect((c.peer, port))
+            .await
+            .context("data connect")
+    })
+    .await?;
+    let (code, text) = c.command(&format!("RETR {}", want.path)).await?;
+    if code != 150 && code != 125 {
+        bail!("RETR: {text}");
+    }
+    drop(permit);
+    let start = Instant::now();
+    let mut digest = Digest::default();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; SLOW_READ];
+    loop {
+        let n = step("slow read", async {
+            data.read(&mut buf).await.context("read data")
+        })
+        .await?;
+        if n == 0 {
+            break;
+        }
+        digest.update(buf.get(..n).unwrap_or_default());
+        total += n as u64;
+        if total > want.size {
+            bail!("more than the {} bytes of the file", want.size);
+        }
+        // As curl --limit-rate: after a read that got ahead, wait until
+        // the average is back at the rate.
+        let due = start + Duration::from_secs_f64(total as f64 / want.rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    drop(data);
+    let (code, text) = c.reply().await?;
+    if code != 226 && code != 250 {
+        bail!("RETR end: {text}");
+    }
+    c.quit().await?;
+    Ok((total, digest.finish(), secs))
+}
+
+async fn slow(
+    addr: SocketAddr,
+    count: usize,
+    in_flight: usize,
+    want: Expected,
+    secs: u64,
+) -> SlowResult {
+    let start = Instant::now();
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(in_flight.max(1)));
+    let want = std::sync::Arc::new(want);
+    let mut downloads = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let semaphore = std::sync::Arc::clone(&semaphore);
+        let want = std::sync::Arc::clone(&want);
+        downloads.spawn(async move {
+            let permit = semaphore
+                .acquire_owned()
+                .await
+                .context("the semaphore closed")?;
+            slow_one(addr, &want, permit).await
+        });
+    }
+    let mut r = SlowResult::default();
+    let mut times = Vec::with_capacity(count);
+    let all = async {
+        while let Some(done) = downloads.join_next().await {
+            match done {
+                Ok(Ok((bytes, digest, t))) if bytes == want.size && digest == want.digest => {
+                    r.ok += 1;
+                    times.push(t);
+                }
+                Ok(Ok((bytes, _, _))) => {
+                    r.mismatched += 1;
+                    r.first_error.get_or_insert_with(|| {
+                        format!("got {bytes} bytes of {}, or other bytes", want.size)
+                    });
+                }
+                Ok(Err(e)) => {
+                    r.failed += 1;
+                    r.first_error.get_or_insert_with(|| format!("{e:#}"));
+                }
+                Err(e) => {
+                    r.failed += 1;
+                    r.first_error.get_or_insert_with(|| format!("{e}"));
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(secs), all)
+        .await
+        .is_err()
+    {
+        downloads.abort_all();
+        r.first_error
+            .get_or_insert_with(|| format!("not all done after {secs} s"));
+    }
+    r.failed = count.saturating_sub(r.ok + r.mismatched);
+    times.sort_by(f64::total_cmp);
+    r.median_secs = times.get(times.len() / 2).copied().unwrap_or(0.0);
+    r.longest_secs = times.last().copied().unwrap_or(0.0);
+    r.secs = start.elapsed().as_secs_f64();
+    r
+}
+
 async fn idle(
     addr: SocketAddr,
     count: usize,
@@ -410,7 +701,36 @@ async fn idle(
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_epsv, parse_pasv_port};
+    use super::{Digest, parse_epsv, parse_pasv_port};
+
+    #[test]
+    fn digest_ignores_read_sizes() {
+        let data: Vec<u8> = (0..10_007u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        let mut whole = Digest::default();
+        whole.update(&data);
+        let whole = whole.finish();
+        for step in [1, 3, 8, 13, 4096] {
+            let mut d = Digest::default();
+            for chunk in data.chunks(step) {
+                d.update(chunk);
+            }
+            assert_eq!(d.finish(), whole, "reads of {step}");
+        }
+        // A lost byte, a changed byte, a trailing zero: all differ.
+        let digest = |b: &[u8]| {
+            let mut d = Digest::default();
+            d.update(b);
+            d.finish()
+        };
+        assert_ne!(digest(&data[1..]), whole);
+        let mut changed = data.clone();
+        changed[5000] ^= 1;
+        assert_ne!(digest(&changed), whole);
+        let mut longer = data.clone();
+        longer.push(0);
+        assert_ne!(digest(&longer), whole);
+        assert_ne!(digest(b""), digest(b"\0"));
+    }
 
     #[test]
     fn pasv_replies() {

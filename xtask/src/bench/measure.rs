@@ -7,6 +7,14 @@
 //! and their time moved into its cutime/cstime, so the sum over the tree
 //! stays exact as long as the tree is read when no session is exiting (the
 //! harness waits for the tree to settle first).
+//!
+//! On the wire a good part of the work is forwarding and softirq, charged
+//! to nobody's process, so CPU is also read for the whole machine from
+//! /proc/stat ([`machine_busy_ticks`]), with the CPU that other jobs'
+//! processes used in the same interval beside it ([`OtherJobs`]), since
+//! the machine is shared. Memory there is the machine's
+//! (MemTotal − MemAvailable), beside other jobs' ([`other_rss_kib`]), and
+//! the bytes queued in each host's TCP sockets (`ss -tm`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -219,6 +227,173 @@ pub fn meminfo_kib(key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Busy clock ticks of all CPUs since boot, from the first line of
+/// /proc/stat: user + nice + system + irq + softirq (guest time is inside
+/// user and nice already; idle, iowait and steal are not work done here).
+pub fn machine_busy_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| parse_proc_stat(&s))
+        .unwrap_or(0)
+}
+
+/// The busy ticks of the `cpu ` line of /proc/stat.
+pub fn parse_proc_stat(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().ok())
+        .collect::<Option<Vec<_>>>()?;
+    // user nice system idle iowait irq softirq steal guest guest_nice
+    Some(f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?)
+}
+
+/// The network namespace inode of a process (`/proc/PID/ns/net`).
+fn net_ns(pid: u32) -> Option<u64> {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    let link = link.to_string_lossy();
+    link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// CPU ticks of the processes of other jobs on the machine: user-space
+/// processes outside the run's network namespaces, other than the harness
+/// itself and its children (kernel threads count as the run's: they do its
+/// softirq work). A snapshot; [`OtherJobs::since`] gives the difference.
+/// Processes that start and end between two snapshots are seen through
+/// their parent's cutime/cstime once reaped.
+#[derive(Debug, Default)]
+pub struct OtherJobs {
+    ticks: HashMap<u32, u64>,
+}
+
+impl OtherJobs {
+    /// Reads every process; `ours` are the run's namespace inodes (empty
+    /// on loopback, where only the harness's own tree is excluded).
+    pub fn snapshot(ours: &[u64]) -> OtherJobs {
+        // The harness's tree holds its daemons and clients, and on loopback
+        // the sessions of forking daemons.
+        let excluded: std::collections::HashSet<u32> =
+            tree(std::process::id()).into_iter().collect();
+        let mut ticks = HashMap::new();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return OtherJobs { ticks };
+        };
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if excluded.contains(&pid) {
+                continue;
+            }
+            let Some(stat) = read_stat(pid) else {
+                continue;
+            };
+            if pid == 2 || stat.ppid == 2 {
+                continue;
+            }
+            if net_ns(pid).is_some_and(|ns| ours.contains(&ns)) {
+                continue;
+            }
+            ticks.insert(pid, stat.ticks);
+        }
+        OtherJobs { ticks }
+    }
+
+    /// Ticks the other jobs used between `before` and this snapshot. A
+    /// process that ended in between was reaped by its parent, whose
+    /// cutime/cstime now holds all its ticks, also those from before
+    /// `before`: what it had then is taken off again.
+    pub fn since(&self, before: &OtherJobs) -> u64 {
+        let mut total: i128 = 0;
+        for (pid, t) in &self.ticks {
+            total += i128::from(*t) - i128::from(before.ticks.get(pid).copied().unwrap_or(0));
+        }
+        for (pid, t) in &before.ticks {
+            if !self.ticks.contains_key(pid) {
+                total -= i128::from(*t);
+            }
+        }
+        u64::try_from(total.max(0)).unwrap_or(0)
+    }
+}
+
+/// Anonymous resident memory of other jobs' processes, KiB: every process outside
+/// the run's namespaces `ours` but the harness itself (kernel threads hold
+/// none). With [`machine_used_kib`] it tells the run's memory from what a
+/// compile next door allocated meanwhile.
+pub fn other_rss_kib(ours: &[u64]) -> u64 {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut kib = 0;
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me || net_ns(pid).is_some_and(|ns| ours.contains(&ns)) {
+            continue;
+        }
+        // statm: size resident shared ..., in pages. Resident minus
+        // shared (file-backed) is the anonymous memory that
+        // MemAvailable cannot count as available.
+        let anon = std::fs::read_to_string(format!("/proc/{pid}/statm"))
+            .ok()
+            .and_then(|s| {
+                let f: Vec<u64> = s
+                    .split_whitespace()
+                    .take(3)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                Some(f.get(1)?.saturating_sub(*f.get(2)?))
+            })
+            .unwrap_or(0);
+        kib += anon * 4;
+    }
+    kib
+}
+
+/// Memory in use on the machine, KiB: MemTotal − MemAvailable.
+pub fn machine_used_kib() -> u64 {
+    match (meminfo_kib("MemTotal"), meminfo_kib("MemAvailable")) {
+        (Some(t), Some(a)) => t.saturating_sub(a),
+        _ => 0,
+    }
+}
+
+/// Bytes queued in the TCP sockets `ss -tmnH` lists (run it in a
+/// namespace to read that host's): per socket, the receive queue's memory
+/// (`r`, rmem_alloc) and the send queue's (`w`, wmem_queued), summed.
+/// Unlike /proc/net/sockstat's global count, other jobs' sockets are not
+/// in it.
+pub fn parse_ss_queued(text: &str) -> u64 {
+    let mut total = 0;
+    for part in text.split("skmem:(").skip(1) {
+        let Some(fields) = part.split(')').next() else {
+            continue;
+        };
+        for f in fields.split(',') {
+            let value = f
+                .strip_prefix('r')
+                .filter(|v| v.starts_with(|c: char| c.is_ascii_digit()))
+                .or_else(|| f.strip_prefix('w'));
+            if let Some(v) = value.and_then(|v| v.parse::<u64>().ok()) {
+                total += v;
+            }
+        }
+    }
+    total
+}
+
 /// A sysctl read from /proc/sys.
 pub fn sysctl(path: &str) -> Option<String> {
     std::fs::read_to_string(Path::new("/proc/sys").join(path))
@@ -273,6 +448,11 @@ pub struct Transfer {
     pub proxy_cpu: f64,
     /// CPU seconds of the server's process tree.
     pub server_cpu: f64,
+    /// Busy CPU seconds of the whole machine during the transfer
+    /// ([`machine_busy_ticks`]).
+    pub machine_cpu: f64,
+    /// Of which other jobs' processes ([`OtherJobs`]).
+    pub other_cpu: f64,
 }
 
 impl Transfer {
@@ -289,6 +469,16 @@ impl Transfer {
     /// CPU seconds per GB summed over client, proxy and server.
     pub fn total_per_gb(&self) -> f64 {
         (self.client_cpu + self.proxy_cpu + self.server_cpu) / (self.bytes as f64 / 1e9)
+    }
+
+    /// The machine's busy CPU seconds per GB.
+    pub fn machine_per_gb(&self) -> f64 {
+        self.machine_cpu / (self.bytes as f64 / 1e9)
+    }
+
+    /// Other jobs' CPU seconds per GB in the same interval.
+    pub fn other_per_gb(&self) -> f64 {
+        self.other_cpu / (self.bytes as f64 / 1e9)
     }
 }
 
@@ -349,6 +539,33 @@ mod tests {
         );
         assert_eq!(parse_curl_w("1 0 0.1 0.1"), None);
         assert_eq!(parse_curl_w(""), None);
+    }
+
+    #[test]
+    fn machine_counters() {
+        let stat = "cpu  100 20 30 400 5 6 7 8 9 10\ncpu0 1 2 3 4 5 6 7 8 9 10\n";
+        assert_eq!(parse_proc_stat(stat), Some(100 + 20 + 30 + 6 + 7));
+        assert_eq!(parse_proc_stat("cpu0 1 2\n"), None);
+        assert!(machine_busy_ticks() > 0);
+        let ss = "ESTAB 0 0 10.201.1.1:12000 10.201.1.2:40000\n\t \
+                  skmem:(r4096,rb131072,t0,tb46080,f0,w81920,o0,bl0,d0)\n\
+                  ESTAB 0 0 10.201.2.1:5000 10.201.2.2:12001\n\t \
+                  skmem:(r100,rb6291456,t0,tb87040,f4000,w0,o0,bl0,d2)\n";
+        assert_eq!(parse_ss_queued(ss), 4096 + 81920 + 100);
+        assert_eq!(parse_ss_queued(""), 0);
+        assert!(other_rss_kib(&[]) > 0);
+        assert!(machine_used_kib() > 0);
+        let a = OtherJobs::snapshot(&[]);
+        assert!(!a.ticks.contains_key(&std::process::id()));
+        // A child that ran before the first snapshot and was reaped
+        // before the second: its parent's cutime grows by all of it.
+        let before = OtherJobs {
+            ticks: HashMap::from([(10, 100), (11, 50)]),
+        };
+        let after = OtherJobs {
+            ticks: HashMap::from([(10, 100 + 50 + 3), (12, 4)]),
+        };
+        assert_eq!(after.since(&before), 3 + 4);
     }
 
     #[test]

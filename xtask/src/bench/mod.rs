@@ -1,22 +1,28 @@
 //! `cargo xtask bench`: the gateway against vsftpd alone and against its
-//! peers, on loopback, in one run, with the same clients for every path.
+//! peers, in one run, with the same clients for every path: first on a
+//! wire (client, gateway and server hosts as network namespaces joined by
+//! veth), then on loopback.
 //!
+//! - [`wire`]: the three namespaces, their links and routes, removed on
+//!   drop.
 //! - [`peers`]: the paths and their daemons (configurations, start, stop).
-//! - [`load`]: the tokio FTP client for session rates and idle sessions,
-//!   run as `xtask bench-load` child processes.
+//! - [`load`]: the tokio FTP client for session rates, idle sessions and
+//!   slow downloads, run as `xtask bench-load` child processes.
 //! - [`measure`]: CPU and memory from /proc, curl transfers, statistics.
 //! - [`report`]: writes `BENCHMARKS.md`.
 //!
 //! Order of a run: install (scripts/install-bench-deps.sh), build (release),
-//! start vsftpd, then each measurement for every path, repetition by
-//! repetition, with the order of the paths rotated each time so that drift
-//! on a shared machine spreads over all of them. Only ratios to the direct
-//! path measured in the same run are compared.
+//! then for each network (wire, loopback): start vsftpd, then each
+//! measurement for every path, repetition by repetition, with the order of
+//! the paths rotated each time so that drift on a shared machine spreads
+//! over all of them. Only ratios to the path without a proxy measured in
+//! the same run are compared (routed on the wire, direct on loopback).
 
 pub mod load;
 pub mod measure;
 pub mod peers;
 pub mod report;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -27,16 +33,31 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use measure::{Memory, Transfer};
-use peers::{Daemon, EbpfValues, Env, Kind};
+use measure::{Memory, OtherJobs, Transfer};
+use peers::{Daemon, EbpfValues, Env, Kind, Net, Vsftpd};
+use wire::Host;
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// CI mode: 64 MiB file, 1 repetition, 100 idle sessions, 2 s rate runs;
-    /// the report goes to target/bench/BENCHMARKS-quick.md.
+    /// CI mode: 64 MiB file, 1 repetition, 100 idle sessions, 2 s rate runs,
+    /// 50 slow downloads of 10 s; the report goes to
+    /// target/bench/BENCHMARKS-quick.md.
     #[arg(long)]
     pub quick: bool,
+    /// Networks to run on (wire, loopback) [default: both].
+    #[arg(long, value_delimiter = ',')]
+    pub net: Option<Vec<String>>,
+    /// Concurrent slow downloads on the wire [default: 1000; quick: 50].
+    #[arg(long)]
+    pub slow: Option<usize>,
+    /// Seconds each slow download should last at its rate [default: 20;
+    /// quick: 10]; the file is rate × seconds.
+    #[arg(long)]
+    pub slow_secs: Option<u64>,
+    /// Rate of each slow download, KB/s (10^3 bytes).
+    #[arg(long, default_value_t = 500)]
+    pub slow_kbps: u64,
     /// Repetitions of every measurement [default: 5; quick: 1].
     #[arg(long)]
     pub reps: Option<usize>,
@@ -53,11 +74,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
     /// Only these paths (direct, ftp-proxy, ftp-proxy-ebpf-off,
-    /// ftp-proxy-splice, proftpd, proxy-suite, haproxy-splice, haproxy);
-    /// direct is always included.
+    /// ftp-proxy-splice, ftp-proxy-copy (wire), proftpd (loopback),
+    /// proxy-suite, haproxy-splice, haproxy (loopback)); direct (routed,
+    /// on the wire) is always included.
     #[arg(long, value_delimiter = ',')]
     pub paths: Option<Vec<String>>,
-    /// Only these measurements (transfers, rate, idle).
+    /// Only these measurements (transfers, rate, idle (loopback), slow
+    /// (wire)).
     #[arg(long, value_delimiter = ',')]
     pub only: Option<Vec<String>>,
     /// The report [default: BENCHMARKS.md for a full run,
@@ -65,7 +88,8 @@ pub struct BenchArgs {
     /// target/bench/BENCHMARKS-partial.md with --paths or --only].
     #[arg(long)]
     pub output: Option<PathBuf>,
-    /// First port of the loopback range the run uses (it takes 1,900).
+    /// First port of the range the run uses (it takes 1,900 on loopback,
+    /// 6,000 in the wire's namespaces, which carry the base in their names).
     #[arg(long, default_value_t = 10000)]
     pub base_port: u16,
     /// Don't install packages (they must be there already).
@@ -98,6 +122,18 @@ pub struct Settings {
     pub rate: bool,
     /// Idle sessions.
     pub idle_sessions: bool,
+    /// Slow downloads.
+    pub slow: bool,
+    /// Concurrent slow downloads.
+    pub slow_count: usize,
+    /// Bytes per second of each.
+    pub slow_rate: u64,
+    /// Bytes of the slow file (rate × seconds).
+    pub slow_bytes: u64,
+    /// Measure on the wire.
+    pub wire: bool,
+    /// Measure on loopback.
+    pub loopback: bool,
     /// The report file.
     pub output: PathBuf,
     /// The command that produced the report.
@@ -144,6 +180,10 @@ pub struct RateRun {
     pub proxy_ms: f64,
     /// vsftpd's process tree.
     pub server_ms: f64,
+    /// The whole machine's busy CPU milliseconds per session (/proc/stat).
+    pub machine_ms: f64,
+    /// Of which other jobs' processes ([`OtherJobs`]).
+    pub other_ms: f64,
 }
 
 impl RateRun {
@@ -193,7 +233,81 @@ impl IdleRun {
     }
 }
 
-/// Everything measured.
+/// Slow downloads through one path (on the wire).
+#[derive(Debug, Clone, Default)]
+pub struct SlowRun {
+    /// Downloads started.
+    pub wanted: usize,
+    /// Downloads that got every byte, in order (size and [`load::Digest`]).
+    pub ok: usize,
+    /// Downloads that ended with other bytes or another size.
+    pub mismatched: usize,
+    /// Downloads that failed or did not end in time.
+    pub failed: usize,
+    /// The first failure.
+    pub error: Option<String>,
+    /// Wall-clock seconds from the first login to the last download's end.
+    pub secs: f64,
+    /// The longest download's data phase, seconds.
+    pub longest_secs: f64,
+    /// Machine memory in use (MemTotal − MemAvailable) before, KiB.
+    pub machine_before_kib: u64,
+    /// Its highest sample during the downloads.
+    pub machine_peak_kib: u64,
+    /// The same less other jobs' resident memory, before.
+    pub net_before_kib: u64,
+    /// Its highest sample.
+    pub net_peak_kib: u64,
+    /// Bytes queued in TCP sockets on the client, gateway and server
+    /// hosts, KiB, before.
+    pub tcp_before_kib: [u64; 3],
+    /// Their highest samples.
+    pub tcp_peak_kib: [u64; 3],
+    /// The proxy's RSS before, KiB (0 on the routed path).
+    pub proxy_before_kib: u64,
+    /// Its highest sample.
+    pub proxy_peak_kib: u64,
+    /// Memory samples taken.
+    pub samples: usize,
+    /// Why it was not run.
+    pub skipped: Option<String>,
+}
+
+impl SlowRun {
+    /// KiB per download of a peak over its value before.
+    fn per_download(&self, before: u64, peak: u64) -> Option<f64> {
+        (self.wanted > 0 && self.samples > 0)
+            .then(|| (peak as f64 - before as f64) / self.wanted as f64)
+    }
+
+    /// Machine memory growth per download, KiB.
+    pub fn machine_per_download(&self) -> Option<f64> {
+        self.per_download(self.machine_before_kib, self.machine_peak_kib)
+    }
+
+    /// The same net of other jobs' resident memory, KiB.
+    pub fn net_per_download(&self) -> Option<f64> {
+        self.per_download(self.net_before_kib, self.net_peak_kib)
+    }
+
+    /// Growth of the bytes queued in TCP sockets per download, KiB, on
+    /// the client, gateway and server hosts.
+    pub fn tcp_per_download(&self) -> [Option<f64>; 3] {
+        [0, 1, 2].map(|i| {
+            self.per_download(
+                self.tcp_before_kib.get(i).copied().unwrap_or(0),
+                self.tcp_peak_kib.get(i).copied().unwrap_or(0),
+            )
+        })
+    }
+
+    /// The proxy's RSS growth per download, KiB.
+    pub fn proxy_per_download(&self) -> Option<f64> {
+        self.per_download(self.proxy_before_kib, self.proxy_peak_kib)
+    }
+}
+
+/// Everything measured on one network.
 #[derive(Debug, Default)]
 pub struct Results {
     /// The paths in report order, with why a path could not run.
@@ -206,8 +320,29 @@ pub struct Results {
     pub rates: HashMap<(Kind, bool), Vec<RateRun>>,
     /// Idle sessions by count.
     pub idle: HashMap<(Kind, usize), IdleRun>,
+    /// Slow downloads.
+    pub slow: HashMap<Kind, SlowRun>,
     /// Whether the gateway has a tracker switch.
     pub tracker_built: bool,
+}
+
+/// What one network's measurements left: the results and the environment
+/// they ran in (addresses, command lines, configuration files).
+#[derive(Debug)]
+pub struct Measured {
+    /// The numbers.
+    pub results: Results,
+    /// Where.
+    pub env: Env,
+}
+
+/// A whole run, for the report.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// On the wire, if it ran.
+    pub wire: Option<Measured>,
+    /// On loopback, if it ran.
+    pub loopback: Option<Measured>,
     /// Wall-clock seconds of the run.
     pub elapsed: f64,
     /// /proc/loadavg when the measurements started and when they ended
@@ -226,9 +361,14 @@ fn loadavg() -> String {
 
 fn settings(args: &BenchArgs, root: &Path) -> Settings {
     let q = args.quick;
-    let partial = args.paths.is_some() || args.only.is_some();
+    let partial = args.paths.is_some() || args.only.is_some() || args.net.is_some();
     let only = |what: &str| {
         args.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|x| x == what))
+    };
+    let on_net = |what: &str| {
+        args.net
             .as_ref()
             .is_none_or(|o| o.iter().any(|x| x == what))
     };
@@ -259,6 +399,14 @@ fn settings(args: &BenchArgs, root: &Path) -> Settings {
         transfers: only("transfers"),
         rate: only("rate"),
         idle_sessions: only("idle"),
+        slow: only("slow"),
+        slow_count: args.slow.unwrap_or(if q { 50 } else { 1000 }).max(1),
+        slow_rate: args.slow_kbps.max(1) * 1000,
+        slow_bytes: args.slow_kbps.max(1)
+            * 1000
+            * args.slow_secs.unwrap_or(if q { 10 } else { 20 }).max(1),
+        wire: on_net("wire"),
+        loopback: on_net("loopback"),
         output,
         command,
     }
@@ -341,7 +489,7 @@ fn data_dir(root: &Path, file_bytes: u64, base: u16) -> PathBuf {
 }
 
 /// Lays out the FTP root as vsftpd wants it (docs/vsftpd-fixture.md).
-fn prepare_root(dir: &Path, file_bytes: u64) -> Result<PathBuf> {
+fn prepare_root(dir: &Path, file_bytes: u64, slow_bytes: Option<u64>) -> Result<Files> {
     let pub_dir = dir.join("ftproot/pub");
     std::fs::create_dir_all(&pub_dir)?;
     std::fs::create_dir_all(dir.join("empty"))?;
@@ -366,85 +514,105 @@ fn prepare_root(dir: &Path, file_bytes: u64) -> Result<PathBuf> {
     let file = pub_dir.join("big.bin");
     make_file(&file, file_bytes)?;
     crate::status(Command::new("chmod").arg("644").arg(&file))?;
-    Ok(file)
-}
-
-/// The run: everything but installing and building.
-struct Bench {
-    env: Env,
-    s: Settings,
-    ticks: f64,
-    load_bin: PathBuf,
-    file: PathBuf,
-    vsftpd: Daemon,
-    results: Results,
-}
-
-/// Runs `cargo xtask bench`.
-pub fn run(args: BenchArgs) -> Result<()> {
-    let started = Instant::now();
-    let root = crate::root();
-    let s = settings(&args, &root);
-    let bench_dir = root.join("target/bench");
-    let peers_dir = bench_dir.join("peers");
-    let run_dir = bench_dir.join("run");
-    std::fs::create_dir_all(&run_dir)?;
-    if !args.no_install {
-        let script = root.join("scripts/install-bench-deps.sh");
-        if crate::is_root() {
-            crate::status(Command::new("bash").arg(&script).arg(&peers_dir))?;
-        } else {
-            crate::status(
-                Command::new("sudo")
-                    .arg("bash")
-                    .arg(&script)
-                    .arg(&peers_dir),
-            )
-            .context("installing the benchmark's dependencies needs root")?;
+    let slow = match slow_bytes {
+        Some(bytes) => {
+            let path = pub_dir.join("slow.bin");
+            make_file(&path, bytes)?;
+            crate::status(Command::new("chmod").arg("644").arg(&path))?;
+            Some(SlowFile {
+                ftp_path: "/pub/slow.bin".into(),
+                bytes,
+                digest: digest_of(&path)?,
+            })
         }
-    }
-    if !crate::is_root() {
-        bail!("the benchmark runs vsftpd and reads other processes' /proc files: run it as root");
-    }
-    crate::status(crate::cargo().args(["build", "--release", "-p", "ftp-proxy", "-p", "xtask"]))?;
-    let gateway_bin = root.join("target/release/ftp-proxy");
-    let load_bin = root.join("target/release/xtask");
-    let ebpf_flag = ebpf_values(&gateway_bin)?;
-    let tracker_built = ebpf_flag.is_some();
-    let data = data_dir(&root, s.file_bytes, args.base_port);
-    let env = Env {
-        run_dir: run_dir.clone(),
-        data_dir: data.clone(),
-        peers_dir: peers_dir.clone(),
-        gateway_bin,
-        base: args.base_port,
-        ebpf_flag,
-        gateway_args: args.gateway_arg.clone(),
+        None => None,
     };
-    let status = std::fs::read_to_string(peers_dir.join("status")).unwrap_or_default();
-    let mut kinds = vec![Kind::Direct];
-    if tracker_built {
-        kinds.extend([Kind::Gateway(Some(true)), Kind::Gateway(Some(false))]);
-    } else {
-        kinds.push(Kind::Gateway(None));
+    Ok(Files { big: file, slow })
+}
+
+/// The [`load::Digest`] of a file.
+fn digest_of(path: &Path) -> Result<u64> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut d = load::Digest::default();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return Ok(d.finish());
+        }
+        d.update(buf.get(..n).unwrap_or_default());
     }
-    kinds.push(Kind::GatewaySplice);
+}
+
+/// The files vsftpd serves.
+#[derive(Debug, Clone)]
+struct Files {
+    /// The transfer file (RETR; STOR sends it).
+    big: PathBuf,
+    /// The slow downloads' file, when they run.
+    slow: Option<SlowFile>,
+}
+
+/// The slow downloads' file and what each download must receive.
+#[derive(Debug, Clone)]
+struct SlowFile {
+    ftp_path: String,
+    bytes: u64,
+    digest: u64,
+}
+
+/// The gateway row every network reports first (tracker on where there
+/// is one: the default relay mode `auto`).
+pub fn default_gateway(tracker_built: bool) -> Kind {
+    if tracker_built {
+        Kind::Gateway(Some(true))
+    } else {
+        Kind::Gateway(None)
+    }
+}
+
+/// The paths on the wire, in report order.
+fn wire_kinds(tracker_built: bool) -> Vec<Kind> {
+    let mut kinds = vec![Kind::Direct, default_gateway(tracker_built)];
+    if tracker_built {
+        kinds.push(Kind::Gateway(Some(false)));
+    }
     kinds.extend([
+        Kind::GatewaySplice,
+        Kind::GatewayCopy,
+        Kind::Suse,
+        Kind::Haproxy { splice: true },
+    ]);
+    kinds
+}
+
+/// The paths on loopback, in report order.
+fn loopback_kinds(tracker_built: bool) -> Vec<Kind> {
+    let mut kinds = vec![Kind::Direct, default_gateway(tracker_built)];
+    if tracker_built {
+        kinds.push(Kind::Gateway(Some(false)));
+    }
+    kinds.extend([
+        Kind::GatewaySplice,
         Kind::Suse,
         Kind::Haproxy { splice: true },
         Kind::Haproxy { splice: false },
         Kind::ModProxy,
     ]);
-    if let Some(wanted) = &args.paths {
-        for w in wanted {
-            if !kinds.iter().any(|k| k.id() == w) {
-                bail!("unknown path {w:?}");
-            }
-        }
-        kinds.retain(|k| *k == Kind::Direct || wanted.iter().any(|w| w == k.id()));
-    }
-    let paths: Vec<(Kind, Result<(), String>)> = kinds
+    kinds
+}
+
+/// `kinds` with only the paths `wanted` (direct always), each with
+/// whether its peer is installed (PEERS_DIR/status).
+fn select(
+    kinds: Vec<Kind>,
+    wanted: Option<&[String]>,
+    status: &str,
+) -> Vec<(Kind, Result<(), String>)> {
+    kinds
         .into_iter()
+        .filter(|k| *k == Kind::Direct || wanted.is_none_or(|w| w.iter().any(|w| w == k.id())))
         .map(|k| {
             let available = match k.package() {
                 None => Ok(()),
@@ -467,49 +635,214 @@ pub fn run(args: BenchArgs) -> Result<()> {
             };
             (k, available)
         })
-        .collect();
+        .collect()
+}
 
-    let file = prepare_root(&data, s.file_bytes)?;
+/// The run on one network: everything but installing and building.
+struct Bench {
+    env: Env,
+    s: Settings,
+    ticks: f64,
+    load_bin: PathBuf,
+    files: Files,
+    /// The server of every path...
+    vsftpd: Daemon,
+    /// ...but HAProxy's on the wire ([`Vsftpd::haproxy`]).
+    haproxy_vsftpd: Option<Daemon>,
+    /// The wire's namespaces (empty on loopback), to tell other jobs'
+    /// processes from the run's.
+    ns_inodes: Vec<u64>,
+    results: Results,
+}
+
+/// Slow downloads per client process (two sockets each; a few processes
+/// spread the clients' reads over both CPUs).
+const SLOW_PER_CLIENT: usize = 250;
+
+/// Runs `cargo xtask bench`.
+pub fn run(args: BenchArgs) -> Result<()> {
+    let started = Instant::now();
+    let root = crate::root();
+    let s = settings(&args, &root);
+    let bench_dir = root.join("target/bench");
+    let peers_dir = bench_dir.join("peers");
+    let run_dir = bench_dir.join("run");
+    std::fs::create_dir_all(&run_dir)?;
+    if let Some(nets) = &args.net {
+        for n in nets {
+            if n != "wire" && n != "loopback" {
+                bail!("unknown network {n:?} (wire, loopback)");
+            }
+        }
+    }
+    if !args.no_install {
+        let script = root.join("scripts/install-bench-deps.sh");
+        if crate::is_root() {
+            crate::status(Command::new("bash").arg(&script).arg(&peers_dir))?;
+        } else {
+            crate::status(
+                Command::new("sudo")
+                    .arg("bash")
+                    .arg(&script)
+                    .arg(&peers_dir),
+            )
+            .context("installing the benchmark's dependencies needs root")?;
+        }
+    }
+    if !crate::is_root() {
+        bail!(
+            "the benchmark runs vsftpd, makes network namespaces and reads other processes' \
+             /proc files: run it as root"
+        );
+    }
+    crate::status(crate::cargo().args(["build", "--release", "-p", "ftp-proxy", "-p", "xtask"]))?;
+    let gateway_bin = root.join("target/release/ftp-proxy");
+    let load_bin = root.join("target/release/xtask");
+    let ebpf_flag = ebpf_values(&gateway_bin)?;
+    let tracker_built = ebpf_flag.is_some();
+    let status = std::fs::read_to_string(peers_dir.join("status")).unwrap_or_default();
+    if let Some(wanted) = &args.paths {
+        let all: Vec<Kind> = wire_kinds(tracker_built)
+            .into_iter()
+            .chain(loopback_kinds(tracker_built))
+            .collect();
+        for w in wanted {
+            if !all.iter().any(|k| k.id() == w) {
+                bail!("unknown path {w:?}");
+            }
+        }
+    }
+    let wanted = args.paths.as_deref();
+    let data = data_dir(&root, s.file_bytes, args.base_port);
+    let slow_wanted = s.wire && s.slow;
+    let files = prepare_root(&data, s.file_bytes, slow_wanted.then_some(s.slow_bytes))?;
     let template = std::fs::read_to_string(root.join("deploy/demo/vsftpd.conf.in"))?;
-    let vsftpd = peers::start_vsftpd(&env, &template)?;
-    let mut bench = Bench {
-        ticks: measure::clock_ticks()?,
-        env,
-        s,
-        load_bin,
-        file,
-        vsftpd,
-        results: Results {
-            paths,
-            tracker_built,
-            ..Results::default()
-        },
+    let env = Env {
+        run_dir: run_dir.clone(),
+        data_dir: data.clone(),
+        peers_dir: peers_dir.clone(),
+        gateway_bin,
+        base: args.base_port,
+        ebpf_flag,
+        gateway_args: args.gateway_arg.clone(),
+        wire: None,
     };
-    bench.results.load.0 = loadavg();
-    let outcome = bench.measure_all();
-    bench.results.load.1 = loadavg();
-    bench.results.elapsed = started.elapsed().as_secs_f64();
-    bench.vsftpd.stop(Duration::from_secs(5));
+    let ticks = measure::clock_ticks()?;
+    let mut outcome = Outcome {
+        load: (loadavg(), String::new()),
+        ..Outcome::default()
+    };
+    let results = |kinds| Results {
+        paths: select(kinds, wanted, &status),
+        tracker_built,
+        ..Results::default()
+    };
+    let mut failure = None;
+    if s.wire {
+        // Dropped last: the daemons inside go first (Bench), then the
+        // namespaces, also when a measurement failed.
+        let topology = wire::Topology::create(args.base_port)?;
+        let wire_dir = run_dir.join("wire");
+        std::fs::create_dir_all(&wire_dir)?;
+        let env = Env {
+            run_dir: wire_dir,
+            wire: Some(topology.names().clone()),
+            ..env.clone()
+        };
+        let r = results(wire_kinds(tracker_built));
+        match Bench::start(env, &s, ticks, &load_bin, &files, &template, r) {
+            Ok(mut bench) => {
+                if let Err(e) = bench.measure_wire() {
+                    failure = Some(e.context("on the wire"));
+                }
+                outcome.wire = Some(bench.finish());
+            }
+            Err(e) => failure = Some(e.context("starting the wire's servers")),
+        }
+        drop(topology);
+    }
+    if s.loopback && failure.is_none() {
+        let r = results(loopback_kinds(tracker_built));
+        match Bench::start(env, &s, ticks, &load_bin, &files, &template, r) {
+            Ok(mut bench) => {
+                if let Err(e) = bench.measure_loopback() {
+                    failure = Some(e.context("on loopback"));
+                }
+                outcome.loopback = Some(bench.finish());
+            }
+            Err(e) => failure = Some(e.context("starting vsftpd on loopback")),
+        }
+    }
+    outcome.load.1 = loadavg();
+    outcome.elapsed = started.elapsed().as_secs_f64();
     // The data is large and on tmpfs: don't leave it behind.
     if data.starts_with("/dev/shm") {
         let _ = std::fs::remove_dir_all(&data);
     }
-    outcome?;
-    let text = report::render(&bench.results, &bench.s, &bench.env)?;
-    if let Some(dir) = bench.s.output.parent() {
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let text = report::render(&outcome, &s)?;
+    if let Some(dir) = s.output.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&bench.s.output, text)
-        .with_context(|| format!("writing {}", bench.s.output.display()))?;
+    std::fs::write(&s.output, text).with_context(|| format!("writing {}", s.output.display()))?;
     eprintln!(
         "xtask: bench finished in {:.0} s; report in {}",
-        bench.results.elapsed,
-        bench.s.output.display()
+        outcome.elapsed,
+        s.output.display()
     );
     Ok(())
 }
 
 impl Bench {
+    /// Starts the network's vsftpd (and HAProxy's own on the wire, when
+    /// HAProxy runs).
+    fn start(
+        env: Env,
+        s: &Settings,
+        ticks: f64,
+        load_bin: &Path,
+        files: &Files,
+        template: &str,
+        results: Results,
+    ) -> Result<Bench> {
+        let vsftpd = peers::start_vsftpd(&env, template, &Vsftpd::main(&env))?;
+        let haproxy_runs = results
+            .paths
+            .iter()
+            .any(|(k, a)| matches!(k, Kind::Haproxy { .. }) && a.is_ok());
+        let haproxy_vsftpd = if env.wire.is_some() && haproxy_runs {
+            Some(peers::start_vsftpd(&env, template, &Vsftpd::haproxy(&env))?)
+        } else {
+            None
+        };
+        let ns_inodes = env.wire.as_ref().map(|w| w.inodes()).unwrap_or_default();
+        Ok(Bench {
+            env,
+            s: s.clone(),
+            ticks,
+            load_bin: load_bin.to_owned(),
+            files: files.clone(),
+            vsftpd,
+            haproxy_vsftpd,
+            ns_inodes,
+            results,
+        })
+    }
+
+    /// Stops the servers; the results and where they were measured.
+    fn finish(mut self) -> Measured {
+        self.vsftpd.stop(Duration::from_secs(5));
+        if let Some(d) = &mut self.haproxy_vsftpd {
+            d.stop(Duration::from_secs(5));
+        }
+        Measured {
+            results: std::mem::take(&mut self.results),
+            env: self.env.clone(),
+        }
+    }
+
     fn available(&self) -> Vec<Kind> {
         self.results
             .paths
@@ -519,31 +852,61 @@ impl Bench {
             .collect()
     }
 
-    fn measure_all(&mut self) -> Result<()> {
+    /// The server behind `kind`.
+    fn server(&self, kind: Kind) -> &Daemon {
+        match (&self.haproxy_vsftpd, kind) {
+            (Some(d), Kind::Haproxy { .. }) => d,
+            _ => &self.vsftpd,
+        }
+    }
+
+    fn net(&self) -> Net {
+        self.env.net()
+    }
+
+    fn label(&self, kind: Kind) -> &'static str {
+        kind.label_on(self.net())
+    }
+
+    /// Transfers on every path; slow downloads through routed and the
+    /// gateway; session rates routed, through the gateway and HAProxy.
+    fn measure_wire(&mut self) -> Result<()> {
         let kinds = self.available();
         if self.s.transfers {
-            for rep in 0..self.s.reps {
-                for kind in rotated(&kinds, rep) {
+            self.all_transfers(&kinds)?;
+        }
+        let gateway = default_gateway(self.results.tracker_built);
+        if self.s.slow {
+            for kind in [Kind::Direct, gateway, Kind::GatewayCopy] {
+                if kinds.contains(&kind) {
                     eprintln!(
-                        "xtask: bench: transfers, repetition {}, {}",
-                        rep + 1,
-                        kind.label()
+                        "xtask: bench: {}: {} slow downloads, {}",
+                        self.net().name(),
+                        self.s.slow_count,
+                        self.label(kind)
                     );
-                    self.transfers(kind, rep)?;
+                    let run = self.slow(kind)?;
+                    self.results.slow.insert(kind, run);
                 }
             }
         }
         if self.s.rate {
-            for rep in 0..self.s.reps {
-                for kind in rotated(&kinds, rep) {
-                    eprintln!(
-                        "xtask: bench: session rate, repetition {}, {}",
-                        rep + 1,
-                        kind.label()
-                    );
-                    self.rate(kind)?;
-                }
-            }
+            let rated: Vec<Kind> = [Kind::Direct, gateway, Kind::Haproxy { splice: true }]
+                .into_iter()
+                .filter(|k| kinds.contains(k))
+                .collect();
+            self.all_rates(&rated)?;
+        }
+        Ok(())
+    }
+
+    fn measure_loopback(&mut self) -> Result<()> {
+        let kinds = self.available();
+        if self.s.transfers {
+            self.all_transfers(&kinds)?;
+        }
+        if self.s.rate {
+            self.all_rates(&kinds)?;
         }
         if self.s.idle_sessions {
             for n in self.s.idle.clone() {
@@ -557,8 +920,38 @@ impl Bench {
         Ok(())
     }
 
+    fn all_transfers(&mut self, kinds: &[Kind]) -> Result<()> {
+        for rep in 0..self.s.reps {
+            for kind in rotated(kinds, rep) {
+                eprintln!(
+                    "xtask: bench: {}: transfers, repetition {}, {}",
+                    self.net().name(),
+                    rep + 1,
+                    self.label(kind)
+                );
+                self.transfers(kind, rep)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn all_rates(&mut self, kinds: &[Kind]) -> Result<()> {
+        for rep in 0..self.s.reps {
+            for kind in rotated(kinds, rep) {
+                eprintln!(
+                    "xtask: bench: {}: session rate, repetition {}, {}",
+                    self.net().name(),
+                    rep + 1,
+                    self.label(kind)
+                );
+                self.rate(kind)?;
+            }
+        }
+        Ok(())
+    }
+
     fn record_error(&mut self, kind: Kind, xfer: Xfer, error: String) {
-        eprintln!("xtask: bench: {} {xfer:?}: {error}", kind.label());
+        eprintln!("xtask: bench: {} {xfer:?}: {error}", self.label(kind));
         self.results
             .transfer_errors
             .entry((kind, xfer))
@@ -583,11 +976,13 @@ impl Bench {
             match self.transfer(kind, xfer, daemon.as_ref(), rep) {
                 Ok(t) => {
                     eprintln!(
-                        "xtask: bench:   {xfer:?} {:.0} MB/s; CPU s: client {:.2}, proxy {:.2}, server {:.2}",
+                        "xtask: bench:   {xfer:?} {:.0} MB/s; CPU s: client {:.2}, proxy {:.2}, server {:.2}, machine {:.2} (other jobs {:.2})",
                         t.mb_per_s(),
                         t.client_cpu,
                         t.proxy_cpu,
-                        t.server_cpu
+                        t.server_cpu,
+                        t.machine_cpu,
+                        t.other_cpu
                     );
                     self.results
                         .transfers
@@ -601,7 +996,30 @@ impl Bench {
         Ok(())
     }
 
-    /// One curl transfer with the CPU of client, proxy and server.
+    /// KiB queued in the TCP sockets of the client, gateway and server
+    /// hosts (on loopback, all three are this host).
+    fn tcp_queued(&self) -> [u64; 3] {
+        [Host::Client, Host::Gateway, Host::Server].map(|h| {
+            self.env
+                .command(h, "ss")
+                .arg("-tmnH")
+                .output()
+                .map(|o| measure::parse_ss_queued(&String::from_utf8_lossy(&o.stdout)) / 1024)
+                .unwrap_or(0)
+        })
+    }
+
+    /// The address curl's active mode names: the client host's.
+    fn client_ip(&self) -> String {
+        if self.env.wire.is_some() {
+            wire::CLIENT.to_string()
+        } else {
+            "127.0.0.1".into()
+        }
+    }
+
+    /// One curl transfer with the CPU of client, proxy, server and the
+    /// machine.
     fn transfer(
         &self,
         kind: Kind,
@@ -610,38 +1028,44 @@ impl Bench {
         rep: usize,
     ) -> Result<Transfer> {
         let addr = kind.addr(&self.env);
+        let server = self.server(kind);
         let settle =
             |d: &Daemon| measure::settle(d.pid, d.baseline_processes, Duration::from_secs(10));
-        settle(&self.vsftpd);
+        settle(server);
         if let Some(p) = proxy {
             settle(p);
         }
         let upload = format!("up-{}-{rep}.bin", kind.id());
         let url = |name: &str| format!("ftp://anonymous:bench%40example.org@{addr}/pub/{name}");
-        let mut curl = Command::new("curl");
+        let mut curl = self.env.command(Host::Client, "curl");
         curl.args(["-sS", "--fail", "--connect-timeout", "10"])
             .args(["--max-time", &self.max_time().to_string()])
             .args([
                 "-w",
                 "%{size_download} %{size_upload} %{time_total} %{time_pretransfer}",
             ]);
+        let client_ip = self.client_ip();
         match xfer {
             Xfer::RetrPassive => curl.args(["--ftp-pasv", "-o", "/dev/null", &url("big.bin")]),
-            Xfer::RetrActive => curl.args(["-P", "127.0.0.1", "-o", "/dev/null", &url("big.bin")]),
+            Xfer::RetrActive => curl.args(["-P", &client_ip, "-o", "/dev/null", &url("big.bin")]),
             Xfer::StorPassive => curl
                 .args(["--ftp-pasv", "-T"])
-                .arg(&self.file)
+                .arg(&self.files.big)
                 .arg(url(&upload)),
         };
+        let o0 = OtherJobs::snapshot(&self.ns_inodes);
+        let m0 = measure::machine_busy_ticks();
         let c0 = measure::children_ticks();
         let p0 = proxy.map(|p| measure::tree_ticks(p.pid));
-        let s0 = measure::tree_ticks(self.vsftpd.pid);
+        let s0 = measure::tree_ticks(server.pid);
         let out = curl.output().context("running curl")?;
-        let settled = settle(&self.vsftpd) & proxy.is_none_or(settle);
+        let m1 = measure::machine_busy_ticks();
+        let o1 = OtherJobs::snapshot(&self.ns_inodes);
+        let settled = settle(server) & proxy.is_none_or(settle);
         let c1 = measure::children_ticks();
         let p1 = proxy.map(|p| measure::tree_ticks(p.pid));
-        let s1 = measure::tree_ticks(self.vsftpd.pid);
-        let _ = std::fs::remove_file(self.file.with_file_name(&upload));
+        let s1 = measure::tree_ticks(server.pid);
+        let _ = std::fs::remove_file(self.files.big.with_file_name(&upload));
         if !out.status.success() {
             bail!(
                 "curl {xfer:?} failed ({}): {}",
@@ -668,6 +1092,8 @@ impl Bench {
                 _ => 0.0,
             },
             server_cpu: t(s0, s1),
+            machine_cpu: t(m0, m1),
+            other_cpu: o1.since(&o0) as f64 / self.ticks,
         })
     }
 
@@ -676,8 +1102,9 @@ impl Bench {
         60 + self.s.file_bytes / 10_000_000
     }
 
+    /// The load client, on the client host.
     fn load(&self) -> Command {
-        let mut c = Command::new(&self.load_bin);
+        let mut c = self.env.command(Host::Client, &self.load_bin);
         c.arg("bench-load");
         c
     }
@@ -705,14 +1132,18 @@ impl Bench {
         };
         // Warm up (first forks, caches), not counted.
         let _ = self.rate_run(&addr, 0.5, true);
+        let server = self.server(kind);
+        let server_pid = server.pid;
         for list in [false, true] {
-            settle(&self.vsftpd);
+            settle(self.server(kind));
             if let Some(d) = &daemon {
                 settle(d);
             }
+            let o0 = OtherJobs::snapshot(&self.ns_inodes);
+            let m0 = measure::machine_busy_ticks();
             let c0 = measure::children_ticks();
             let p0 = daemon.as_ref().map(|d| measure::tree_ticks(d.pid));
-            let s0 = measure::tree_ticks(self.vsftpd.pid);
+            let s0 = measure::tree_ticks(server_pid);
             let mut run = match self.rate_run(&addr, self.s.rate_secs, list) {
                 Ok(r) => r,
                 Err(e) => RateRun {
@@ -720,9 +1151,11 @@ impl Bench {
                     ..RateRun::default()
                 },
             };
+            let m1 = measure::machine_busy_ticks();
+            let o1 = OtherJobs::snapshot(&self.ns_inodes);
             // Let the sessions of forking daemons end and be reaped, so
             // that their CPU time is in their parent's.
-            settle(&self.vsftpd);
+            settle(self.server(kind));
             if let Some(d) = &daemon {
                 settle(d);
             }
@@ -735,16 +1168,20 @@ impl Bench {
                     (Some(p0), Some(d)) => ms(p0, measure::tree_ticks(d.pid)),
                     _ => 0.0,
                 };
-                run.server_ms = ms(s0, measure::tree_ticks(self.vsftpd.pid));
+                run.server_ms = ms(s0, measure::tree_ticks(server_pid));
+                run.machine_ms = ms(m0, m1);
+                run.other_ms = ms(0, o1.since(&o0));
             }
             eprintln!(
-                "xtask: bench:   {} sessions/s{} ({} failed); CPU ms/session: client {:.3}, proxy {:.3}, server {:.3}",
+                "xtask: bench:   {} sessions/s{} ({} failed); CPU ms/session: client {:.3}, proxy {:.3}, server {:.3}, machine {:.3} (other jobs {:.3})",
                 run.per_sec.round(),
                 if list { " with LIST" } else { "" },
                 run.failed,
                 run.client_ms,
                 run.proxy_ms,
-                run.server_ms
+                run.server_ms,
+                run.machine_ms,
+                run.other_ms
             );
             self.results
                 .rates
@@ -784,6 +1221,160 @@ impl Bench {
                 .map(|e| e.replace('_', " ")),
             ..RateRun::default()
         })
+    }
+
+    /// `slow_count` concurrent downloads of the slow file at `slow_rate`
+    /// each, through `kind`, from the client host: how many got every
+    /// byte, and the memory the machine, the kernel's TCP buffers and the
+    /// proxy held at their peak.
+    fn slow(&mut self, kind: Kind) -> Result<SlowRun> {
+        let n = self.s.slow_count;
+        let mut run = SlowRun {
+            wanted: n,
+            ..SlowRun::default()
+        };
+        let Some(file) = self.files.slow.clone() else {
+            run.skipped = Some("skipped: no slow file".into());
+            return Ok(run);
+        };
+        // What a download could hold at worst: socket buffers on three
+        // hosts, and a copying relay's buffer (4 MiB by default). At most
+        // 40 % of what is available, since other jobs share the machine.
+        let per_download_kib: u64 = if kind == Kind::GatewayCopy {
+            8 << 10
+        } else {
+            3 << 10
+        };
+        let need = per_download_kib * n as u64;
+        let available = measure::meminfo_kib("MemAvailable").unwrap_or(0);
+        if need as f64 > 0.4 * available as f64 {
+            run.skipped = Some(format!(
+                "skipped: could need {:.1} GiB, {:.1} GiB available",
+                need as f64 / 1048576.0,
+                available as f64 / 1048576.0
+            ));
+            return Ok(run);
+        }
+        let daemon = match peers::start(kind, &self.env) {
+            Ok(d) => d,
+            Err(e) => {
+                run.error = Some(format!("start: {e:#}"));
+                return Ok(run);
+            }
+        };
+        let server = self.server(kind);
+        measure::settle(
+            server.pid,
+            server.baseline_processes,
+            Duration::from_secs(60),
+        );
+        let proxy_rss = |d: &Option<Daemon>| {
+            d.as_ref()
+                .map_or(0, |d| measure::tree_memory(d.pid).rss_kib)
+        };
+        let net_used = |used: u64| used.saturating_sub(measure::other_rss_kib(&self.ns_inodes));
+        run.machine_before_kib = measure::machine_used_kib();
+        run.net_before_kib = net_used(run.machine_before_kib);
+        run.tcp_before_kib = self.tcp_queued();
+        run.proxy_before_kib = proxy_rss(&daemon);
+        let ideal = file.bytes / self.s.slow_rate.max(1);
+        let limit = ideal * 3 + 60;
+        let addr = kind.addr(&self.env).to_string();
+        let processes = n.div_ceil(SLOW_PER_CLIENT).max(1);
+        let in_flight = (IDLE_IN_FLIGHT / processes).max(1);
+        let mut clients = Vec::new();
+        let mut left = n;
+        let started = Instant::now();
+        while left > 0 {
+            let count = left.min(SLOW_PER_CLIENT);
+            left -= count;
+            let mut cmd = self.load();
+            cmd.args(["slow", "--addr", &addr, "--count", &count.to_string()])
+                .args(["--in-flight", &in_flight.to_string()])
+                .args(["--path", &file.ftp_path])
+                .args(["--size", &file.bytes.to_string()])
+                .args(["--digest", &format!("{:016x}", file.digest)])
+                .args(["--rate", &self.s.slow_rate.to_string()])
+                .args(["--secs", &limit.to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+            let mut child = cmd.spawn().context("starting a slow client")?;
+            let stdout = child.stdout.take().context("slow client stdout")?;
+            let reader = std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = std::io::Read::read_to_string(&mut BufReader::new(stdout), &mut s);
+                s
+            });
+            clients.push((child, reader));
+        }
+        // Sample until every client process has exited (each gives up by
+        // itself after `limit`; the harness kills it 30 s later).
+        let deadline = Duration::from_secs(limit + 30);
+        loop {
+            let used = measure::machine_used_kib();
+            let tcp = self.tcp_queued();
+            let rss = proxy_rss(&daemon);
+            run.machine_peak_kib = run.machine_peak_kib.max(used);
+            run.net_peak_kib = run.net_peak_kib.max(net_used(used));
+            for (peak, now) in run.tcp_peak_kib.iter_mut().zip(tcp) {
+                *peak = (*peak).max(now);
+            }
+            run.proxy_peak_kib = run.proxy_peak_kib.max(rss);
+            run.samples += 1;
+            let running = clients
+                .iter_mut()
+                .filter_map(|(c, _)| (!matches!(c.try_wait(), Ok(Some(_)))).then_some(()))
+                .count();
+            if running == 0 || started.elapsed() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let mut errors = Vec::new();
+        for (mut child, reader) in clients {
+            wait_bounded(&mut child, Duration::from_secs(1));
+            let out = reader.join().unwrap_or_default();
+            let f = fields(&out);
+            let count = |k: &str| f.get(k).and_then(|v| v.parse::<usize>().ok());
+            match count("ok") {
+                Some(ok) => {
+                    run.ok += ok;
+                    run.mismatched += count("mismatched").unwrap_or(0);
+                }
+                None => errors.push("a slow client did not report".to_owned()),
+            }
+            if let Some(e) = f.get("first_error").filter(|e| *e != "-") {
+                errors.push(e.replace('_', " "));
+            }
+            let longest: f64 = f
+                .get("longest_secs")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            run.longest_secs = run.longest_secs.max(longest);
+        }
+        run.secs = started.elapsed().as_secs_f64();
+        run.failed = n.saturating_sub(run.ok + run.mismatched);
+        run.error = errors.into_iter().next();
+        eprintln!(
+            "xtask: bench:   {}/{n} byte-exact in {:.1} s (longest {:.1} s); memory per download: machine {:.0} KiB (net of other jobs {:.0}), TCP queued on the gateway host {:.0} KiB, proxy RSS {:.0} KiB",
+            run.ok,
+            run.secs,
+            run.longest_secs,
+            run.machine_per_download().unwrap_or(0.0),
+            run.net_per_download().unwrap_or(0.0),
+            run.tcp_per_download()[1].unwrap_or(0.0),
+            run.proxy_per_download().unwrap_or(0.0)
+        );
+        drop(daemon);
+        let server = self.server(kind);
+        if !measure::settle(
+            server.pid,
+            server.baseline_processes,
+            Duration::from_secs(60),
+        ) {
+            eprintln!("xtask: bench: vsftpd sessions still open 60 s after the slow downloads");
+        }
+        Ok(run)
     }
 
     fn idle(&mut self, kind: Kind, n: usize) -> Result<IdleRun> {

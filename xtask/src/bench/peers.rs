@@ -2,10 +2,10 @@
 //! path), the gateway, ProFTPD with mod_proxy, the SuSE proxy-suite and
 //! HAProxy. Each daemon runs in the foreground as a child of the harness,
 //! with its own configuration file under the run directory, on loopback
-//! ports only; it is stopped (with everything it forked) when its
-//! [`Daemon`] is dropped.
+//! or inside the wire's namespaces ([`super::wire`]) only; it is stopped
+//! (with everything it forked) when its [`Daemon`] is dropped.
 //!
-//! Ports, from `base` (10000 by default):
+//! Ports, from `base` (10000 by default), on loopback:
 //!
 //! | daemon | control | data ports |
 //! |---|---|---|
@@ -14,6 +14,17 @@
 //! | proxy-suite | 127.0.0.1:base+41 | passive base+700..999, active base+1000..1299 |
 //! | HAProxy (splice / no splice) | 127.0.0.2 / 127.0.0.3:base+51 | base+100..399 forwarded to vsftpd's |
 //! | ftp-proxy | 127.0.0.1:base+61 | passive base+1300..1599, active base+1600..1899 |
+//!
+//! On the wire, the same control ports: vsftpd on the server host
+//! (10.201.2.2), the proxies on the gateway host's client side
+//! (10.201.1.1), and HAProxy in front of a vsftpd of its own
+//! (10.201.2.2:base+23, passive base+400..699, `pasv_address` = HAProxy's
+//! address, so that PASV clients too open their data connections through
+//! HAProxy's range, forwarded port for port). Each host has its own port
+//! space there, so the ranges that must hold a thousand concurrent slow
+//! downloads are wider: vsftpd's passive base+2000..3999, the gateway's
+//! passive base+2000..3999 and active base+4000..5999. ProFTPD mod_proxy
+//! and HAProxy without splice run on loopback only.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
@@ -25,6 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::measure;
+use super::wire::{self, Host, Names};
 
 /// Where the harness keeps things.
 #[derive(Debug, Clone)]
@@ -43,6 +55,8 @@ pub struct Env {
     pub ebpf_flag: Option<EbpfValues>,
     /// Extra arguments for the gateway.
     pub gateway_args: Vec<String>,
+    /// The wire's namespaces; `None` on loopback.
+    pub wire: Option<Names>,
 }
 
 /// The values `--ebpf` takes.
@@ -57,7 +71,63 @@ pub struct EbpfValues {
 impl Env {
     /// vsftpd's control address.
     pub fn server_addr(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, self.base + 21))
+        let ip = if self.wire.is_some() {
+            wire::SERVER
+        } else {
+            Ipv4Addr::LOCALHOST
+        };
+        SocketAddr::from((ip, self.base + 21))
+    }
+
+    /// The control address of the vsftpd behind HAProxy on the wire (on
+    /// loopback HAProxy relays to the common one).
+    pub fn haproxy_server_addr(&self) -> SocketAddr {
+        if self.wire.is_some() {
+            SocketAddr::from((wire::SERVER, self.base + 23))
+        } else {
+            self.server_addr()
+        }
+    }
+
+    /// The namespace of `host` on the wire; `None` on loopback.
+    pub fn ns(&self, host: Host) -> Option<&str> {
+        self.wire.as_ref().map(|w| w.of(host))
+    }
+
+    /// `program` run on `host` (in its namespace on the wire).
+    pub fn command(&self, host: Host, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.wire {
+            Some(w) => w.command(host, program),
+            None => Command::new(program),
+        }
+    }
+
+    /// Which network the paths cross, for the report.
+    pub fn net(&self) -> Net {
+        if self.wire.is_some() {
+            Net::Wire
+        } else {
+            Net::Loopback
+        }
+    }
+}
+
+/// The network a run crosses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Net {
+    /// Client, gateway and server namespaces joined by veth ([`super::wire`]).
+    Wire,
+    /// Everything on 127.0.0.0/8.
+    Loopback,
+}
+
+impl Net {
+    /// Its name (as `--net` spells it).
+    pub fn name(self) -> &'static str {
+        match self {
+            Net::Wire => "wire",
+            Net::Loopback => "loopback",
+        }
     }
 }
 
@@ -71,6 +141,8 @@ pub enum Kind {
     Gateway(Option<bool>),
     /// The gateway with `--relay-mode splice` (tracker as in the first row).
     GatewaySplice,
+    /// The gateway with `--relay-mode copy` (tracker as in the first row).
+    GatewayCopy,
     /// ProFTPD with mod_proxy as a reverse proxy.
     ModProxy,
     /// The SuSE proxy-suite.
@@ -91,6 +163,7 @@ impl Kind {
             Kind::Gateway(Some(true)) => "ftp-proxy",
             Kind::Gateway(Some(false)) => "ftp-proxy-ebpf-off",
             Kind::GatewaySplice => "ftp-proxy-splice",
+            Kind::GatewayCopy => "ftp-proxy-copy",
             Kind::ModProxy => "proftpd",
             Kind::Suse => "proxy-suite",
             Kind::Haproxy { splice: true } => "haproxy-splice",
@@ -106,6 +179,7 @@ impl Kind {
             Kind::Gateway(Some(true)) => "ftp-proxy (tracker on)",
             Kind::Gateway(Some(false)) => "ftp-proxy --ebpf off",
             Kind::GatewaySplice => "ftp-proxy --relay-mode splice",
+            Kind::GatewayCopy => "ftp-proxy --relay-mode copy",
             Kind::ModProxy => "ProFTPD mod_proxy",
             Kind::Suse => "proxy-suite ftp-proxy",
             Kind::Haproxy { splice: true } => "HAProxy TCP, splice",
@@ -128,16 +202,36 @@ impl Kind {
         }
     }
 
+    /// The name in the report, on `net` (direct is "routed" on the wire).
+    pub fn label_on(self, net: Net) -> &'static str {
+        match (self, net) {
+            (Kind::Direct, Net::Wire) => "routed (vsftpd, gateway host forwards)",
+            _ => self.label(),
+        }
+    }
+
     /// The address clients connect to.
     pub fn addr(self, env: &Env) -> SocketAddr {
         let b = env.base;
+        if env.wire.is_some() {
+            let port = match self {
+                Kind::Direct => return env.server_addr(),
+                Kind::ModProxy => b + 31,
+                Kind::Suse => b + 41,
+                Kind::Haproxy { .. } => b + 51,
+                Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy => b + 61,
+            };
+            return SocketAddr::from((wire::GATEWAY, port));
+        }
         let (ip, port) = match self {
             Kind::Direct => (Ipv4Addr::LOCALHOST, b + 21),
             Kind::ModProxy => (Ipv4Addr::LOCALHOST, b + 31),
             Kind::Suse => (Ipv4Addr::LOCALHOST, b + 41),
             Kind::Haproxy { splice: true } => (Ipv4Addr::new(127, 0, 0, 2), b + 51),
             Kind::Haproxy { splice: false } => (Ipv4Addr::new(127, 0, 0, 3), b + 51),
-            Kind::Gateway(_) | Kind::GatewaySplice => (Ipv4Addr::LOCALHOST, b + 61),
+            Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy => {
+                (Ipv4Addr::LOCALHOST, b + 61)
+            }
         };
         SocketAddr::from((ip, port))
     }
@@ -174,6 +268,8 @@ pub struct Daemon {
     pub log: PathBuf,
     /// Processes in its tree when idle.
     pub baseline_processes: usize,
+    /// The namespace it runs in (on the wire): where it is probed from.
+    ns: Option<String>,
 }
 
 fn signal(pid: u32, sig: rustix::process::Signal) {
@@ -183,16 +279,17 @@ fn signal(pid: u32, sig: rustix::process::Signal) {
 }
 
 impl Daemon {
-    /// Starts `cmd`, after checking that nothing else listens on `addr`:
-    /// otherwise the readiness probe would greet someone else's daemon.
+    /// Starts `cmd`, after checking that nothing else listens on `addr`
+    /// (in namespace `ns`, where the daemon will run): otherwise the
+    /// readiness probe would greet someone else's daemon.
     fn spawn(
         name: &str,
-        addr: SocketAddr,
+        (addr, ns): (SocketAddr, Option<&str>),
         mut cmd: Command,
         log: PathBuf,
         stdin_is_log: bool,
     ) -> Result<Daemon> {
-        if let Err(e) = std::net::TcpListener::bind(addr) {
+        if let Err(e) = wire::within(ns, || Ok(std::net::TcpListener::bind(addr)?)) {
             bail!(
                 "{name}: {addr} is taken ({e}): another process listens there; \
                  stop it or choose another range with --base-port"
@@ -228,6 +325,7 @@ impl Daemon {
             pid,
             log,
             baseline_processes: 1,
+            ns: ns.map(str::to_owned),
         })
     }
 
@@ -243,7 +341,7 @@ impl Daemon {
                     tail(&self.log)
                 );
             }
-            match banner(addr) {
+            match wire::within(self.ns.as_deref(), || banner(addr)) {
                 Ok(()) if matches!(self.child.try_wait(), Ok(Some(_))) => {
                     bail!("{} exited: {}", self.name, tail(&self.log));
                 }
@@ -358,24 +456,65 @@ fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
+/// One vsftpd instance of the run.
+#[derive(Debug, Clone)]
+pub struct Vsftpd {
+    /// File names under the run directory: NAME.conf, NAME.err, NAME.log.
+    pub name: &'static str,
+    /// Control address.
+    pub addr: SocketAddr,
+    /// Passive port range.
+    pub pasv: (u16, u16),
+    /// Address announced in 227 replies, when not its own.
+    pub pasv_address: Option<Ipv4Addr>,
+}
+
+impl Vsftpd {
+    /// The server of every path (of every path but HAProxy's on the wire).
+    pub fn main(env: &Env) -> Vsftpd {
+        let b = env.base;
+        Vsftpd {
+            name: "vsftpd",
+            addr: env.server_addr(),
+            pasv: if env.wire.is_some() {
+                (b + 2000, b + 3999)
+            } else {
+                (b + 100, b + 399)
+            },
+            pasv_address: None,
+        }
+    }
+
+    /// The wire's server behind HAProxy: it announces HAProxy's address
+    /// and a range that HAProxy forwards port for port.
+    pub fn haproxy(env: &Env) -> Vsftpd {
+        Vsftpd {
+            name: "vsftpd-haproxy",
+            addr: env.haproxy_server_addr(),
+            pasv: (env.base + 400, env.base + 699),
+            pasv_address: Some(wire::GATEWAY),
+        }
+    }
+}
+
 /// vsftpd's configuration: the test fixture's template
 /// (deploy/demo/vsftpd.conf.in) with benchmark settings.
-pub fn vsftpd_config(template: &str, env: &Env) -> String {
-    let b = env.base;
+pub fn vsftpd_config(template: &str, env: &Env, v: &Vsftpd) -> String {
     let base = template
         .replace(
             "@LISTEN@",
-            "listen=YES\nlisten_ipv6=NO\nlisten_address=127.0.0.1",
+            &format!("listen=YES\nlisten_ipv6=NO\nlisten_address={}", v.addr.ip()),
         )
-        .replace("@PORT@", &(b + 21).to_string())
+        .replace("@PORT@", &v.addr.port().to_string())
         .replace("@ROOT@", &env.data_dir.display().to_string())
-        .replace("@PASV_MIN@", &(b + 100).to_string())
-        .replace("@PASV_MAX@", &(b + 399).to_string())
+        .replace("@PASV_MIN@", &v.pasv.0.to_string())
+        .replace("@PASV_MAX@", &v.pasv.1.to_string())
         .replace(
             &format!("vsftpd_log_file={}/vsftpd.log", env.data_dir.display()),
-            &format!("vsftpd_log_file={}/vsftpd.log", env.run_dir.display()),
+            &format!("vsftpd_log_file={}/{}.log", env.run_dir.display(), v.name),
         );
-    let overrides = [
+    let pasv_address = v.pasv_address.map(|a| a.to_string());
+    let mut overrides = vec![
         // Logging every command and transfer would be measured too.
         ("xferlog_enable", "NO"),
         ("log_ftp_protocol", "NO"),
@@ -389,6 +528,9 @@ pub fn vsftpd_config(template: &str, env: &Env) -> String {
         ("max_clients", "0"),
         ("max_per_ip", "0"),
     ];
+    if let Some(a) = &pasv_address {
+        overrides.push(("pasv_address", a));
+    }
     let mut out = String::new();
     for line in base.lines() {
         let key = line.split('=').next().unwrap_or("");
@@ -405,33 +547,38 @@ pub fn vsftpd_config(template: &str, env: &Env) -> String {
     out
 }
 
-/// Starts vsftpd, the server of every path.
-pub fn start_vsftpd(env: &Env, template: &str) -> Result<Daemon> {
-    let conf = env.run_dir.join("vsftpd.conf");
-    write(&conf, &vsftpd_config(template, env))?;
-    let log = env.run_dir.join("vsftpd.err");
+/// Starts a vsftpd (on the server host on the wire).
+pub fn start_vsftpd(env: &Env, template: &str, v: &Vsftpd) -> Result<Daemon> {
+    let conf = env.run_dir.join(format!("{}.conf", v.name));
+    write(&conf, &vsftpd_config(template, env, v))?;
+    let log = env.run_dir.join(format!("{}.err", v.name));
     let _ = std::fs::remove_file(&log);
     std::fs::File::create(&log)?;
-    let mut cmd = Command::new("/usr/sbin/vsftpd");
+    let mut cmd = env.command(Host::Server, "/usr/sbin/vsftpd");
     cmd.arg(&conf);
-    let mut d = Daemon::spawn("vsftpd", env.server_addr(), cmd, log, true)?;
-    d.wait_ready(env.server_addr())?;
+    let mut d = Daemon::spawn(v.name, (v.addr, env.ns(Host::Server)), cmd, log, true)?;
+    d.wait_ready(v.addr)?;
     Ok(d)
 }
 
 /// The command line of the gateway for `kind`.
 pub fn gateway_command(env: &Env, tracker: Option<bool>) -> Command {
     let b = env.base;
-    let mut cmd = Command::new(&env.gateway_bin);
+    let (passive, active) = if env.wire.is_some() {
+        ((b + 2000, b + 3999), (b + 4000, b + 5999))
+    } else {
+        ((b + 1300, b + 1599), (b + 1600, b + 1899))
+    };
+    let mut cmd = env.command(Host::Gateway, &env.gateway_bin);
     cmd.args([
         "--listen",
-        &format!("127.0.0.1:{}", b + 61),
+        &Kind::Gateway(tracker).addr(env).to_string(),
         "--upstream",
         &env.server_addr().to_string(),
         "--passive-ports",
-        &format!("{}-{}", b + 1300, b + 1599),
+        &format!("{}-{}", passive.0, passive.1),
         "--active-ports",
-        &format!("{}-{}", b + 1600, b + 1899),
+        &format!("{}-{}", active.0, active.1),
         "--max-sessions",
         "20000",
         "--max-sessions-per-client",
@@ -439,15 +586,23 @@ pub fn gateway_command(env: &Env, tracker: Option<bool>) -> Command {
     ]);
     if let (Some(on), Some(values)) = (tracker, &env.ebpf_flag) {
         cmd.args(["--ebpf", if on { &values.on } else { &values.off }]);
+        // By default the tracker attaches where the listen address is (g0):
+        // the server's leg would go untracked, and cost nothing.
+        if on && env.wire.is_some() {
+            for dev in wire::GATEWAY_INTERFACES {
+                cmd.args(["--interface", dev]);
+            }
+        }
     }
     cmd.args(&env.gateway_args);
     cmd
 }
 
-/// The gateway splicing whatever the peers (on loopback the default copies).
-fn splice_gateway_command(env: &Env) -> Command {
+/// The gateway with a forced relay mode (`splice` or `copy`), the tracker
+/// as in the default row.
+fn relay_gateway_command(env: &Env, mode: &str) -> Command {
     let mut cmd = gateway_command(env, env.ebpf_flag.as_ref().map(|_| true));
-    cmd.args(["--relay-mode", "splice"]);
+    cmd.args(["--relay-mode", mode]);
     cmd
 }
 
@@ -462,7 +617,8 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
     let cmd = match kind {
         Kind::Direct => return Ok(None),
         Kind::Gateway(tracker) => gateway_command(env, tracker),
-        Kind::GatewaySplice => splice_gateway_command(env),
+        Kind::GatewaySplice => relay_gateway_command(env, "splice"),
+        Kind::GatewayCopy => relay_gateway_command(env, "copy"),
         Kind::ModProxy => {
             let root = env.peers_dir.join("proftpd");
             let conf = dir.join("proftpd.conf");
@@ -475,7 +631,7 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
                      ServerName \"bench mod_proxy\"\n\
                      ServerType standalone\n\
                      Port {port}\n\
-                     DefaultAddress 127.0.0.1\n\
+                     DefaultAddress {ip}\n\
                      SocketBindTight on\n\
                      UseIPv6 off\n\
                      User nobody\n\
@@ -510,7 +666,8 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
                      \x20 ProxyReverseServers ftp://{server}\n\
                      </IfModule>\n",
                     ver = "1.3.8",
-                    port = b + 31,
+                    ip = kind.addr(env).ip(),
+                    port = kind.addr(env).port(),
                     dir = dir.display(),
                     p0 = b + 400,
                     p1 = b + 699,
@@ -518,7 +675,7 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
                     tables = tables.display(),
                 ),
             )?;
-            let mut cmd = Command::new(root.join("usr/sbin/proftpd"));
+            let mut cmd = env.command(Host::Gateway, root.join("usr/sbin/proftpd"));
             cmd.args(["-n", "-q", "-c"]).arg(&conf);
             cmd
         }
@@ -534,9 +691,9 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
                 &format!(
                     "# SuSE proxy-suite ftp-proxy in front of vsftpd.\n\
                      [-Global-]\n\
-                     Listen 127.0.0.1\n\
+                     Listen {ip}\n\
                      Port {port}\n\
-                     DestinationAddress 127.0.0.1\n\
+                     DestinationAddress {sip}\n\
                      DestinationPort {sport}\n\
                      DestinationTransferMode client\n\
                      PassiveMinDataPort {p0}\n\
@@ -553,7 +710,9 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
                      LogLevel WRN\n\
                      User nobody\n\
                      Group nogroup\n",
-                    port = b + 41,
+                    ip = kind.addr(env).ip(),
+                    port = kind.addr(env).port(),
+                    sip = server.ip(),
                     sport = server.port(),
                     p0 = b + 700,
                     p1 = b + 999,
@@ -563,12 +722,18 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
                 ),
             )?;
             // Named like our binary: always called by its full path.
-            let mut cmd = Command::new(root.join("usr/sbin/ftp-proxy"));
+            let mut cmd = env.command(Host::Gateway, root.join("usr/sbin/ftp-proxy"));
             cmd.args(["-d", "-n", "-f"]).arg(&conf);
             cmd
         }
         Kind::Haproxy { splice } => {
             let root = env.peers_dir.join("haproxy");
+            // The passive range of the vsftpd behind it, port for port.
+            let haproxy_data = if env.wire.is_some() {
+                Vsftpd::haproxy(env).pasv
+            } else {
+                Vsftpd::main(env).pasv
+            };
             let conf = dir.join("haproxy.cfg");
             let ip = kind.addr(env).ip();
             write(
@@ -589,29 +754,37 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
                      \x20   bind {ip}:{port}\n\
                      \x20   default_backend control\n\
                      backend control\n\
-                     \x20   server vsftpd {server}\n\
+                     \x20   server vsftpd {hserver}\n\
                      frontend data\n\
                      \x20   bind {ip}:{p0}-{p1}\n\
                      \x20   default_backend data\n\
                      backend data\n\
                      \x20   # No port: the one the client connected to.\n\
-                     \x20   server vsftpd 127.0.0.1\n",
+                     \x20   server vsftpd {hserver_ip}\n",
                     splice = if splice {
                         "    option splice-request\n    option splice-response\n"
                     } else {
                         ""
                     },
-                    port = b + 51,
-                    p0 = b + 100,
-                    p1 = b + 399,
+                    port = kind.addr(env).port(),
+                    hserver = env.haproxy_server_addr(),
+                    hserver_ip = env.haproxy_server_addr().ip(),
+                    p0 = haproxy_data.0,
+                    p1 = haproxy_data.1,
                 ),
             )?;
-            let mut cmd = Command::new(root.join("usr/sbin/haproxy"));
+            let mut cmd = env.command(Host::Gateway, root.join("usr/sbin/haproxy"));
             cmd.args(["-db", "-f"]).arg(&conf);
             cmd
         }
     };
-    let mut d = Daemon::spawn(kind.id(), kind.addr(env), cmd, log, false)?;
+    let mut d = Daemon::spawn(
+        kind.id(),
+        (kind.addr(env), env.ns(Host::Gateway)),
+        cmd,
+        log,
+        false,
+    )?;
     d.wait_ready(kind.addr(env))?;
     Ok(Some(d))
 }
@@ -621,51 +794,60 @@ pub fn config_files(kind: Kind, env: &Env) -> Vec<PathBuf> {
     let dir = env.run_dir.join(kind.id());
     let name = match kind {
         Kind::Direct => return vec![env.run_dir.join("vsftpd.conf")],
-        Kind::Gateway(_) | Kind::GatewaySplice => return Vec::new(),
+        Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy => return Vec::new(),
         Kind::ModProxy => "proftpd.conf",
         Kind::Suse => "ftp-proxy.conf",
+        Kind::Haproxy { .. } if env.wire.is_some() => {
+            return vec![
+                dir.join("haproxy.cfg"),
+                env.run_dir
+                    .join(format!("{}.conf", Vsftpd::haproxy(env).name)),
+            ];
+        }
         Kind::Haproxy { .. } => "haproxy.cfg",
     };
     vec![dir.join(name)]
+}
+
+fn shell_words(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
 }
 
 /// The command line that started a path's daemon, for the report.
 pub fn command_line(kind: Kind, env: &Env) -> String {
     let dir = env.run_dir.join(kind.id());
     let peers = &env.peers_dir;
-    match kind {
-        Kind::Direct => format!(
-            "/usr/sbin/vsftpd {}",
-            env.run_dir.join("vsftpd.conf").display()
-        ),
-        Kind::Gateway(_) | Kind::GatewaySplice => {
-            let cmd = match kind {
-                Kind::Gateway(tracker) => gateway_command(env, tracker),
-                _ => splice_gateway_command(env),
-            };
-            let mut s = cmd.get_program().to_string_lossy().into_owned();
-            for a in cmd.get_args() {
-                s.push(' ');
-                s.push_str(&a.to_string_lossy());
-            }
-            s
+    let cmd = match kind {
+        Kind::Direct => {
+            let mut c = env.command(Host::Server, "/usr/sbin/vsftpd");
+            c.arg(env.run_dir.join("vsftpd.conf"));
+            c
         }
-        Kind::ModProxy => format!(
-            "{} -n -q -c {}",
-            peers.join("proftpd/usr/sbin/proftpd").display(),
-            dir.join("proftpd.conf").display()
-        ),
-        Kind::Suse => format!(
-            "{} -d -n -f {}",
-            peers.join("suse/usr/sbin/ftp-proxy").display(),
-            dir.join("ftp-proxy.conf").display()
-        ),
-        Kind::Haproxy { .. } => format!(
-            "{} -db -f {}",
-            peers.join("haproxy/usr/sbin/haproxy").display(),
-            dir.join("haproxy.cfg").display()
-        ),
-    }
+        Kind::Gateway(tracker) => gateway_command(env, tracker),
+        Kind::GatewaySplice => relay_gateway_command(env, "splice"),
+        Kind::GatewayCopy => relay_gateway_command(env, "copy"),
+        Kind::ModProxy => {
+            let mut c = env.command(Host::Gateway, peers.join("proftpd/usr/sbin/proftpd"));
+            c.args(["-n", "-q", "-c"]).arg(dir.join("proftpd.conf"));
+            c
+        }
+        Kind::Suse => {
+            let mut c = env.command(Host::Gateway, peers.join("suse/usr/sbin/ftp-proxy"));
+            c.args(["-d", "-n", "-f"]).arg(dir.join("ftp-proxy.conf"));
+            c
+        }
+        Kind::Haproxy { .. } => {
+            let mut c = env.command(Host::Gateway, peers.join("haproxy/usr/sbin/haproxy"));
+            c.args(["-db", "-f"]).arg(dir.join("haproxy.cfg"));
+            c
+        }
+    };
+    shell_words(&cmd)
 }
 
 #[cfg(test)]
@@ -681,6 +863,14 @@ mod tests {
             base: 10000,
             ebpf_flag: None,
             gateway_args: Vec::new(),
+            wire: None,
+        }
+    }
+
+    fn wire_env() -> Env {
+        Env {
+            wire: Some(Names::for_base(10000)),
+            ..env()
         }
     }
 
@@ -690,7 +880,7 @@ mod tests {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/demo/vsftpd.conf.in"),
         )
         .unwrap();
-        let c = vsftpd_config(&template, &env());
+        let c = vsftpd_config(&template, &env(), &Vsftpd::main(&env()));
         assert!(c.contains("listen_port=10021\n"));
         assert!(c.contains("pasv_min_port=10100\n") && c.contains("pasv_max_port=10399\n"));
         assert!(c.contains("anon_root=/d/ftproot\n"));
@@ -718,5 +908,47 @@ mod tests {
         assert!(addrs.iter().all(|a| a.ip().is_loopback()));
         // The gateway's variants run one at a time on the same address.
         assert_eq!(Kind::GatewaySplice.addr(&e), Kind::Gateway(None).addr(&e));
+    }
+
+    #[test]
+    fn wire_paths_cross_the_gateway_host() {
+        let e = wire_env();
+        assert_eq!(Kind::Direct.addr(&e), "10.201.2.2:10021".parse().unwrap());
+        for k in [
+            Kind::Gateway(Some(true)),
+            Kind::GatewayCopy,
+            Kind::Suse,
+            Kind::Haproxy { splice: true },
+        ] {
+            assert_eq!(k.addr(&e).ip(), wire::GATEWAY, "{k:?}");
+        }
+        // HAProxy's own vsftpd announces HAProxy's address, and HAProxy
+        // forwards exactly that vsftpd's passive range.
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/demo/vsftpd.conf.in"),
+        )
+        .unwrap();
+        let h = Vsftpd::haproxy(&e);
+        let c = vsftpd_config(&template, &e, &h);
+        assert!(c.contains("listen_address=10.201.2.2\n"));
+        assert!(c.contains("listen_port=10023\n"));
+        assert!(c.contains("pasv_address=10.201.1.1\n"));
+        assert!(c.contains("pasv_min_port=10400\n") && c.contains("pasv_max_port=10699\n"));
+        assert!(c.contains("vsftpd_log_file=/r/vsftpd-haproxy.log\n"));
+        assert!(!vsftpd_config(&template, &e, &Vsftpd::main(&e)).contains("pasv_address"));
+        // The gateway runs in the gateway's namespace, tracked on both legs.
+        let e = Env {
+            ebpf_flag: Some(EbpfValues {
+                on: "required".into(),
+                off: "off".into(),
+            }),
+            ..e
+        };
+        let line = command_line(Kind::Gateway(Some(true)), &e);
+        assert!(line.starts_with("ip netns exec ftpxb10000-g /g --listen 10.201.1.1:10061"));
+        assert!(line.contains("--upstream 10.201.2.2:10021"));
+        assert!(line.contains("--interface g0 --interface g1"));
+        assert!(!command_line(Kind::Gateway(Some(false)), &e).contains("--interface"));
+        assert!(command_line(Kind::GatewayCopy, &e).ends_with("--relay-mode copy"));
     }
 }
