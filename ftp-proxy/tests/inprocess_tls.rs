@@ -133,6 +133,8 @@ async fn security_commands_get_the_rfc_replies() {
     for (line, want) in [
         ("PROT P", 503),
         ("PBSZ x", 501),
+        // A non-zero size is answered with the size TLS uses (RFC 4217 §8).
+        ("PBSZ 1024", 200),
         ("PBSZ 0", 200),
         ("PROT S", 536),
         ("PROT E", 536),
