@@ -289,23 +289,26 @@ pub(crate) fn spawn_after<E: std::error::Error + Send + Sync + 'static>(
                 run(client, server, options, tx).await;
             }
             Ok(Ok((client, server))) => stream::run(client, server, options, tx).await,
-            Ok(Err(error)) => fail_both(&tx, RelayError::Setup(Arc::new(error))),
-            Err(_) => fail_both(&tx, RelayError::Idle(options.idle_timeout)),
+            Ok(Err(error)) => fail_unfinished(&tx, &RelayError::Setup(Arc::new(error))),
+            Err(_) => fail_unfinished(&tx, &RelayError::Idle(options.idle_timeout)),
         }
     });
     RelayHandle { task, progress: rx }
 }
 
-fn fail_both(tx: &watch::Sender<Progress>, error: RelayError) {
+/// Every direction still running fails with `error`.
+fn fail_unfinished(tx: &watch::Sender<Progress>, error: &RelayError) {
     tx.send_modify(|p| {
         for direction in [Direction::ClientToServer, Direction::ServerToClient] {
-            p.set(
-                direction,
-                Flow::Failed {
-                    bytes: 0,
-                    error: error.clone(),
-                },
-            );
+            if !p.get(direction).is_over() {
+                p.set(
+                    direction,
+                    Flow::Failed {
+                        bytes: 0,
+                        error: error.clone(),
+                    },
+                );
+            }
         }
     });
 }
@@ -399,19 +402,7 @@ async fn run(
         () = activity.idle(options.idle_timeout) => Some(RelayError::Idle(options.idle_timeout)),
     };
     if let Some(error) = failure {
-        tx.send_modify(|p| {
-            for direction in [Direction::ClientToServer, Direction::ServerToClient] {
-                if !p.get(direction).is_over() {
-                    p.set(
-                        direction,
-                        Flow::Failed {
-                            bytes: 0,
-                            error: error.clone(),
-                        },
-                    );
-                }
-            }
-        });
+        fail_unfinished(&tx, &error);
         // Reset both connections so that each peer learns the transfer failed
         // instead of seeing a clean end of file.
         for stream in [&client, &server] {

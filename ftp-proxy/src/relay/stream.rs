@@ -286,19 +286,7 @@ fn fail(
 /// failed instead of seeing a clean end), or closes them quietly.
 fn finish(client: &Leg, server: &Leg, failure: Option<RelayError>, tx: &watch::Sender<Progress>) {
     if let Some(error) = failure {
-        tx.send_modify(|p| {
-            for direction in [Direction::ClientToServer, Direction::ServerToClient] {
-                if !p.get(direction).is_over() {
-                    p.set(
-                        direction,
-                        Flow::Failed {
-                            bytes: 0,
-                            error: error.clone(),
-                        },
-                    );
-                }
-            }
-        });
+        super::fail_unfinished(tx, &error);
         for leg in [client, server] {
             let _ = socket2::SockRef::from(leg.tcp()).set_linger(Some(Duration::ZERO));
         }

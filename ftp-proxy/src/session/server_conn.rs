@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::reply::{DEFAULT_MAX_REPLY_LINE, DEFAULT_MAX_REPLY_LINES};
 use crate::protocol::{Reply, ReplyCodec, Side};
-use crate::tls::{self, Handshake, ServerDataTls, ServerTlsMode, TlsError, TlsFailure};
+use crate::tls::{self, ServerDataTls, ServerTlsMode, TlsError, TlsFailure};
 
 use super::control::{ServerReader, ServerWriter};
 use super::{CONTROL_BUFFER, ConnectError, SessionError, reply_or_error};
@@ -112,11 +112,23 @@ async fn negotiate(
     }
 }
 
-fn count_handshake(metrics: &Metrics, result: &Result<Handshake, TlsError>) {
-    match result {
-        Ok(handshake) => metrics.tls_handshake(Side::Server, handshake),
-        Err(error) => metrics.tls_error(error),
-    }
+/// The TLS handshake on the control connection, counted; its halves.
+async fn secure(
+    stream: TcpStream,
+    config: &Arc<ClientConfig>,
+    name: &ServerName<'static>,
+    timeout: Duration,
+    metrics: &Metrics,
+) -> Result<(FramedRead<ServerReader, ReplyCodec>, ServerWriter), SessionError> {
+    let (tls, handshake) = tls::connect(Arc::clone(config), name.clone(), stream, timeout)
+        .await
+        .inspect_err(|error| metrics.tls_error(error))?;
+    metrics.tls_handshake(Side::Server, &handshake);
+    let (read, write) = tokio::io::split(tls);
+    Ok((
+        FramedRead::with_capacity(ServerReader::Tls(read), codec(), CONTROL_BUFFER),
+        ServerWriter::Tls(write),
+    ))
 }
 
 /// Connects, negotiates TLS as configured, and reads the banner.
@@ -162,17 +174,7 @@ pub(super) async fn open(
     };
     let (mut rx, mut tx) = match (&tls, server.mode) {
         (Some((session, name)), ServerTlsMode::Implicit) => {
-            let result = tls::connect(Arc::clone(session), name.clone(), stream, timeout).await;
-            count_handshake(
-                metrics,
-                &result.as_ref().map(|(_, h)| *h).map_err(Clone::clone),
-            );
-            let (tls, _) = result?;
-            let (read, write) = tokio::io::split(tls);
-            (
-                FramedRead::with_capacity(ServerReader::Tls(read), codec(), CONTROL_BUFFER),
-                ServerWriter::Tls(write),
-            )
+            secure(stream, session, name, timeout, metrics).await?
         }
         _ => {
             let (read, write) = stream.into_split();
@@ -218,15 +220,7 @@ pub(super) async fn open(
                     )));
                 }
             };
-            let result = tls::connect(Arc::clone(session), name.clone(), stream, timeout).await;
-            count_handshake(
-                metrics,
-                &result.as_ref().map(|(_, h)| *h).map_err(Clone::clone),
-            );
-            let (tls, _) = result?;
-            let (read, write) = tokio::io::split(tls);
-            rx = FramedRead::with_capacity(ServerReader::Tls(read), codec(), CONTROL_BUFFER);
-            tx = ServerWriter::Tls(write);
+            (rx, tx) = secure(stream, session, name, timeout, metrics).await?;
         }
         // RFC 4217 §8-9: PBSZ 0 before PROT; server data connections are
         // protected from the start when so configured (a client's PROT
