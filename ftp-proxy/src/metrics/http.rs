@@ -7,8 +7,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,12 +32,24 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed for a whole connection (keep-alive included).
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Whether any server is up, asked at each `/readyz`.
+type ServersUp = Box<dyn Fn() -> bool + Send + Sync>;
+
 /// What `/readyz` reports.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Readiness {
     listening: AtomicBool,
     tracker_required: AtomicBool,
     tracker_attached: AtomicBool,
+    servers_up: OnceLock<ServersUp>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("ready", &self.ready())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Readiness {
@@ -52,6 +64,12 @@ impl Readiness {
         self.tracker_attached.store(attached, Ordering::Relaxed);
     }
 
+    /// Readiness needs a server that is up, as `any_up` says (the pool's
+    /// health; cheap, called at each `/readyz`). Set once.
+    pub(crate) fn set_servers(&self, any_up: impl Fn() -> bool + Send + Sync + 'static) {
+        let _ = self.servers_up.set(Box::new(any_up));
+    }
+
     fn ready(&self) -> Result<(), &'static str> {
         if !self.listening.load(Ordering::Relaxed) {
             return Err("not accepting sessions");
@@ -60,6 +78,9 @@ impl Readiness {
             && !self.tracker_attached.load(Ordering::Relaxed)
         {
             return Err("flow tracker required but not attached");
+        }
+        if self.servers_up.get().is_some_and(|any_up| !any_up()) {
+            return Err("no server is up");
         }
         Ok(())
     }
@@ -259,6 +280,23 @@ mod tests {
         assert_eq!(
             respond(&s, &Method::GET, "/readyz").status(),
             StatusCode::OK
+        );
+        let up = Arc::new(AtomicBool::new(true));
+        s.readiness.set_servers({
+            let up = Arc::clone(&up);
+            move || up.load(Ordering::Relaxed)
+        });
+        assert_eq!(
+            respond(&s, &Method::GET, "/readyz").status(),
+            StatusCode::OK
+        );
+        up.store(false, Ordering::Relaxed);
+        let r = respond(&s, &Method::GET, "/readyz");
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            respond(&s, &Method::GET, "/healthz").status(),
+            StatusCode::OK,
+            "alive all the same"
         );
     }
 }
