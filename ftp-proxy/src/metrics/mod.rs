@@ -95,6 +95,7 @@ pub struct Metrics {
     upstream_connect_failures_total: IntCounterVec,
     upstream_check: HistogramVec,
     proxy_protocol_rejected_total: IntCounterVec,
+    http_connections_shed_total: IntCounter,
 }
 
 /// One server's series (label `server`, a configured name), held by the
@@ -214,6 +215,11 @@ impl Metrics {
             &["server"],
         )?;
         registry.register(Box::new(upstream_check.clone()))?;
+        let http_connections_shed_total = IntCounter::new(
+            "http_connections_shed_total",
+            "Connections to the HTTP endpoint closed to make room for new ones (the oldest idle first)",
+        )?;
+        registry.register(Box::new(http_connections_shed_total.clone()))?;
         let ebpf_status = IntGauge::new(
             "ebpf_status",
             "1 when the eBPF flow tracker is attached, 0 when not",
@@ -307,6 +313,7 @@ impl Metrics {
                 "Client connections closed for their PROXY protocol header, by reason",
                 &["reason"],
             )?,
+            http_connections_shed_total,
             upstream_up,
             upstream_sessions,
             upstream_check,
@@ -406,6 +413,11 @@ impl Metrics {
             .upstream_connect_failures_total
             .remove_label_values(&label);
         let _ = self.upstream_check.remove_label_values(&label);
+    }
+
+    /// The HTTP endpoint closed a connection to keep its bound.
+    pub(crate) fn http_connection_shed(&self) {
+        self.http_connections_shed_total.inc();
     }
 
     /// A client connection was closed for its PROXY header.
