@@ -748,6 +748,10 @@ fn pool(
             })
             .collect::<Result<_, ConfigError>>()?,
     };
+    // Checks by default for a pool; for a single upstream only when asked
+    // for: with one server they steer no session anywhere, and would only
+    // take /readyz (and a login banner every interval) from the server.
+    let checked = health.is_some() || upstream.is_none();
     let h = health.unwrap_or_default();
     let policy = HealthPolicy::new(
         Duration::from_secs(h.interval.unwrap_or(defaults::HEALTH_INTERVAL.as_secs())),
@@ -764,6 +768,7 @@ fn pool(
         };
         invalid(e.key(), value.unwrap_or_else(|| "(default)".to_owned()), e)
     })?;
+    let policy = checked.then_some(policy);
     PoolSpec::new(servers, balance.unwrap_or_default(), policy).map_err(|e| match e {
         PoolSpecError::Empty => ConfigError::Missing("upstream (or [[servers]])"),
         PoolSpecError::Duplicate(name) => {
@@ -1364,7 +1369,7 @@ servers = ["b", "a"]
         );
         assert_eq!(c.upstream, servers[0].address, "the first server, for now");
         assert_eq!(c.pool.balance(), Balance::StickyClient);
-        let h = c.pool.health();
+        let h = c.pool.health().unwrap();
         assert_eq!(
             (h.interval(), h.timeout(), h.rise(), h.fall()),
             (
@@ -1408,6 +1413,13 @@ servers = ["b", "a"]
         assert_eq!(servers[0].name.as_str(), "upstream");
         assert_eq!(servers[0].address, c.upstream);
         assert_eq!(c.pool.balance(), Balance::LeastConnections);
+        assert_eq!(
+            c.pool.health(),
+            None,
+            "one server: not checked unless asked"
+        );
+        let checked = from_file("upstream = \"h\"\n[health]\nfall = 5\n").unwrap();
+        assert_eq!(checked.pool.health().map(|h| h.fall()), Some(5));
         assert_eq!(c.routes, Routes::default());
         assert!(c.proxy_from.networks().is_empty());
         assert_eq!(c.server_proxy_protocol, ServerProxyProtocol::Off);

@@ -140,12 +140,15 @@ pub enum PoolSpecError {
 }
 
 /// The validated pool: at least one server, names unique, in the order
-/// configured (which breaks ties).
+/// configured (which breaks ties), and how they are checked: with a health
+/// policy, servers are checked actively and sessions' failures count; with
+/// none, every server is always up (as a server without `check` in
+/// HAProxy).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolSpec {
     servers: Vec<ServerSpec>,
     balance: Balance,
-    health: HealthPolicy,
+    health: Option<HealthPolicy>,
 }
 
 impl PoolSpec {
@@ -156,7 +159,7 @@ impl PoolSpec {
     pub fn new(
         servers: Vec<ServerSpec>,
         balance: Balance,
-        health: HealthPolicy,
+        health: Option<HealthPolicy>,
     ) -> Result<PoolSpec, PoolSpecError> {
         if servers.is_empty() {
             return Err(PoolSpecError::Empty);
@@ -188,8 +191,8 @@ impl PoolSpec {
         self.balance
     }
 
-    /// The health policy.
-    pub fn health(&self) -> HealthPolicy {
+    /// The health policy; `None`: no checks, every server always up.
+    pub fn health(&self) -> Option<HealthPolicy> {
         self.health
     }
 }
@@ -228,7 +231,7 @@ mod tests {
 
     #[test]
     fn pools_are_non_empty_with_unique_names() {
-        let health = HealthPolicy::default();
+        let health = Some(HealthPolicy::default());
         assert_eq!(
             PoolSpec::new(vec![], Balance::default(), health),
             Err(PoolSpecError::Empty)

@@ -42,6 +42,9 @@ struct ServerState {
     weight: AtomicU32,
     key: u64,
     health: Mutex<Health>,
+    /// Whether health counts: false when the pool has no health policy
+    /// (the server is then always up).
+    monitored: AtomicBool,
     /// Mirrors `health.is_up()`, for lock-free reads.
     up: AtomicBool,
     /// Sessions holding a handle (being connected included).
@@ -57,13 +60,14 @@ struct ServerState {
 }
 
 impl ServerState {
-    fn new(spec: &ServerSpec, policy: &HealthPolicy, metrics: &Metrics) -> ServerState {
+    fn new(spec: &ServerSpec, policy: Option<HealthPolicy>, metrics: &Metrics) -> ServerState {
         ServerState {
             name: spec.name.clone(),
             address: spec.address.clone(),
             weight: AtomicU32::new(spec.weight.get()),
             key: key_of_name(spec.name.as_str()),
-            health: Mutex::new(Health::new(policy)),
+            health: Mutex::new(Health::new(&policy.unwrap_or_default())),
+            monitored: AtomicBool::new(policy.is_some()),
             up: AtomicBool::new(true),
             sessions: AtomicU64::new(0),
             clients: Mutex::new(HashMap::new()),
@@ -79,7 +83,11 @@ impl ServerState {
     }
 
     /// Applies a health event; logs and exports a change of state once.
+    /// Nothing changes for a server that is not monitored.
     fn apply(&self, event: HealthEvent, why: Option<&dyn fmt::Display>) {
+        if !self.monitored.load(Ordering::Relaxed) {
+            return;
+        }
         let transition = {
             let mut health = lock(&self.health);
             let transition = health.apply(event);
@@ -114,6 +122,22 @@ impl ServerState {
 
     fn client_sessions(&self, client: IpAddr) -> u64 {
         lock(&self.clients).get(&client).copied().unwrap_or(0)
+    }
+
+    /// Takes a new health policy: the counter restarts (unconfirmed) in the
+    /// state the server is in; without a policy the server is up for good.
+    fn set_policy(&self, policy: Option<HealthPolicy>) {
+        let mut health = Health::new(&policy.unwrap_or_default());
+        let up = policy.is_none() || self.is_up();
+        if !up {
+            // Down stays down until checks bring it back.
+            health.apply(HealthEvent::CheckFailed);
+        }
+        *lock(&self.health) = health;
+        self.monitored.store(policy.is_some(), Ordering::Relaxed);
+        if up && !self.up.swap(true, Ordering::Relaxed) {
+            self.metrics.set_up(true);
+        }
     }
 
     /// Stops the checker, if one runs.
@@ -194,7 +218,7 @@ pub(crate) struct ServerStatus {
 struct Members {
     servers: Vec<Arc<ServerState>>,
     balancer: Balancer,
-    health: HealthPolicy,
+    health: Option<HealthPolicy>,
     proxy: ServerProxyProtocol,
     /// Whether checkers run (between `start_checks` and `stop`).
     checking: bool,
@@ -226,7 +250,7 @@ impl Pool {
         let servers = spec
             .servers()
             .iter()
-            .map(|s| Arc::new(ServerState::new(s, &spec.health(), &metrics)))
+            .map(|s| Arc::new(ServerState::new(s, spec.health(), &metrics)))
             .collect();
         Pool {
             inner: Arc::new(Inner {
@@ -268,17 +292,11 @@ impl Pool {
                     Some(kept) => {
                         kept.weight.store(s.weight.get(), Ordering::Relaxed);
                         if policy_changed {
-                            let up = kept.is_up();
-                            let mut health = Health::new(&spec.health());
-                            if !up {
-                                // Down stays down until checks bring it back.
-                                health.apply(HealthEvent::CheckFailed);
-                            }
-                            *lock(&kept.health) = health;
+                            kept.set_policy(spec.health());
                         }
                         Arc::clone(kept)
                     }
-                    None => Arc::new(ServerState::new(s, &spec.health(), metrics)),
+                    None => Arc::new(ServerState::new(s, spec.health(), metrics)),
                 }
             })
             .collect();
@@ -300,8 +318,9 @@ impl Pool {
         }
     }
 
-    /// Starts one health checker per server (within the runtime). They run
-    /// until [`Pool::stop`]; reloads restart them.
+    /// Starts one health checker per server (within the runtime), when the
+    /// pool has a health policy. They run until [`Pool::stop`]; reloads
+    /// restart them (and start or stop them with the policy).
     pub(crate) fn start_checks(&self) {
         let mut members = lock(&self.inner.members);
         if !members.checking {
@@ -311,17 +330,17 @@ impl Pool {
     }
 
     fn spawn_checkers(&self, members: &Members) {
+        let Some(policy) = members.health else {
+            return;
+        };
         for server in &members.servers {
             let token = CancellationToken::new();
             if let Some(previous) = lock(&server.checker).replace(token.clone()) {
                 previous.cancel();
             }
-            self.inner.checkers.spawn(check_loop(
-                Arc::clone(server),
-                members.health,
-                members.proxy,
-                token,
-            ));
+            self.inner
+                .checkers
+                .spawn(check_loop(Arc::clone(server), policy, members.proxy, token));
         }
     }
 
@@ -385,8 +404,9 @@ impl Pool {
     }
 
     /// A session could not connect to `server`, or got no banner (or a
-    /// `421`) from it: counts as a failed check, and brings its next
-    /// active check forward.
+    /// `421`) from it: counted (`upstream_connect_failures_total`), and,
+    /// when the pool is checked, taken as a failed check that brings the
+    /// next active check forward.
     pub(crate) fn passive_failure(&self, server: &ServerHandle, why: &dyn fmt::Display) {
         let state = &server.server;
         state.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -472,6 +492,14 @@ mod tests {
     use tokio::net::TcpListener;
 
     fn spec(servers: &[(&str, u16)], balance: Balance, health: HealthPolicy) -> PoolSpec {
+        spec_checked(servers, balance, Some(health))
+    }
+
+    fn spec_checked(
+        servers: &[(&str, u16)],
+        balance: Balance,
+        health: Option<HealthPolicy>,
+    ) -> PoolSpec {
         PoolSpec::new(
             servers
                 .iter()
@@ -696,6 +724,42 @@ mod tests {
             started.elapsed() >= Duration::from_millis(900),
             "a waited for the timeout"
         );
+        pool.stop().await;
+    }
+
+    /// Without a health policy nothing is checked and nothing goes down.
+    #[tokio::test]
+    async fn unchecked_pools_are_always_up() {
+        let (port, seen) = server(true).await;
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let pool = Pool::new(
+            &spec_checked(&[("a", port)], Balance::LeastConnections, None),
+            ServerProxyProtocol::Off,
+            Arc::clone(&metrics),
+        );
+        pool.start_checks();
+        let h = pool.pick(ip("192.0.2.1"), &[]).unwrap();
+        for _ in 0..5 {
+            pool.passive_failure(&h, &"refused");
+        }
+        assert!(pool.any_up());
+        assert_eq!(pool.status()[0].connect_failures, 5);
+        // Checks start with a policy, and stop again without one.
+        pool.reconfigure(
+            &spec(&[("a", port)], Balance::LeastConnections, fast()),
+            ServerProxyProtocol::Off,
+        );
+        wait_for("a check", Duration::from_secs(3), || {
+            seen.load(Ordering::Relaxed) >= 1
+        })
+        .await;
+        pool.passive_failure(&h, &"refused");
+        pool.passive_failure(&h, &"refused");
+        pool.reconfigure(
+            &spec_checked(&[("a", port)], Balance::LeastConnections, None),
+            ServerProxyProtocol::Off,
+        );
+        assert!(pool.any_up(), "up for good without checks");
         pool.stop().await;
     }
 

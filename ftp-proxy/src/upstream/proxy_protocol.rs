@@ -190,7 +190,7 @@ impl TrustedProxies {
     ) -> Result<Option<Proxied>, ProxyError> {
         if !self.trusts(peer.ip()) {
             return match peek_now(stream) {
-                Some(bytes) if starts_like_a_header(&bytes) => Err(ProxyError::Untrusted(peer)),
+                Some(bytes) if is_surely_a_header(&bytes) => Err(ProxyError::Untrusted(peer)),
                 _ => Ok(None),
             };
         }
@@ -312,6 +312,17 @@ pub fn starts_like_a_header(bytes: &[u8]) -> bool {
     !bytes.is_empty()
         && (bytes.get(..n.min(V1_PREFIX.len())) == V1_PREFIX.get(..n.min(V1_PREFIX.len()))
             || bytes.get(..n) == V2_SIGNATURE.get(..n))
+}
+
+/// Whether the first bytes of a connection can only be a PROXY header:
+/// `PROXY ` whole, or at least the first 5 bytes of the v2 signature (a
+/// NUL after two empty lines). A client that spoke before the banner with
+/// `PWD` is not taken for one.
+pub fn is_surely_a_header(bytes: &[u8]) -> bool {
+    bytes.starts_with(V1_PREFIX)
+        || (bytes.len() >= 5
+            && bytes.get(..bytes.len().min(V2_SIGNATURE.len()))
+                == V2_SIGNATURE.get(..bytes.len().min(V2_SIGNATURE.len())))
 }
 
 /// The bytes already waiting on `stream` (up to 16), without waiting or
@@ -586,6 +597,17 @@ mod tests {
         assert_eq!("10.0.0.0/x".parse::<Cidr>(), Err(CidrError::Prefix(32)));
         assert_eq!("nope/8".parse::<Cidr>(), Err(CidrError::Address));
         assert_eq!("".parse::<Cidr>(), Err(CidrError::Address));
+    }
+
+    #[test]
+    fn only_whole_signatures_count_from_untrusted_peers() {
+        assert!(is_surely_a_header(b"PROXY TCP4 "));
+        assert!(is_surely_a_header(b"\r\n\r\n\0"));
+        assert!(is_surely_a_header(V2_SIGNATURE));
+        assert!(!is_surely_a_header(b"PWD\r\n"));
+        assert!(!is_surely_a_header(b"PROX"));
+        assert!(!is_surely_a_header(b"\r\n"));
+        assert!(!is_surely_a_header(b""));
     }
 
     #[test]

@@ -258,7 +258,7 @@ mod tests {
                 })
                 .collect(),
             Balance::default(),
-            HealthPolicy::default(),
+            Some(HealthPolicy::default()),
         )
         .unwrap()
     }
