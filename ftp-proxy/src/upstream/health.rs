@@ -14,26 +14,24 @@
 //!
 //! The active check is FTP-level: connect, optionally send a PROXY LOCAL
 //! header, read the banner (`120` lines may come before the `220`), send
-//! `QUIT` and read its reply, all within `timeout`. A server that accepts
+//! `QUIT` and read its reply, all within `timeout` (the first part is
+//! [`super::connect::greet`], as for a session). A server that accepts
 //! connections and never greets is down after at most
 //! [`HealthPolicy::down_within`].
 //!
 //! Not here: the shared per-server state and its metrics and logs
 //! ([`super::Pool`]), connecting sessions (the session).
 
-use std::io;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::codec::FramedRead;
 
+use super::connect::{GreetError, Greeted, greet};
 use super::proxy_protocol::ServerProxyProtocol;
 use crate::config::{Upstream, defaults};
-use crate::protocol::{ReplyCodec, ReplyError};
+use crate::protocol::ReplyCodec;
 
 /// When and how servers are checked (`[health]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -249,115 +247,45 @@ impl Health {
     }
 }
 
-/// Why a check failed.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckError {
-    /// The name did not resolve.
-    #[error("cannot resolve {authority}: {source}")]
-    Resolve {
-        /// What was resolved.
-        authority: String,
-        /// The resolver's error.
-        source: io::Error,
-    },
-    /// The name resolved to nothing.
-    #[error("{0} resolved to no address")]
-    NoAddress(String),
-    /// Connecting failed (the last address tried).
-    #[error("connect to {addr}: {source}")]
-    Connect {
-        /// The address.
-        addr: SocketAddr,
-        /// The kernel's error.
-        source: io::Error,
-    },
-    /// Writing the PROXY header failed.
-    #[error("sending the PROXY header: {0}")]
-    Send(#[source] io::Error),
-    /// No banner in time (connected or not).
-    #[error("no banner within {0:?}")]
-    Timeout(Duration),
-    /// The server closed before its banner.
-    #[error("closed before its banner")]
-    Closed,
-    /// The server greeted with something else than 220 (421: it refuses
-    /// sessions).
-    #[error("answered {0} instead of 220")]
-    Refused(u16),
-    /// The banner was not a valid reply.
-    #[error("invalid banner: {0}")]
-    Protocol(#[source] ReplyError),
-}
-
 /// Bounds on the banner a check reads: servers put notices in it, but
 /// nothing like a directory listing.
 const CHECK_MAX_LINE: usize = 4096;
 const CHECK_MAX_LINES: usize = 200;
+const CHECK_BUFFER: usize = 512;
 
-/// One active check of `address`: connect, send `proxy`'s LOCAL header if
-/// any, wait for the `220` (after any `120`), then `QUIT`. Passes once the
-/// `220` is read; the `QUIT` exchange gets the rest of `timeout` and its
-/// outcome does not matter (servers may close without `221`).
+/// One active check of `address`: [`greet`] (with `proxy`'s LOCAL header
+/// if any), then `QUIT`. Passes once the `220` is read; the `QUIT` exchange
+/// gets the rest of `timeout` and its outcome does not matter (servers may
+/// close without `221`).
 ///
 /// # Errors
-/// [`CheckError`] saying why the server did not greet in time.
+/// [`GreetError`] saying why the server did not greet in time.
 pub async fn check(
     address: &Upstream,
     timeout: Duration,
     proxy: ServerProxyProtocol,
-) -> Result<(), CheckError> {
+) -> Result<(), GreetError> {
     let deadline = Instant::now() + timeout;
-    let greeted = tokio::time::timeout_at(deadline, async {
-        let mut stream = connect(address).await?;
-        if let Some(header) = proxy.local_header() {
-            stream.write_all(&header).await.map_err(CheckError::Send)?;
-        }
-        let (read, write) = stream.into_split();
-        let mut replies = FramedRead::new(read, ReplyCodec::new(CHECK_MAX_LINE, CHECK_MAX_LINES));
-        loop {
-            match replies.next().await {
-                None => return Err(CheckError::Closed),
-                Some(Err(e)) => return Err(CheckError::Protocol(e)),
-                Some(Ok(reply)) if reply.code == 120 => continue,
-                Some(Ok(reply)) if reply.code == 220 => return Ok((replies, write)),
-                Some(Ok(reply)) => return Err(CheckError::Refused(reply.code)),
-            }
-        }
-    })
-    .await;
-    let (mut replies, mut write) = match greeted {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(e)) => return Err(e),
-        Err(_) => return Err(CheckError::Timeout(timeout)),
-    };
+    let header = proxy.local_header();
+    let Greeted {
+        mut replies,
+        mut writer,
+        ..
+    } = greet(
+        address,
+        header.as_deref(),
+        timeout,
+        ReplyCodec::new(CHECK_MAX_LINE, CHECK_MAX_LINES),
+        CHECK_BUFFER,
+    )
+    .await?;
     let _ = tokio::time::timeout_at(deadline, async {
-        if write.write_all(b"QUIT\r\n").await.is_ok() {
+        if writer.write_all(b"QUIT\r\n").await.is_ok() {
             let _ = replies.next().await;
         }
     })
     .await;
     Ok(())
-}
-
-async fn connect(address: &Upstream) -> Result<TcpStream, CheckError> {
-    let authority = address.authority();
-    let addrs = tokio::net::lookup_host(&authority)
-        .await
-        .map_err(|source| CheckError::Resolve {
-            authority: authority.clone(),
-            source,
-        })?;
-    let mut last = CheckError::NoAddress(authority.clone());
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(stream) => {
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
-            Err(source) => last = CheckError::Connect { addr, source },
-        }
-    }
-    Err(last)
 }
 
 /// `base` moved by up to ±5 %.

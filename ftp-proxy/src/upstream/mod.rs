@@ -10,6 +10,8 @@
 //!   with an exclude set for failover;
 //! - [`health`]: the rise/fall state machine (pure) and the active FTP-level
 //!   checker, one task per server;
+//! - [`connect`]: one attempt at a server: connect, PROXY header, greeting
+//!   (`120`s, `220`) within a deadline; for checks and sessions alike;
 //! - [`routes`]: pure user → servers matching (`[[routes]]`, `user@server`,
 //!   `unknown-users`);
 //! - [`proxy_protocol`]: reading a PROXY v1/v2 header at the start of a
@@ -18,11 +20,12 @@
 //!   state (up, sessions, connect failures), `pick`, passive failures, the
 //!   checkers' lifetime.
 //!
-//! Not here: connecting to a server, relaying its banner, failing over in a
-//! session, or reading `USER` (the session does that, using [`Pool::pick`]
-//! and [`routes::Routes::route`]); the metrics' names (`crate::metrics`).
+//! Not here: relaying the banner, failing over in a session, or reading
+//! `USER` (the session does that, with `Pool::pick`, [`connect::greet`] and
+//! [`routes::Routes::route`]); the metrics' names (`crate::metrics`).
 
 pub mod balance;
+pub mod connect;
 pub mod health;
 // Until the session picks its server from the pool (the next step of
 // issue 13), the handle, pick and passive failures have no caller outside

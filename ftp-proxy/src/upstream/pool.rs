@@ -305,6 +305,19 @@ impl Pool {
                 metrics.forget_server(&gone.name);
             }
         }
+        let fresh: Vec<&str> = servers
+            .iter()
+            .filter(|s| !old.iter().any(|o| Arc::ptr_eq(o, s)))
+            .map(|s| s.name.as_str())
+            .collect();
+        let left: Vec<&str> = old
+            .iter()
+            .filter(|o| !servers.iter().any(|s| Arc::ptr_eq(o, s)))
+            .map(|o| o.name.as_str())
+            .collect();
+        if !fresh.is_empty() || !left.is_empty() {
+            info!(new = ?fresh, gone = ?left, "server pool changed");
+        }
         let same_list =
             old.len() == servers.len() && old.iter().zip(&servers).all(|(a, b)| Arc::ptr_eq(a, b));
         if !same_list || members.balancer.policy() != spec.balance() {
