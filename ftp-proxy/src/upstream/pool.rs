@@ -659,13 +659,22 @@ mod tests {
     /// An FTP server stand-in: greets (or not) every connection, answers
     /// QUIT; how many connections it saw.
     async fn server(greet: bool) -> (u16, Arc<AtomicU64>) {
+        let (port, seen, _) = switchable(greet).await;
+        (port, seen)
+    }
+
+    /// The same, with a switch to stop (or start) greeting.
+    async fn switchable(greet: bool) -> (u16, Arc<AtomicU64>, Arc<AtomicBool>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(AtomicU64::new(0));
+        let greeting = Arc::new(AtomicBool::new(greet));
         let counter = Arc::clone(&seen);
+        let switch = Arc::clone(&greeting);
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::Relaxed);
+                let greet = switch.load(Ordering::Relaxed);
                 tokio::spawn(async move {
                     if greet {
                         let _ = stream.write_all(b"120 soon\r\n220 ready\r\n").await;
@@ -683,7 +692,7 @@ mod tests {
                 });
             }
         });
-        (port, seen)
+        (port, seen, greeting)
     }
 
     async fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
@@ -736,6 +745,36 @@ mod tests {
         assert!(
             started.elapsed() >= Duration::from_millis(900),
             "a waited for the timeout"
+        );
+        pool.stop().await;
+    }
+
+    /// A confirmed server that stops greeting (it still accepts) is down
+    /// within `down_within`: `fall` checks that each time out.
+    #[tokio::test]
+    async fn a_server_that_stops_greeting_goes_down_within_the_bound() {
+        let (port, seen, greeting) = switchable(true).await;
+        let (pool, _) = pool(&[("a", port)], Balance::LeastConnections);
+        pool.start_checks();
+        wait_for("a passed check", Duration::from_secs(3), || {
+            seen.load(Ordering::Relaxed) >= 1
+        })
+        .await;
+        // Confirmed: one failure is not enough (fall = 2).
+        let h = pool.pick(ip("192.0.2.1"), &[]).unwrap();
+        pool.passive_success(&h);
+        drop(h);
+        greeting.store(false, Ordering::Relaxed);
+        let stopped = Instant::now();
+        wait_for(
+            "down",
+            fast().down_within() + Duration::from_millis(500),
+            || !pool.any_up(),
+        )
+        .await;
+        assert!(
+            stopped.elapsed() >= fast().timeout(),
+            "down only after a check timed out"
         );
         pool.stop().await;
     }
