@@ -18,6 +18,13 @@ pub use crate::protocol::policy::ServerPassivePolicy;
 pub use crate::relay::RelayMode;
 pub use crate::tls::{ClientDataTls, ClientTlsMode, ServerDataTls, ServerTlsMode, TlsReuse};
 use crate::tls::{ClientTls, ServerTls, ServerTrust};
+pub use crate::upstream::Balance;
+use crate::upstream::health::HealthPolicy;
+pub use crate::upstream::proxy_protocol::ServerProxyProtocol;
+use crate::upstream::proxy_protocol::{Cidr, TrustedProxies};
+pub use crate::upstream::routes::UnknownUsers;
+use crate::upstream::routes::{Route, Routes, UserPattern};
+use crate::upstream::{PoolSpec, PoolSpecError, ServerName, ServerSpec, Weight};
 
 /// Exit code for bad configuration (sysexits.h `EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
@@ -62,6 +69,25 @@ pub mod defaults {
     pub const NAT_TRAVERSAL: bool = true;
     /// `--log-level` when neither it nor `FTP_PROXY_LOG` is set.
     pub const LOG_LEVEL: &str = "info";
+    /// `[[servers]] weight`.
+    pub const SERVER_WEIGHT: u32 = 1;
+    /// `[health] interval`: HAProxy checks every 2 s by default; an FTP
+    /// check is a whole login banner, so less often.
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+    /// `[health] timeout`: connect to banner (and `QUIT`).
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+    /// `[health] rise`: HAProxy's default.
+    pub const HEALTH_RISE: u32 = 2;
+    /// `[health] fall`: HAProxy's default.
+    pub const HEALTH_FALL: u32 = 3;
+    /// `--proxy-protocol-timeout`: the PROXY specification asks for at
+    /// least 3 s, to cover a TCP retransmission; ProFTPD's
+    /// mod_proxy_protocol uses 3 s too.
+    pub const PROXY_PROTOCOL_TIMEOUT: Duration = Duration::from_secs(3);
+    /// `--allow-user-at-server`.
+    pub const ALLOW_USER_AT_SERVER: bool = false;
+    /// The server's name when `--upstream` is given (a pool of one).
+    pub const UPSTREAM_NAME: &str = "upstream";
 }
 
 /// Implements clap's `ValueEnum` and serde's `Deserialize` for an enum of
@@ -131,6 +157,24 @@ setting_enum!(ServerDataTls {
     Client => "client": "protect server data connections as the client's PROT says",
     Required => "required": "always protect server data connections",
     Clear => "clear": "never protect server data connections",
+});
+
+setting_enum!(Balance {
+    LeastConnections => "least-connections": "fewest sessions per weight; round-robin among equals",
+    RoundRobin => "round-robin": "smooth weighted round-robin",
+    Random => "random": "weighted random",
+    StickyClient => "sticky-client": "a client address stays on the server it has sessions on; else rendezvous hashing of the address",
+});
+
+setting_enum!(UnknownUsers {
+    Reject => "reject": "answer 530 and contact no server",
+    Pool => "pool": "send them to any server of the pool",
+});
+
+setting_enum!(ServerProxyProtocol {
+    Off => "off": "no header",
+    V1 => "v1": "PROXY protocol v1 (text)",
+    V2 => "v2": "PROXY protocol v2 (binary)",
 });
 
 setting_enum!(ServerPassivePolicy {
@@ -216,9 +260,48 @@ pub struct Settings {
     #[serde(default)]
     pub listen: Vec<String>,
 
-    /// The FTP server to relay to; the name is resolved when each session starts [default port: 21].
+    /// The FTP server to relay to, for a single server (a pool of several is [[servers]] in the file); the name is resolved when each session starts [default port: 21].
     #[arg(long, value_name = "HOST:PORT")]
     pub upstream: Option<String>,
+
+    /// How new sessions are spread over the [[servers]] of the file [default: least-connections].
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub balance: Option<Balance>,
+
+    /// Users that no [[routes]] entry of the file matches: reject (530, no server contacted) or pool (any server) [default: reject].
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub unknown_users: Option<UnknownUsers>,
+
+    /// Let a client choose a configured server with USER name@server (split at the last @; an unknown server name leaves the whole string as the user name) [default: false].
+    #[arg(long, value_name = "BOOL")]
+    pub allow_user_at_server: Option<bool>,
+
+    /// Network (CIDR, or one address) of load balancers whose control connections must start with a PROXY protocol v1 or v2 header (repeatable); other peers are plain clients [default: none].
+    #[arg(long = "proxy-protocol-from", value_name = "CIDR")]
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<String>,
+
+    /// Seconds a peer of --proxy-protocol-from has to send its PROXY header [default: 3].
+    #[arg(long, value_name = "SECS")]
+    pub proxy_protocol_timeout: Option<u64>,
+
+    /// Start each control connection to a server with a PROXY protocol header carrying the client's address: off, v1, v2 [default: off].
+    #[arg(long, value_enum, value_name = "VERSION")]
+    pub server_proxy_protocol: Option<ServerProxyProtocol>,
+
+    /// `[[servers]]`: the pool (file only).
+    #[arg(skip)]
+    #[serde(default)]
+    pub servers: Vec<ServerSettings>,
+
+    /// `[health]`: active checks of the servers (file only).
+    #[arg(skip)]
+    pub health: Option<HealthSettings>,
+
+    /// `[[routes]]`: per-user routing (file only).
+    #[arg(skip)]
+    #[serde(default)]
+    pub routes: Vec<RouteSettings>,
 
     /// Ports for the gateway's passive listeners (clients' PASV/EPSV) [default: any ephemeral port].
     #[arg(long, value_name = "LOW-HIGH")]
@@ -363,6 +446,42 @@ pub struct Settings {
     pub log_level: Option<String>,
 }
 
+/// One `[[servers]]` entry as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServerSettings {
+    /// `[a-z0-9_-]{1,32}`, unique: the metric label and the `user@name` name.
+    pub name: String,
+    /// `HOST:PORT`, as `--upstream`.
+    pub address: String,
+    /// 1 to 1000.
+    pub weight: Option<u32>,
+}
+
+/// `[health]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HealthSettings {
+    /// Seconds between checks.
+    pub interval: Option<u64>,
+    /// Seconds a check may take.
+    pub timeout: Option<u64>,
+    /// Passed checks that bring a down server back.
+    pub rise: Option<u32>,
+    /// Failed checks that take an up server down.
+    pub fall: Option<u32>,
+}
+
+/// One `[[routes]]` entry as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RouteSettings {
+    /// User names, or prefixes ending in `*`.
+    pub users: Vec<String>,
+    /// Names of `[[servers]]`.
+    pub servers: Vec<String>,
+}
+
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -465,7 +584,11 @@ pub struct Upstream {
 
 impl Upstream {
     fn parse(text: &str) -> Result<Upstream, ConfigError> {
-        let bad = |reason: &str| invalid("upstream", text, reason);
+        Upstream::parse_as("upstream", text)
+    }
+
+    fn parse_as(key: &'static str, text: &str) -> Result<Upstream, ConfigError> {
+        let bad = |reason: &str| invalid(key, text, reason);
         let (host, port) = if let Some(rest) = text.strip_prefix('[') {
             let (host, rest) = rest
                 .split_once(']')
@@ -559,8 +682,20 @@ pub struct LogConfig {
 pub struct Config {
     /// Client-facing listen addresses (at least one).
     pub listen: Vec<SocketAddr>,
-    /// The server.
+    /// The first server of the pool (the only one with `upstream`).
+    /// Transitional: the session still connects to this one server until it
+    /// picks from [`crate::upstream::Pool`]; then this field goes.
     pub upstream: Upstream,
+    /// The servers (at least one), the balancing and the health checks.
+    pub pool: PoolSpec,
+    /// Per-user routing (`[[routes]]`, `unknown-users`,
+    /// `allow-user-at-server`).
+    pub routes: Routes,
+    /// Load balancers whose connections start with a PROXY header (empty:
+    /// none), and the deadline for it.
+    pub proxy_from: TrustedProxies,
+    /// The PROXY header the gateway sends to servers.
+    pub server_proxy_protocol: ServerProxyProtocol,
     /// Passive listener ports (None: ephemeral).
     pub passive_ports: Option<PortRange>,
     /// Address advertised in 227/229 (None: the control connection's local address).
@@ -747,6 +882,114 @@ fn positive(key: &'static str, value: Option<usize>, default: usize) -> Result<u
     }
 }
 
+/// The pool: `upstream` (a pool of one named "upstream") or `[[servers]]`,
+/// exactly one of them.
+fn pool(
+    upstream: Option<&str>,
+    servers: &[ServerSettings],
+    balance: Option<Balance>,
+    health: Option<HealthSettings>,
+) -> Result<PoolSpec, ConfigError> {
+    let servers = match (upstream, servers) {
+        (Some(u), [_, ..]) => {
+            return Err(invalid(
+                "upstream",
+                u,
+                "give either upstream (one server) or [[servers]] (a pool), not both",
+            ));
+        }
+        (None, []) => return Err(ConfigError::Missing("upstream (or [[servers]])")),
+        (Some(u), []) => vec![ServerSpec {
+            name: ServerName::new(defaults::UPSTREAM_NAME)
+                .map_err(|e| invalid("upstream", u, e))?,
+            address: Upstream::parse(u)?,
+            weight: Weight::default(),
+        }],
+        (None, servers) => servers
+            .iter()
+            .map(|s| {
+                Ok(ServerSpec {
+                    name: ServerName::new(&s.name)
+                        .map_err(|e| invalid("servers.name", &s.name, e))?,
+                    address: Upstream::parse_as("servers.address", &s.address)?,
+                    weight: match s.weight {
+                        None => Weight::default(),
+                        Some(w) => Weight::new(w).ok_or_else(|| {
+                            invalid("servers.weight", w, "must be from 1 to 1000")
+                        })?,
+                    },
+                })
+            })
+            .collect::<Result<_, ConfigError>>()?,
+    };
+    // Checks by default for a pool; for a single upstream only when asked
+    // for: with one server they steer no session anywhere, and would only
+    // take /readyz (and a login banner every interval) from the server.
+    let checked = health.is_some() || upstream.is_none();
+    let h = health.unwrap_or_default();
+    let policy = HealthPolicy::new(
+        Duration::from_secs(h.interval.unwrap_or(defaults::HEALTH_INTERVAL.as_secs())),
+        Duration::from_secs(h.timeout.unwrap_or(defaults::HEALTH_TIMEOUT.as_secs())),
+        h.rise.unwrap_or(defaults::HEALTH_RISE),
+        h.fall.unwrap_or(defaults::HEALTH_FALL),
+    )
+    .map_err(|e| {
+        let value = match e.key() {
+            "health.interval" => h.interval.map(|v| v.to_string()),
+            "health.timeout" => h.timeout.map(|v| v.to_string()),
+            "health.rise" => h.rise.map(|v| v.to_string()),
+            _ => h.fall.map(|v| v.to_string()),
+        };
+        invalid(e.key(), value.unwrap_or_else(|| "(default)".to_owned()), e)
+    })?;
+    let policy = checked.then_some(policy);
+    PoolSpec::new(servers, balance.unwrap_or_default(), policy).map_err(|e| match e {
+        PoolSpecError::Empty => ConfigError::Missing("upstream (or [[servers]])"),
+        PoolSpecError::Duplicate(name) => {
+            invalid("servers.name", name, "two servers have this name")
+        }
+    })
+}
+
+/// `[[routes]]`: every pattern valid, every server named in the pool.
+fn routes(
+    routes: &[RouteSettings],
+    pool: &PoolSpec,
+    unknown_users: UnknownUsers,
+    allow_user_at_server: bool,
+) -> Result<Routes, ConfigError> {
+    let routes = routes
+        .iter()
+        .map(|r| {
+            let users = r
+                .users
+                .iter()
+                .map(|u| UserPattern::new(u).map_err(|e| invalid("routes.users", u, e)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let servers = r
+                .servers
+                .iter()
+                .map(|name| {
+                    pool.get(name).map(|s| s.name.clone()).ok_or_else(|| {
+                        invalid(
+                            "routes.servers",
+                            name,
+                            "no server of that name in [[servers]]",
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Route::new(users, servers).map_err(|e| match e {
+                crate::upstream::routes::RouteError::NoUsers => invalid("routes.users", "[]", e),
+                crate::upstream::routes::RouteError::NoServers => {
+                    invalid("routes.servers", "[]", e)
+                }
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Routes::new(routes, unknown_users, allow_user_at_server))
+}
+
 impl Settings {
     /// Reads a TOML file of settings.
     ///
@@ -770,6 +1013,9 @@ impl Settings {
                 listen: if self.listen.is_empty() { lower.listen } else { self.listen },
                 listen_implicit: if self.listen_implicit.is_empty() { lower.listen_implicit } else { self.listen_implicit },
                 interface: if self.interface.is_empty() { lower.interface } else { self.interface },
+                proxy_protocol_from: if self.proxy_protocol_from.is_empty() { lower.proxy_protocol_from } else { self.proxy_protocol_from },
+                servers: if self.servers.is_empty() { lower.servers } else { self.servers },
+                routes: if self.routes.is_empty() { lower.routes } else { self.routes },
                 $($field: self.$field.or(lower.$field)),*
             } };
         }
@@ -807,7 +1053,13 @@ impl Settings {
             server_tls_insecure,
             server_data_tls,
             log_format,
-            log_level
+            log_level,
+            balance,
+            unknown_users,
+            allow_user_at_server,
+            proxy_protocol_timeout,
+            server_proxy_protocol,
+            health
         )
     }
 
@@ -833,11 +1085,38 @@ impl Settings {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let upstream = Upstream::parse(
-            self.upstream
-                .as_deref()
-                .ok_or(ConfigError::Missing("upstream"))?,
+        let pool = pool(
+            self.upstream.as_deref(),
+            &self.servers,
+            self.balance,
+            self.health,
         )?;
+        let upstream = pool
+            .servers()
+            .first()
+            .map(|s| s.address.clone())
+            .ok_or(ConfigError::Missing("upstream"))?;
+        let routes = routes(
+            &self.routes,
+            &pool,
+            self.unknown_users.unwrap_or_default(),
+            self.allow_user_at_server
+                .unwrap_or(defaults::ALLOW_USER_AT_SERVER),
+        )?;
+        let proxy_from = TrustedProxies::new(
+            self.proxy_protocol_from
+                .iter()
+                .map(|c| {
+                    c.parse::<Cidr>()
+                        .map_err(|e| invalid("proxy-protocol-from", c, e))
+                })
+                .collect::<Result<_, _>>()?,
+            secs(
+                "proxy-protocol-timeout",
+                self.proxy_protocol_timeout,
+                defaults::PROXY_PROTOCOL_TIMEOUT,
+            )?,
+        );
         let passive_ports = self
             .passive_ports
             .as_deref()
@@ -996,6 +1275,10 @@ impl Settings {
         Ok(Config {
             listen,
             upstream,
+            pool,
+            routes,
+            proxy_from,
+            server_proxy_protocol: self.server_proxy_protocol.unwrap_or_default(),
             passive_ports,
             passive_address,
             active_ports,
@@ -1155,6 +1438,14 @@ mod tests {
             quoted("server-data-tls", name::<ServerDataTls>()),
             quoted("log-format", name::<LogFormat>()),
             quoted("log-level", defaults::LOG_LEVEL.to_owned()),
+            quoted("balance", name::<Balance>()),
+            quoted("unknown-users", name::<UnknownUsers>()),
+            plain(
+                "allow-user-at-server",
+                defaults::ALLOW_USER_AT_SERVER.to_string(),
+            ),
+            secs("proxy-protocol-timeout", defaults::PROXY_PROTOCOL_TIMEOUT),
+            quoted("server-proxy-protocol", name::<ServerProxyProtocol>()),
         ]
     }
 
@@ -1174,6 +1465,7 @@ mod tests {
         "listen-implicit",
         "server-ca",
         "server-name",
+        "proxy-protocol-from",
     ];
 
     fn example() -> String {
@@ -1306,6 +1598,199 @@ mod tests {
             let err = parse(args).unwrap_err().to_string();
             assert!(err.contains(key), "{args:?}: {err}");
         }
+    }
+
+    fn from_file(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str::<Settings>(text).unwrap().validate()
+    }
+
+    const POOL: &str = r#"
+balance = "sticky-client"
+unknown-users = "pool"
+allow-user-at-server = true
+proxy-protocol-from = ["10.77.1.1/32", "2001:db8::/32"]
+server-proxy-protocol = "v2"
+
+[[servers]]
+name = "a"
+address = "10.0.0.11:21"
+
+[[servers]]
+name = "b"
+address = "[2001:db8::12]:2121"
+weight = 3
+
+[health]
+interval = 10
+rise = 1
+
+[[routes]]
+users = ["alice", "bob*"]
+servers = ["a"]
+
+[[routes]]
+users = ["*"]
+servers = ["b", "a"]
+"#;
+
+    #[test]
+    fn a_pool_with_routes_and_proxy_protocol() {
+        use crate::upstream::routes::Target;
+        let c = from_file(POOL).unwrap();
+        let servers = c.pool.servers();
+        assert_eq!(servers.len(), 2);
+        assert_eq!(
+            (servers[0].name.as_str(), servers[0].weight.get()),
+            ("a", 1)
+        );
+        assert_eq!(
+            (
+                &*servers[1].address.host,
+                servers[1].address.port,
+                servers[1].weight.get()
+            ),
+            ("2001:db8::12", 2121, 3)
+        );
+        assert_eq!(c.upstream, servers[0].address, "the first server, for now");
+        assert_eq!(c.pool.balance(), Balance::StickyClient);
+        let h = c.pool.health().unwrap();
+        assert_eq!(
+            (h.interval(), h.timeout(), h.rise(), h.fall()),
+            (
+                Duration::from_secs(10),
+                defaults::HEALTH_TIMEOUT,
+                1,
+                defaults::HEALTH_FALL
+            )
+        );
+        assert_eq!(c.server_proxy_protocol, ServerProxyProtocol::V2);
+        assert!(c.proxy_from.trusts("10.77.1.1".parse().unwrap()));
+        assert!(c.proxy_from.trusts("::ffff:10.77.1.1".parse().unwrap()));
+        assert!(!c.proxy_from.trusts("10.77.1.2".parse().unwrap()));
+        assert_eq!(c.proxy_from.timeout(), defaults::PROXY_PROTOCOL_TIMEOUT);
+        let bob = c.routes.route("bobby@b", &c.pool);
+        assert_eq!(bob, Err(crate::upstream::routes::Refused::ServerNotAllowed));
+        let carol = c.routes.route("carol", &c.pool).unwrap();
+        assert_eq!(
+            carol.target,
+            Target::Servers(vec![servers[1].name.clone(), servers[0].name.clone()])
+        );
+        // Flags win over the file.
+        let merged = Settings {
+            balance: Some(Balance::Random),
+            server_proxy_protocol: Some(ServerProxyProtocol::Off),
+            ..Settings::default()
+        }
+        .over(toml::from_str(POOL).unwrap())
+        .validate()
+        .unwrap();
+        assert_eq!(merged.pool.balance(), Balance::Random);
+        assert_eq!(merged.server_proxy_protocol, ServerProxyProtocol::Off);
+        assert_eq!(merged.routes, c.routes);
+    }
+
+    #[test]
+    fn upstream_is_a_pool_of_one() {
+        let c = parse(&["--upstream", "h:2121"]).unwrap();
+        let servers = c.pool.servers();
+        assert_eq!(servers.len(), 1);
+        assert_eq!(servers[0].name.as_str(), "upstream");
+        assert_eq!(servers[0].address, c.upstream);
+        assert_eq!(c.pool.balance(), Balance::LeastConnections);
+        assert_eq!(
+            c.pool.health(),
+            None,
+            "one server: not checked unless asked"
+        );
+        let checked = from_file("upstream = \"h\"\n[health]\nfall = 5\n").unwrap();
+        assert_eq!(checked.pool.health().map(|h| h.fall()), Some(5));
+        assert_eq!(c.routes, Routes::default());
+        assert!(c.proxy_from.networks().is_empty());
+        assert_eq!(c.server_proxy_protocol, ServerProxyProtocol::Off);
+        let c = parse(&[
+            "--upstream",
+            "h",
+            "--proxy-protocol-from",
+            "10.0.0.0/8",
+            "--proxy-protocol-from",
+            "192.0.2.7",
+            "--proxy-protocol-timeout",
+            "5",
+            "--balance",
+            "round-robin",
+        ])
+        .unwrap();
+        assert_eq!(c.proxy_from.networks().len(), 2);
+        assert_eq!(c.proxy_from.timeout(), Duration::from_secs(5));
+        assert_eq!(c.pool.balance(), Balance::RoundRobin);
+    }
+
+    /// Every mistake in a pool names its key (issue 13: exit 64 with the
+    /// key).
+    #[test]
+    fn pool_mistakes_name_their_key() {
+        let server = |name: &str| format!("[[servers]]\nname = \"{name}\"\naddress = \"h:21\"\n");
+        let two = format!("{}{}", server("a"), server("b"));
+        let cases: Vec<(String, &str)> = vec![
+            (format!("upstream = \"h\"\n{}", server("a")), "upstream"),
+            (String::new(), "missing upstream"),
+            (format!("{}{}", server("a"), server("a")), "servers.name"),
+            (server("A"), "servers.name"),
+            (server(&"x".repeat(33)), "servers.name"),
+            (server(""), "servers.name"),
+            (
+                "[[servers]]\nname = \"a\"\naddress = \"h:0\"\n".into(),
+                "servers.address",
+            ),
+            (format!("{}weight = 0\n", server("a")), "servers.weight"),
+            (format!("{}weight = 1001\n", server("a")), "servers.weight"),
+            (
+                format!("{two}[[routes]]\nusers = [\"x\"]\nservers = [\"c\"]\n"),
+                "routes.servers",
+            ),
+            (
+                format!("{two}[[routes]]\nusers = [\"x\"]\nservers = []\n"),
+                "routes.servers",
+            ),
+            (
+                format!("{two}[[routes]]\nusers = []\nservers = [\"a\"]\n"),
+                "routes.users",
+            ),
+            (
+                format!("{two}[[routes]]\nusers = [\"a*b\"]\nservers = [\"a\"]\n"),
+                "routes.users",
+            ),
+            (format!("{two}[health]\ninterval = 0\n"), "health.interval"),
+            (format!("{two}[health]\ntimeout = 9\n"), "health.timeout"),
+            (format!("{two}[health]\nrise = 0\n"), "health.rise"),
+            (format!("{two}[health]\nfall = 1000\n"), "health.fall"),
+            (
+                format!("proxy-protocol-from = [\"10.0.0.1/8\"]\n{two}"),
+                "proxy-protocol-from",
+            ),
+            (
+                format!("proxy-protocol-from = [\"nope\"]\n{two}"),
+                "proxy-protocol-from",
+            ),
+            (
+                format!("proxy-protocol-timeout = 0\n{two}"),
+                "proxy-protocol-timeout",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = from_file(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}\n=> {err}");
+        }
+        // Unknown keys inside the tables are refused too.
+        for text in [
+            format!("{}color = \"red\"\n", server("a")),
+            format!("{two}[health]\nintervall = 3\n"),
+            format!("{two}[[routes]]\nuser = [\"x\"]\nservers = [\"a\"]\n"),
+        ] {
+            assert!(toml::from_str::<Settings>(&text).is_err(), "{text}");
+        }
+        assert!(Cli::try_parse_from(["ftp-proxy", "--server-proxy-protocol", "v3"]).is_err());
+        assert!(toml::from_str::<Settings>("balance = \"fastest\"").is_err());
     }
 
     #[test]

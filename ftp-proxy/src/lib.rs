@@ -27,6 +27,9 @@
 //!   (`/flows`, the `tcp_*` metrics, which ports are watched).
 //! - `metrics`: the Prometheus registry and the HTTP endpoint (`/metrics`,
 //!   `/healthz`, `/readyz`, `/flows`).
+//! - [`upstream`]: the servers behind the gateway: the pool (balancing,
+//!   health checks, passive failures), per-user routes, the PROXY protocol
+//!   toward load balancers and servers.
 //!
 //! [`run`] wires them together; the binary adds the command line, logging
 //! and signals.
@@ -46,6 +49,7 @@ pub mod protocol;
 pub(crate) mod relay;
 pub mod session;
 pub mod tls;
+pub mod upstream;
 
 use std::io;
 use std::net::SocketAddr;
@@ -152,11 +156,11 @@ impl Listeners {
     }
 }
 
-/// Ports watched for the whole run: control listeners, the upstream port,
+/// Ports watched for the whole run: control listeners, the servers' ports,
 /// port 20, and the configured data port ranges.
 fn fixed_ports(config: &Config, listening: &[SocketAddr]) -> Vec<u16> {
     let mut ports: Vec<u16> = listening.iter().map(|a| a.port()).collect();
-    ports.push(config.upstream.port);
+    ports.extend(config.pool.servers().iter().map(|s| s.address.port));
     ports.push(20);
     for range in [config.passive_ports, config.active_ports]
         .into_iter()
@@ -215,6 +219,16 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new()?);
     let readiness = Arc::new(Readiness::default());
     readiness.set_tracker(config.ebpf == EbpfMode::Required, tracker.is_some());
+    let pool = upstream::Pool::new(
+        &config.pool,
+        config.server_proxy_protocol,
+        Arc::clone(&metrics),
+    );
+    pool.start_checks();
+    readiness.set_servers({
+        let pool = pool.clone();
+        move || pool.any_up()
+    });
     let flows = Arc::new(FlowView::new(
         tracker,
         fixed_ports(&config, &control_addrs),
@@ -240,6 +254,11 @@ pub async fn run(
         tokio::spawn(http::serve(listener, state, background.clone()))
     });
     let refresh = tokio::spawn(Arc::clone(&flows).run(background.clone()));
+    let pool_reloads = tokio::spawn(follow_reloads(
+        pool.clone(),
+        reloads.clone(),
+        background.clone(),
+    ));
     let observer: Arc<dyn session::ConnectionObserver> = flows.clone();
     let gateway = gateway::Gateway::new(
         Arc::new(config),
@@ -254,7 +273,30 @@ pub async fn run(
         let _ = task.await;
     }
     let _ = refresh.await;
+    let _ = pool_reloads.await;
+    pool.stop().await;
     // The last owner of the tracker: dropping it detaches the programs.
     drop(flows);
     Ok(())
+}
+
+/// Hands each reloaded configuration's servers to the pool, which keeps
+/// the state of the servers that did not change.
+async fn follow_reloads(
+    pool: upstream::Pool,
+    mut reloads: watch::Receiver<Arc<Config>>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = reloads.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let config = Arc::clone(&reloads.borrow_and_update());
+                pool.reconfigure(&config.pool, config.server_proxy_protocol);
+            }
+        }
+    }
 }

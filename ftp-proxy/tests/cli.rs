@@ -72,6 +72,32 @@ fn bad_configuration_exits_64_before_binding() {
     }
 }
 
+/// Issue 13: a route naming a server that is not in the pool, and two
+/// servers with one name, exit 64 naming the key, before anything is bound.
+#[test]
+fn pool_mistakes_exit_64_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool.toml");
+    let servers = "[[servers]]\nname = \"a\"\naddress = \"h:21\"\n";
+    for (text, needle) in [
+        (
+            format!("{servers}[[routes]]\nusers = [\"alice\"]\nservers = [\"b\"]\n"),
+            "routes.servers",
+        ),
+        (format!("{servers}{servers}"), "servers.name"),
+        (
+            format!("proxy-protocol-from = [\"10.0.0.0/33\"]\n{servers}"),
+            "proxy-protocol-from",
+        ),
+    ] {
+        std::fs::write(&path, &text).unwrap();
+        let out = gateway(&["--config", path.to_str().unwrap(), "--check-config"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{text}: {stderr}");
+        assert!(stderr.contains(needle), "{text}: {stderr}");
+    }
+}
+
 #[test]
 fn check_config_validates_a_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -430,3 +430,52 @@ async fn shutdown_tells_idle_sessions() {
     assert_eq!(code(&reply), 421, "{reply}");
     stop.await.unwrap();
 }
+
+/// Issue 13: with a pool, /readyz follows the servers' health: ready while
+/// one is up, 503 once none is (while /healthz stays 200), and the
+/// per-server series say which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_servers_health() {
+    let server = FakeServer::start(Behavior::default()).await;
+    let dead = {
+        let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        unused.local_addr().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[servers]]\nname = \"a\"\naddress = \"{}\"\n\
+             [[servers]]\nname = \"b\"\naddress = \"{dead}\"\n\
+             [health]\ninterval = 1\ntimeout = 1\nrise = 1\nfall = 1\n",
+            server.addr
+        ),
+    )
+    .unwrap();
+    let gateway = InProcess::start_with(&["--config", path.to_str().unwrap()]);
+    gateway
+        .wait_metric("ftp_proxy_upstream_up{server=\"b\"}", 0.0)
+        .await;
+    assert_eq!(
+        gateway.metric("ftp_proxy_upstream_up{server=\"a\"}").await,
+        1.0
+    );
+    let (status, _) = gateway.http("/readyz").await;
+    assert!(status.contains("200"), "{status}");
+    // A session still reaches a server (the pool's first, for now).
+    let client = FtpClient::login(gateway.addr).await;
+    drop(client);
+    drop(server);
+    gateway
+        .wait_metric("ftp_proxy_upstream_up{server=\"a\"}", 0.0)
+        .await;
+    let (status, body) = gateway.http("/readyz").await;
+    assert!(
+        status.contains("503") && body.contains("no server is up"),
+        "{status} {body}"
+    );
+    let (status, _) = gateway.http("/healthz").await;
+    assert!(status.contains("200"), "{status}");
+    gateway.stop().await;
+}

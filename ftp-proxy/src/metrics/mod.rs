@@ -47,6 +47,8 @@ impl HandshakeOutcome {
         }
     }
 }
+use crate::upstream::ServerName;
+use crate::upstream::proxy_protocol::Rejection;
 
 /// The class of a reply sent to a client (`replies_total{class}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +119,51 @@ pub struct Metrics {
     tcp_events_total: IntCounterVec,
     tcp_handshake: HistogramVec,
     flowtrack_map_errors_total: IntCounterVec,
+    upstream_up: IntGaugeVec,
+    upstream_sessions: IntGaugeVec,
+    upstream_connect_failures_total: IntCounterVec,
+    upstream_check: HistogramVec,
+    proxy_protocol_rejected_total: IntCounterVec,
+    http_connections_shed_total: IntCounter,
+}
+
+/// One server's series (label `server`, a configured name), held by the
+/// pool's state for that server. Once the server leaves the configuration
+/// its series are removed from the registry; a handle still held by a
+/// running session then updates nothing that is exported.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerMetrics {
+    up: IntGauge,
+    sessions: IntGauge,
+    connect_failures: IntCounter,
+    check: Histogram,
+}
+
+impl ServerMetrics {
+    /// Whether health checks say the server is up.
+    pub(crate) fn set_up(&self, up: bool) {
+        self.up.set(i64::from(up));
+    }
+
+    /// A session was given this server (counted from the connect on).
+    pub(crate) fn session_started(&self) {
+        self.sessions.inc();
+    }
+
+    /// A session let go of this server.
+    pub(crate) fn session_ended(&self) {
+        self.sessions.dec();
+    }
+
+    /// A session could not connect to it, or got no banner.
+    pub(crate) fn connect_failed(&self) {
+        self.connect_failures.inc();
+    }
+
+    /// An active check ended (passed or not) after `took`.
+    pub(crate) fn checked(&self, took: Duration) {
+        self.check.observe(took.as_secs_f64());
+    }
 }
 
 /// Registering a metric failed: a programming error (duplicate name).
@@ -172,6 +219,36 @@ impl Metrics {
             &["leg"],
         )?;
         registry.register(Box::new(tcp_handshake.clone()))?;
+        let gauge_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, MetricsError> {
+                let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(g.clone()))?;
+                Ok(g)
+            };
+        let upstream_up = gauge_vec(
+            "upstream_up",
+            "1 while health checks say the server is up, by configured server name",
+            &["server"],
+        )?;
+        let upstream_sessions = gauge_vec(
+            "upstream_sessions",
+            "Sessions on the server now (being connected included), by server name",
+            &["server"],
+        )?;
+        let upstream_check = HistogramVec::new(
+            HistogramOpts::new(
+                "upstream_check_seconds",
+                "Duration of active health checks (connect to banner and QUIT), by server name",
+            )
+            .buckets(latency.clone()),
+            &["server"],
+        )?;
+        registry.register(Box::new(upstream_check.clone()))?;
+        let http_connections_shed_total = IntCounter::new(
+            "http_connections_shed_total",
+            "Connections to the HTTP endpoint closed to make room for new ones (the oldest idle first)",
+        )?;
+        registry.register(Box::new(http_connections_shed_total.clone()))?;
         let ebpf_status = IntGauge::new(
             "ebpf_status",
             "1 when the eBPF flow tracker is attached, 0 when not",
@@ -275,6 +352,20 @@ impl Metrics {
                 "Flow tracker map failures, by reason",
                 &["reason"],
             )?,
+            upstream_connect_failures_total: counter_vec(
+                "upstream_connect_failures_total",
+                "Sessions that could not connect to the server or got no banner, by server name",
+                &["server"],
+            )?,
+            proxy_protocol_rejected_total: counter_vec(
+                "proxy_protocol_rejected_total",
+                "Client connections closed for their PROXY protocol header, by reason",
+                &["reason"],
+            )?,
+            http_connections_shed_total,
+            upstream_up,
+            upstream_sessions,
+            upstream_check,
             tcp_flows,
             tcp_handshake,
             registry,
@@ -342,6 +433,10 @@ impl Metrics {
                 }
             }
         }
+        for reason in Rejection::ALL {
+            self.proxy_protocol_rejected_total
+                .with_label_values(&[reason.label()]);
+        }
         for class in ReplyClass::ALL {
             self.replies_total.with_label_values(&[class.label()]);
         }
@@ -369,6 +464,53 @@ impl Metrics {
                     .with_label_values(&[side.label(), kind.label()]);
             }
         }
+    }
+
+    /// The series of a configured server, created at zero (up at 1: servers
+    /// start up). The pool calls it for every server it is given, so the
+    /// label set is the configuration's names.
+    pub(crate) fn server(&self, name: &ServerName) -> ServerMetrics {
+        let label = [name.as_str()];
+        let metrics = ServerMetrics {
+            up: self.upstream_up.with_label_values(&label),
+            sessions: self.upstream_sessions.with_label_values(&label),
+            connect_failures: self
+                .upstream_connect_failures_total
+                .with_label_values(&label),
+            check: self.upstream_check.with_label_values(&label),
+        };
+        metrics.set_up(true);
+        metrics
+    }
+
+    /// Removes the series of a server that left the configuration.
+    pub(crate) fn forget_server(&self, name: &ServerName) {
+        let label = [name.as_str()];
+        let _ = self.upstream_up.remove_label_values(&label);
+        let _ = self.upstream_sessions.remove_label_values(&label);
+        let _ = self
+            .upstream_connect_failures_total
+            .remove_label_values(&label);
+        let _ = self.upstream_check.remove_label_values(&label);
+    }
+
+    /// The HTTP endpoint closed a connection to keep its bound.
+    pub(crate) fn http_connection_shed(&self) {
+        self.http_connections_shed_total.inc();
+    }
+
+    /// A client connection was closed for its PROXY header.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "sessions read PROXY headers in the next step of issue 13"
+        )
+    )]
+    pub(crate) fn proxy_protocol_rejected(&self, reason: Rejection) {
+        self.proxy_protocol_rejected_total
+            .with_label_values(&[reason.label()])
+            .inc();
     }
 
     /// The number of flows per leg and state, replacing the previous figures.
@@ -589,6 +731,47 @@ mod tests {
         assert!(
             text.contains("ftp_proxy_transfer_bytes_total{direction=\"download\"} 42"),
             "{text}"
+        );
+        for reason in Rejection::ALL {
+            let series = format!(
+                "ftp_proxy_proxy_protocol_rejected_total{{reason=\"{}\"}} 0",
+                reason.label()
+            );
+            assert!(text.contains(&series), "{series} missing");
+        }
+    }
+
+    #[test]
+    fn server_series_exist_from_the_start_and_leave_with_the_server() {
+        let m = Metrics::new().unwrap();
+        let a = ServerName::new("a").unwrap();
+        let server = m.server(&a);
+        let text = m.encode();
+        for series in [
+            "ftp_proxy_upstream_up{server=\"a\"} 1",
+            "ftp_proxy_upstream_sessions{server=\"a\"} 0",
+            "ftp_proxy_upstream_connect_failures_total{server=\"a\"} 0",
+            "ftp_proxy_upstream_check_seconds_count{server=\"a\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+        server.session_started();
+        server.connect_failed();
+        server.set_up(false);
+        server.checked(Duration::from_millis(3));
+        let text = m.encode();
+        assert!(text.contains("ftp_proxy_upstream_sessions{server=\"a\"} 1"));
+        assert!(text.contains("ftp_proxy_upstream_up{server=\"a\"} 0"));
+        m.forget_server(&a);
+        server.session_ended();
+        assert!(
+            !m.encode().contains("server=\"a\""),
+            "series removed and not revived"
+        );
+        m.proxy_protocol_rejected(Rejection::Timeout);
+        assert!(
+            m.encode()
+                .contains("ftp_proxy_proxy_protocol_rejected_total{reason=\"timeout\"} 1")
         );
     }
 }

@@ -34,6 +34,16 @@ impl InProcess {
     /// Starts the gateway in front of `upstream` with extra command-line
     /// arguments.
     pub fn start(upstream: SocketAddr, extra: &[&str]) -> InProcess {
+        let upstream = upstream.to_string();
+        let mut args = vec!["--upstream", upstream.as_str()];
+        args.extend_from_slice(extra);
+        InProcess::start_with(&args)
+    }
+
+    /// Starts the gateway with these arguments besides the listen and
+    /// metrics addresses (the servers among them: `--upstream`, or a
+    /// `--config` file with `[[servers]]`).
+    pub fn start_with(extra: &[&str]) -> InProcess {
         // FTPX_SHOW_LOGS=1 shows the gateway's logs (debug level).
         if std::env::var_os("FTPX_SHOW_LOGS").is_some() {
             let _ = tracing_subscriber::fmt()
@@ -41,13 +51,10 @@ impl InProcess {
                 .with_test_writer()
                 .try_init();
         }
-        let upstream = upstream.to_string();
         let mut args = vec![
             "ftp-proxy",
             "--listen",
             "127.0.0.1:0",
-            "--upstream",
-            &upstream,
             "--metrics",
             "127.0.0.1:0",
             "--ebpf",
