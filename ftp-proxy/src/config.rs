@@ -425,7 +425,7 @@ pub struct Settings {
     #[arg(long, value_name = "FILE")]
     pub server_ca: Option<PathBuf>,
 
-    /// The name the server's certificate must carry [default: the upstream host].
+    /// The name every server's certificate must carry [default: each server's host].
     #[arg(long, value_name = "NAME")]
     pub server_name: Option<String>,
 
@@ -682,10 +682,6 @@ pub struct LogConfig {
 pub struct Config {
     /// Client-facing listen addresses (at least one).
     pub listen: Vec<SocketAddr>,
-    /// The first server of the pool (the only one with `upstream`).
-    /// Transitional: the session still connects to this one server until it
-    /// picks from [`crate::upstream::Pool`]; then this field goes.
-    pub upstream: Upstream,
     /// The servers (at least one), the balancing and the health checks.
     pub pool: PoolSpec,
     /// Per-user routing (`[[routes]]`, `unknown-users`,
@@ -757,10 +753,18 @@ pub struct ServerTlsSettings {
     pub data: ServerDataTls,
     /// The client configuration (present when `mode` is not off).
     pub client: Option<ServerTls>,
-    /// The name the server's certificate must carry.
-    pub name: String,
+    /// The name every server's certificate must carry (`--server-name`);
+    /// `None`: each server's host ([`ServerTlsSettings::name_for`]).
+    pub name: Option<String>,
     /// Whether certificates are not verified (`--server-tls-insecure`).
     pub insecure: bool,
+}
+
+impl ServerTlsSettings {
+    /// The name the certificate of the server at `address` must carry.
+    pub fn name_for<'a>(&'a self, address: &'a Upstream) -> &'a str {
+        self.name.as_deref().unwrap_or(&address.host)
+    }
 }
 
 /// FTPS settings, validated: files read, the certificate and key checked
@@ -1091,11 +1095,6 @@ impl Settings {
             self.balance,
             self.health,
         )?;
-        let upstream = pool
-            .servers()
-            .first()
-            .map(|s| s.address.clone())
-            .ok_or(ConfigError::Missing("upstream"))?;
         let routes = routes(
             &self.routes,
             &pool,
@@ -1246,12 +1245,15 @@ impl Settings {
                 Some(ServerTls::new(trust).map_err(|e| invalid("server-tls", "", e))?)
             }
         };
-        let server_name = self
-            .server_name
-            .clone()
-            .unwrap_or_else(|| upstream.host.clone());
-        crate::tls::server_name(&server_name)
-            .map_err(|e| invalid("server-name", &server_name, e))?;
+        if let Some(name) = &self.server_name {
+            crate::tls::server_name(name).map_err(|e| invalid("server-name", name, e))?;
+        } else if server_mode != ServerTlsMode::Off {
+            for server in pool.servers() {
+                let host = &server.address.host;
+                crate::tls::server_name(host).map_err(|e| invalid("servers.address", host, e))?;
+            }
+        }
+        let server_name = self.server_name.clone();
         let tls = TlsSettings {
             client: ClientTlsSettings {
                 mode: client_tls,
@@ -1274,7 +1276,6 @@ impl Settings {
         };
         Ok(Config {
             listen,
-            upstream,
             pool,
             routes,
             proxy_from,
@@ -1365,7 +1366,7 @@ mod tests {
         let c = parse(&["--upstream", "ftp.example.net"]).unwrap();
         assert_eq!(c.listen, vec!["0.0.0.0:21".parse().unwrap()]);
         assert_eq!(
-            c.upstream,
+            c.pool.servers()[0].address,
             Upstream {
                 host: "ftp.example.net".into(),
                 port: 21
@@ -1651,7 +1652,6 @@ servers = ["b", "a"]
             ),
             ("2001:db8::12", 2121, 3)
         );
-        assert_eq!(c.upstream, servers[0].address, "the first server, for now");
         assert_eq!(c.pool.balance(), Balance::StickyClient);
         let h = c.pool.health().unwrap();
         assert_eq!(
@@ -1695,7 +1695,7 @@ servers = ["b", "a"]
         let servers = c.pool.servers();
         assert_eq!(servers.len(), 1);
         assert_eq!(servers[0].name.as_str(), "upstream");
-        assert_eq!(servers[0].address, c.upstream);
+        assert_eq!(servers[0].address.authority(), "h:2121");
         assert_eq!(c.pool.balance(), Balance::LeastConnections);
         assert_eq!(
             c.pool.health(),

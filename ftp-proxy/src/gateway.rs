@@ -1,8 +1,11 @@
 //! The gateway: accepts sessions on the client-facing listeners within the
 //! configured limits, and shuts down in order.
 //!
-//! Owns: the accept loops (with back-off on errors), the session limit
-//! (global and per client address), the open-file limit check, the
+//! Owns: the accept loops (with back-off on errors), the PROXY header of
+//! connections from a trusted balancer (read before anything else, so that
+//! the per-client limit and the session see the real client), the session
+//! limit (global at accept, per client address once the client is known),
+//! the open-file limit check, the
 //! configuration generations that reloads create, the tracking of every
 //! session task, and graceful shutdown.
 //!
@@ -10,7 +13,7 @@
 //! endpoint and the flow view (built by `crate::run`).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::metrics::http::Readiness;
 use crate::protocol::policy::Reject;
 use crate::session::{self, ConnectionObserver, Shared, data::PortPool};
+use crate::upstream::Pool;
 
 /// A gateway ready to run on its listeners.
 pub(crate) struct Gateway {
@@ -34,6 +38,7 @@ pub(crate) struct Gateway {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     observer: Arc<dyn ConnectionObserver>,
+    pool: Pool,
 }
 
 /// Raises the soft open-file limit to the hard limit and warns when the
@@ -76,6 +81,7 @@ impl Generation {
         config: Arc<Config>,
         metrics: &Arc<Metrics>,
         observer: &Arc<dyn ConnectionObserver>,
+        pool: &Pool,
         shutdown: &CancellationToken,
         previous: Option<&Generation>,
     ) -> Generation {
@@ -111,6 +117,7 @@ impl Generation {
                 metrics: Arc::clone(metrics),
                 shutdown: shutdown.clone(),
                 observer: Arc::clone(observer),
+                pool: pool.clone(),
             },
             admission,
         }
@@ -125,6 +132,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
         observer: Arc<dyn ConnectionObserver>,
+        pool: Pool,
     ) -> Gateway {
         Gateway {
             config,
@@ -132,6 +140,7 @@ impl Gateway {
             metrics,
             readiness,
             observer,
+            pool,
         }
     }
 
@@ -151,6 +160,7 @@ impl Gateway {
             Arc::clone(&self.config),
             &self.metrics,
             &self.observer,
+            &self.pool,
             &shutdown,
             None,
         );
@@ -159,7 +169,7 @@ impl Gateway {
         let ids = Arc::new(std::sync::atomic::AtomicU64::new(1));
         for (listener, implicit_tls) in self.listeners {
             if let Ok(addr) = listener.local_addr() {
-                info!(addr = %addr, upstream = %self.config.upstream.authority(), implicit_tls, "listening");
+                info!(addr = %addr, servers = self.config.pool.servers().len(), implicit_tls, "listening");
             }
             tracker.spawn(accept_loop(
                 listener,
@@ -187,7 +197,7 @@ impl Gateway {
                         warn!("worker-threads changed: it takes effect at the next restart");
                     }
                     drain = config.timeouts.drain;
-                    let next = Generation::new(config, &self.metrics, &self.observer, &shutdown, Some(&generation_rx.borrow()));
+                    let next = Generation::new(config, &self.metrics, &self.observer, &self.pool, &shutdown, Some(&generation_rx.borrow()));
                     generation_tx.send_replace(next);
                     info!("configuration reloaded: new sessions use it");
                 }
@@ -237,10 +247,16 @@ impl Drop for Admitted {
 }
 
 impl Admission {
-    fn admit(&self, ip: IpAddr) -> Result<Admitted, Reject> {
-        let permit = Arc::clone(&self.sessions)
+    /// A place within the session limit (taken at accept).
+    fn admit(&self) -> Result<OwnedSemaphorePermit, Reject> {
+        Arc::clone(&self.sessions)
             .try_acquire_owned()
-            .map_err(|_| Reject::MaxSessions)?;
+            .map_err(|_| Reject::MaxSessions)
+    }
+
+    /// A place within the per-client limit for `ip`, the client's real
+    /// address (a balancer's PROXY header's when there is one).
+    fn admit_client(&self, permit: OwnedSemaphorePermit, ip: IpAddr) -> Result<Admitted, Reject> {
         let ip = ip.to_canonical();
         let mut map = self.per_client.lock().map_err(|_| Reject::MaxSessions)?;
         let count = map.entry(ip).or_insert(0);
@@ -285,13 +301,18 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 let Generation { shared, admission } = generations.borrow().clone();
-                match admission.admit(peer.ip()) {
-                    Ok(admitted) => {
+                match admission.admit() {
+                    Ok(permit) => {
                         let id = ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracker.spawn(async move {
-                            let _admitted = admitted;
-                            session::run(stream, id, shared, implicit_tls).await;
-                        });
+                        tracker.spawn(admit_and_run(
+                            stream,
+                            peer,
+                            permit,
+                            admission,
+                            shared,
+                            id,
+                            implicit_tls,
+                        ));
                     }
                     Err(reason) => {
                         warn!(client = %peer, reason = ?reason, "session refused");
@@ -306,6 +327,41 @@ async fn accept_loop(
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
+        }
+    }
+}
+
+/// Reads the PROXY header of a connection from a trusted balancer (a
+/// refused header closes the connection without a word, counted in
+/// `proxy_protocol_rejected_total`), applies the per-client limit to the
+/// real client, and runs the session.
+async fn admit_and_run(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    admission: Admission,
+    shared: Shared,
+    id: u64,
+    implicit_tls: bool,
+) {
+    let proxied = match shared.config.proxy_from.accept(&mut stream, peer).await {
+        Ok(proxied) => proxied,
+        Err(error) => {
+            warn!(peer = %peer, error = %error, "connection refused: PROXY protocol");
+            shared.metrics.proxy_protocol_rejected(error.reason());
+            return;
+        }
+    };
+    let client = proxied.map_or(peer, |p| p.source);
+    match admission.admit_client(permit, client.ip()) {
+        Ok(admitted) => {
+            let _admitted = admitted;
+            session::run(stream, id, shared, implicit_tls, proxied).await;
+        }
+        Err(reason) => {
+            warn!(client = %client, reason = ?reason, "session refused");
+            shared.metrics.rejected(reason);
+            refuse(&stream, reason);
         }
     }
 }

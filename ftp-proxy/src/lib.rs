@@ -266,6 +266,7 @@ pub async fn run(
         Arc::clone(&metrics),
         Arc::clone(&readiness),
         observer,
+        pool.clone(),
     );
     gateway.run(shutdown, reloads).await;
     background.cancel();

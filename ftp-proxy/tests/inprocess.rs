@@ -398,8 +398,7 @@ async fn metric_series_exist_from_the_start() {
     ] {
         assert!(body.contains(series), "missing {series}");
     }
-    let (status, _) = gateway.http("/readyz").await;
-    assert!(status.contains("200"), "{status}");
+    gateway.wait_ready().await;
     gateway.stop().await;
 }
 
@@ -461,8 +460,7 @@ async fn readyz_follows_the_servers_health() {
         gateway.metric("ftp_proxy_upstream_up{server=\"a\"}").await,
         1.0
     );
-    let (status, _) = gateway.http("/readyz").await;
-    assert!(status.contains("200"), "{status}");
+    gateway.wait_ready().await;
     // A session still reaches a server (the pool's first, for now).
     let client = FtpClient::login(gateway.addr).await;
     drop(client);

@@ -29,10 +29,13 @@ fuzz_target!(|data: &[u8]| {
         TlsPolicy {
             mode: if flags & 64 == 0 { ClientTlsMode::Optional } else { ClientTlsMode::Required },
             data: if flags & 128 == 0 { ClientDataTls::Optional } else { ClientDataTls::Required },
-            forward_prot: false,
+            forward_prot: flags & 4 != 0,
         }
     };
-    let policy = Policy { nat_traversal: flags & 8 == 0, passive_address: None, upstream_mode: mode, tls };
+    // Bit 16 also decides the routing: a routed session starts without a
+    // server and must get one (at USER) before anything reaches it.
+    let route_users = flags & 16 != 0 && flags & 8 != 0;
+    let policy = Policy { nat_traversal: flags & 8 == 0, passive_address: None, upstream_mode: mode, tls, route_users };
     let mut state = ControlState::new(client, local, policy);
     if flags & 16 == 0 {
         state.on_reply(&Verb::Pass, 230);
@@ -52,6 +55,15 @@ fuzz_target!(|data: &[u8]| {
             }
             Decision::Active(_) | Decision::OpenPassive(_) | Decision::Transfer { .. } => {
                 assert!(before.logged_in(), "a data command before login");
+            }
+            Decision::Forward | Decision::Quit | Decision::ForwardProt if !before.has_server() => {
+                panic!("a command for the server before it is chosen");
+            }
+            Decision::Route => {
+                assert!(route_users, "USER routed without routes");
+                // The session would now connect and relay USER.
+                state.server_chosen();
+                let _ = state.take_early_prot();
             }
             Decision::StartTls { .. } => {
                 assert!(tls.mode != ClientTlsMode::Off, "AUTH accepted with TLS off");

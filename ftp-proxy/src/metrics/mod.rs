@@ -500,13 +500,6 @@ impl Metrics {
     }
 
     /// A client connection was closed for its PROXY header.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "sessions read PROXY headers in the next step of issue 13"
-        )
-    )]
     pub(crate) fn proxy_protocol_rejected(&self, reason: Rejection) {
         self.proxy_protocol_rejected_total
             .with_label_values(&[reason.label()])

@@ -92,11 +92,14 @@ pub enum Reject {
     /// Something TLS policy requires was missing (`AUTH TLS` before `USER`,
     /// `PROT P` before a transfer).
     TlsRequired,
+    /// A `USER` no route allows (`unknown-users = "reject"`, a server the
+    /// user may not use), answered `530`.
+    UnroutedUser,
 }
 
 impl Reject {
     /// Every reason, for series created at zero.
-    pub const ALL: [Reject; 11] = [
+    pub const ALL: [Reject; 12] = [
         Reject::Bounce,
         Reject::LowPort,
         Reject::PortTheft,
@@ -108,6 +111,7 @@ impl Reject {
         Reject::IdleTimeout,
         Reject::NotLoggedIn,
         Reject::TlsRequired,
+        Reject::UnroutedUser,
     ];
 
     /// The metric label.
@@ -124,6 +128,7 @@ impl Reject {
             Reject::IdleTimeout => "idle_timeout",
             Reject::NotLoggedIn => "not_logged_in",
             Reject::TlsRequired => "tls_required",
+            Reject::UnroutedUser => "unrouted_user",
         }
     }
 }

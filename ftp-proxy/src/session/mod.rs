@@ -52,6 +52,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::Config;
+use crate::upstream::Pool;
+use crate::upstream::connect::GreetError;
+use crate::upstream::pool::ServerHandle;
+use crate::upstream::proxy_protocol::Proxied;
+use crate::upstream::routes::Target;
 use crate::metrics::Metrics;
 use crate::protocol::feat::rewrite_feat;
 use crate::protocol::policy::{ActiveTarget, Reject};
@@ -66,6 +71,7 @@ use crate::tls::{
 use control::{ClientReader, ClientWriter, ControlStream, ServerReader, ServerWriter};
 use data::{DataError, DataFailure, DataMode, PortPool};
 use ledger::{EntryId, Ledger, Step, Waiter};
+use server_conn::{Origin, ServerControl};
 use state::{Arrangement, ControlState, Decision, Policy, TlsPolicy};
 use transfer::{Action, Event, Failure, Outcome, Plan, Relayed, Transfer, TransferResult, Wait};
 
@@ -132,6 +138,8 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// Told about every connection and data port.
     pub(crate) observer: Arc<dyn ConnectionObserver>,
+    /// The servers (the same pool across configuration generations).
+    pub(crate) pool: Pool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -182,68 +190,58 @@ impl SessionOutcome {
 /// Failures talking to the server (`upstream_errors_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum UpstreamFailure {
-    /// The server could not be reached, or did not greet.
+    /// Every server the session tried failed: unreachable, silent, or
+    /// refusing the session or TLS (the last failure reached the client).
     Connect,
+    /// No server was up among those the session could use.
+    NoServer,
     /// A data connection toward the server could not be set up.
     DataSetup,
 }
 
 impl UpstreamFailure {
     /// Every reason.
-    pub(crate) const ALL: [UpstreamFailure; 2] =
-        [UpstreamFailure::Connect, UpstreamFailure::DataSetup];
+    pub(crate) const ALL: [UpstreamFailure; 3] = [
+        UpstreamFailure::Connect,
+        UpstreamFailure::NoServer,
+        UpstreamFailure::DataSetup,
+    ];
 
     /// The metric label.
     pub(crate) fn label(self) -> &'static str {
         match self {
             UpstreamFailure::Connect => "connect",
+            UpstreamFailure::NoServer => "no_server",
             UpstreamFailure::DataSetup => "data_setup",
         }
     }
-}
-
-/// Why the server could not be reached.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ConnectError {
-    /// The name did not resolve.
-    #[error("cannot resolve {authority}: {source}")]
-    Resolve {
-        /// What was resolved.
-        authority: String,
-        /// The resolver's error.
-        source: io::Error,
-    },
-    /// The name resolved to nothing.
-    #[error("{authority} resolved to no address")]
-    NoAddress {
-        /// What was resolved.
-        authority: String,
-    },
-    /// Connecting failed (the last address tried).
-    #[error("connect to {addr}: {source}")]
-    Connect {
-        /// The address.
-        addr: SocketAddr,
-        /// The kernel's error.
-        source: io::Error,
-    },
-    /// No connection in time.
-    #[error("no connection within {0:?}")]
-    Timeout(Duration),
 }
 
 /// Why a session ended early; it knows its side, which decides the reply,
 /// the log level and the metric label.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SessionError {
-    /// The server could not be reached.
+    /// The server could not be reached, or did not greet in time.
     #[error("cannot reach the FTP server {upstream}: {source}")]
     Unreachable {
-        /// The configured upstream.
+        /// The server's configured address.
         upstream: String,
         /// Why.
-        source: ConnectError,
+        source: GreetError,
     },
+    /// The server greeted with something else than `220` (`421`: it
+    /// takes no more sessions).
+    #[error("the FTP server {upstream} refused the session: {reply}")]
+    ServerRefusedSession {
+        /// The server's configured address.
+        upstream: String,
+        /// Its banner.
+        reply: String,
+    },
+    /// No server could be tried: none is up among those the session may
+    /// use (or every one failed; then the last failure is reported).
+    #[error("no FTP server is available")]
+    NoServer,
     /// Writing to or reading from the server failed.
     #[error("server connection failed: {0}")]
     ServerIo(#[source] io::Error),
@@ -300,17 +298,36 @@ impl SessionError {
 }
 
 /// Runs one session to its end. Never panics, always closes both
-/// connections; errors are logged and counted here.
-pub(crate) async fn run(client: TcpStream, id: u64, shared: Shared, implicit_tls: bool) {
-    let client_addr = client.peer_addr().ok();
-    let span = info_span!("session", session_id = id, client = ?client_addr, server = tracing::field::Empty);
+/// connections; errors are logged and counted here. `proxied`: the
+/// addresses a trusted balancer's PROXY header gave for this connection.
+pub(crate) async fn run(
+    client: TcpStream,
+    id: u64,
+    shared: Shared,
+    implicit_tls: bool,
+    proxied: Option<Proxied>,
+) {
+    let client_addr = proxied.map(|p| p.source).or_else(|| client.peer_addr().ok());
+    let span = info_span!(
+        "session",
+        session_id = id,
+        client = ?client_addr,
+        balancer = tracing::field::Empty,
+        server = tracing::field::Empty,
+        server_addr = tracing::field::Empty,
+    );
+    if proxied.is_some()
+        && let Ok(peer) = client.peer_addr()
+    {
+        span.record("balancer", tracing::field::display(peer));
+    }
     async move {
         shared.metrics.session_started();
         let mut protection = (
             Protection::of(implicit_tls),
             Protection::of(shared.config.tls.server.mode != ServerTlsMode::Off),
         );
-        let outcome = match Session::start(client, id, &shared, implicit_tls).await {
+        let outcome = match Session::start(client, id, &shared, implicit_tls, proxied).await {
             Ok(mut session) => {
                 let outcome = session.serve().await;
                 session.finish(&outcome).await;
@@ -324,8 +341,7 @@ pub(crate) async fn run(client: TcpStream, id: u64, shared: Shared, implicit_tls
                     // client's doing, not the server's.
                     Side::Client => info!(side = "client", error = %error, "client gone before the session started"),
                     Side::Server => {
-                        warn!(side = "server", error = %error, "upstream unreachable");
-                        shared.metrics.upstream_error(UpstreamFailure::Connect);
+                        warn!(side = "server", error = %error, "no server for the session");
                         if let Some(mut client) = client {
                             let reply = Reply::new(421, &format!("Service not available: {error}"));
                             let _ = tokio::time::timeout(FAREWELL, client.write_all(&reply.to_bytes()))
@@ -417,6 +433,12 @@ struct Session<'a> {
     metrics: &'a Metrics,
     client_ip: IpAddr,
     client_local: SocketAddr,
+    /// The client as the balancing and the PROXY header toward the server
+    /// see it.
+    origin: Origin,
+    /// The server this session uses (none yet while a routed session waits
+    /// for `USER`).
+    server: Option<ServerHandle>,
     server_ip: IpAddr,
     server_local: SocketAddr,
     client_rx: FramedRead<ClientReader, CommandCodec>,
@@ -449,7 +471,7 @@ struct Session<'a> {
     /// QUIT went to the server: its 221 or its close ends the session.
     quitting: bool,
     /// The control connections, as registered.
-    _control: [Guard; 2],
+    _control: Vec<Guard>,
 }
 
 pub(super) fn reply_or_error(
@@ -643,21 +665,28 @@ impl LegContext {
 
 impl<'a> Session<'a> {
     /// Sets the session up: TLS with the client on an implicit listener,
-    /// the server's control connection (TLS toward it as configured, the
-    /// banner). On failure the client's writing half is handed back (when
-    /// the client is still there) so that the caller can answer 421.
+    /// then the server's control connection (TLS toward it as configured,
+    /// the banner), unless the server depends on the user: then the
+    /// gateway greets the client itself and connects at `USER`. On failure
+    /// the client's writing half is handed back (when the client is still
+    /// there) so that the caller can answer 421.
     async fn start(
         client: TcpStream,
         id: u64,
         shared: &'a Shared,
         implicit_tls: bool,
+        proxied: Option<Proxied>,
     ) -> Result<Session<'a>, (Option<ClientWriter>, SessionError)> {
         let config = &*shared.config;
         // The client first: one that is already gone (a scanner's reset)
         // costs no connection to the server.
-        let (client_addr, client_local) = match (client.peer_addr(), client.local_addr()) {
+        let (client_peer, client_local) = match (client.peer_addr(), client.local_addr()) {
             (Ok(peer), Ok(local)) => (peer, local),
             (Err(e), _) | (_, Err(e)) => return Err((None, SessionError::ClientIo(e))),
+        };
+        let origin = Origin {
+            client: proxied.map_or(client_peer, |p| p.source),
+            destination: proxied.map_or(client_local, |p| p.destination),
         };
         // Control replies are small and latency-bound: no Nagle.
         let _ = client.set_nodelay(true);
@@ -687,16 +716,19 @@ impl<'a> Session<'a> {
                 ClientWriter::Plain(client_tx),
             ),
         };
-        let server = match server_conn::open(config, &shared.metrics).await {
-            Ok(server) => server,
-            Err(error) => return Err((Some(client_writer), error)),
+        let route_users = config.routes.depends_on_user();
+        let server = if route_users {
+            None
+        } else {
+            match server_conn::connect_any(shared, origin, &Target::Pool).await {
+                Ok(server) => Some(server),
+                Err(error) => return Err((Some(client_writer), error)),
+            }
         };
-        tracing::Span::current().record("server", tracing::field::display(server.peer));
-        let observer = &shared.observer;
         let forward_prot = config.tls.server.mode != ServerTlsMode::Off
             && config.tls.server.data == ServerDataTls::Client;
         let mut state = ControlState::new(
-            client_addr.ip(),
+            origin.client.ip(),
             client_local.ip(),
             Policy {
                 nat_traversal: config.nat_traversal,
@@ -707,6 +739,7 @@ impl<'a> Session<'a> {
                     data: config.tls.client.data,
                     forward_prot,
                 },
+                route_users,
             },
         );
         if implicit_tls {
@@ -714,26 +747,31 @@ impl<'a> Session<'a> {
             // and ProFTPD have it).
             state.tls_started(true);
         }
-        Ok(Session {
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        let mut session = Session {
             id,
             shared,
             config,
             metrics: &shared.metrics,
-            client_ip: client_addr.ip().to_canonical(),
+            client_ip: origin.client.ip().to_canonical(),
             client_local: canonical(client_local),
-            server_ip: server.peer.ip().to_canonical(),
-            server_local: canonical(server.local),
+            origin,
+            server: None,
+            server_ip: unspecified.ip(),
+            server_local: unspecified,
             client_rx: FramedRead::with_capacity(
                 client_reader,
                 CommandCodec::new(config.limits.max_line),
                 CONTROL_BUFFER,
             ),
             client_tx: client_writer,
-            server_rx: server.rx,
-            server_tx: server.tx,
-            banner: server.banner,
+            server_rx: FramedRead::with_capacity(ServerReader::Closed, server_conn::codec(), 0),
+            server_tx: ServerWriter::Closed,
+            // Until a USER chooses the server, the gateway is the client's
+            // server.
+            banner: vec![Reply::new(220, "Service ready for new user.")],
             client_tls,
-            server_tls: server.tls,
+            server_tls: None,
             state,
             ledger: Ledger::new(),
             passive: None,
@@ -744,11 +782,90 @@ impl<'a> Session<'a> {
             reply_deadline: None,
             last_activity: Instant::now(),
             quitting: false,
-            _control: [
-                observer.register(id, Connection::ClientControl, client_local, client_addr),
-                observer.register(id, Connection::ServerControl, server.local, server.peer),
-            ],
-        })
+            _control: vec![shared.observer.register(
+                id,
+                Connection::ClientControl,
+                client_local,
+                client_peer,
+            )],
+        };
+        if let Some((control, server)) = server {
+            session.banner = session.attach(control, server);
+        }
+        Ok(session)
+    }
+
+    /// Takes the server's control connection for the rest of the session;
+    /// returns its banner.
+    fn attach(&mut self, control: ServerControl, server: ServerHandle) -> Vec<Reply> {
+        let span = tracing::Span::current();
+        span.record("server", tracing::field::display(server.name()));
+        span.record("server_addr", tracing::field::display(control.peer));
+        self.server_ip = control.peer.ip().to_canonical();
+        self.server_local = canonical(control.local);
+        self.server_rx = control.rx;
+        self.server_tx = control.tx;
+        self.server_tls = control.tls;
+        self._control.push(self.shared.observer.register(
+            self.id,
+            Connection::ServerControl,
+            control.local,
+            control.peer,
+        ));
+        self.server = Some(server);
+        self.state.server_chosen();
+        control.banner
+    }
+
+    /// `USER` when the server depends on the user: routes it, connects to
+    /// a server the route allows when the session has none yet (its banner
+    /// is not relayed: the client had the gateway's), and relays `USER`
+    /// with the route's name. A refused route, or a later `USER` whose
+    /// route does not allow the session's server, answers `530` (the same
+    /// as a bad password: user names cannot be probed).
+    async fn route_user(&mut self, command: &Command) -> Result<(), SessionError> {
+        let raw = command.trimmed_arg();
+        let text = String::from_utf8_lossy(raw);
+        let routed = match self.config.routes.route(&text, &self.config.pool) {
+            Ok(routed) => routed,
+            Err(refused) => {
+                info!(side = "client", user = %text, reason = %refused, "user refused by the routes");
+                self.metrics.rejected(Reject::UnroutedUser);
+                return self.reply(530, "Login incorrect.").await;
+            }
+        };
+        // `user@server` names a server; the server hears the user alone.
+        let user = match std::str::from_utf8(raw) {
+            Ok(_) => routed.user.as_bytes().to_vec(),
+            Err(_) => raw.to_vec(),
+        };
+        let target = routed.target;
+        match &self.server {
+            Some(server) if !target.allows(server.name()) => {
+                info!(side = "client", user = %text, server = %server.name(), "the user's route does not allow this session's server");
+                self.metrics.rejected(Reject::UnroutedUser);
+                return self.reply(530, "Login incorrect.").await;
+            }
+            Some(_) => {}
+            None => {
+                let (control, server) =
+                    server_conn::connect_any(self.shared, self.origin, &target).await?;
+                let banner = self.attach(control, server);
+                debug!(banner = ?banner.last().map(|r| String::from_utf8_lossy(r.text()).into_owned()), "server chosen at USER");
+                if let Some(private) = self.state.take_early_prot() {
+                    server_conn::negotiate(
+                        &mut self.server_rx,
+                        &mut self.server_tx,
+                        if private { "PROT P" } else { "PROT C" },
+                        200,
+                        self.config.timeouts.reply,
+                    )
+                    .await?;
+                }
+            }
+        }
+        self.forward(&Command::new(Verb::User, user), Waiter::Client)
+            .await
     }
 
     /// Relays the banner: 120 (ready in n minutes) may precede 220.
@@ -816,7 +933,7 @@ impl<'a> Session<'a> {
                 self.reply(421, "Gateway shutting down, closing control connection").await?;
                 Ok(Next::End(SessionOutcome::Shutdown))
             }
-            reply = self.server_rx.next() => match reply {
+            reply = self.server_rx.next(), if self.server.is_some() => match reply {
                 None if self.quitting => Ok(Next::End(SessionOutcome::Ok)),
                 reply => self.on_server_reply(reply_or_error(reply)?).await,
             },
@@ -991,6 +1108,11 @@ impl<'a> Session<'a> {
             }
             Decision::ForwardProt => self.forward(&command, Waiter::Client).await?,
             Decision::StartTls { private_data } => self.start_client_tls(private_data).await?,
+            Decision::Route => self.route_user(&command).await?,
+            Decision::Close(reply) => {
+                self.deliver(reply).await?;
+                return Ok(Next::End(SessionOutcome::Ok));
+            }
         }
         // The listener lives exactly as long as the passive arrangement.
         if self.state.arrangement() != Arrangement::Passive {

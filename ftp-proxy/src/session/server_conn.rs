@@ -1,12 +1,15 @@
-//! Opening a session's control connection to the server: TCP, TLS as
-//! configured (implicit: from the first byte; explicit: `AUTH TLS` after
+//! Opening a session's control connection to one server: TCP, the PROXY
+//! header when configured, TLS as configured (implicit: from the first byte; explicit: `AUTH TLS` after
 //! the banner, then `PBSZ 0` and, when server data connections are always
 //! protected, `PROT P`), and the banner, which the session relays to the
 //! client once everything toward the server is in place (so a TLS failure
 //! toward the server reaches the client as `421` with the reason).
 //!
-//! Not here: choosing the server (the configuration names it), the
-//! commands of the session.
+//! Every failure here happens before the client has seen anything of the
+//! server, so the session may try another one (`super::Session::connect`).
+//!
+//! Not here: choosing the server (`crate::upstream::Pool`), failing over,
+//! the commands of the session.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
+use tracing::warn;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -27,7 +31,11 @@ use crate::protocol::{Reply, ReplyCodec, Side};
 use crate::tls::{self, ServerDataTls, ServerTlsMode, TlsError, TlsFailure};
 
 use super::control::{ServerReader, ServerWriter};
-use super::{CONTROL_BUFFER, ConnectError, SessionError, reply_or_error};
+use super::{CONTROL_BUFFER, SessionError, Shared, UpstreamFailure, reply_or_error};
+use crate::upstream::pool::ServerHandle;
+use crate::upstream::routes::Target;
+use crate::config::Upstream;
+use crate::upstream::connect::{self, GreetError, MAX_PRELIMINARY};
 
 /// The control connection to the server, ready for the client's commands.
 pub(super) struct ServerControl {
@@ -43,27 +51,7 @@ pub(super) struct ServerControl {
     pub(super) tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
 }
 
-async fn connect_tcp(config: &Config) -> Result<TcpStream, ConnectError> {
-    let authority = config.upstream.authority();
-    let addrs = tokio::net::lookup_host(&authority)
-        .await
-        .map_err(|source| ConnectError::Resolve {
-            authority: authority.clone(),
-            source,
-        })?;
-    let mut last = ConnectError::NoAddress {
-        authority: authority.clone(),
-    };
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(stream) => return Ok(stream),
-            Err(source) => last = ConnectError::Connect { addr, source },
-        }
-    }
-    Err(last)
-}
-
-fn codec() -> ReplyCodec {
+pub(super) fn codec() -> ReplyCodec {
     ReplyCodec::new(DEFAULT_MAX_REPLY_LINE, DEFAULT_MAX_REPLY_LINES)
 }
 
@@ -78,9 +66,16 @@ async fn read_reply(
     }
 }
 
+/// A reply as one line of text for an error message.
+fn reply_text(reply: &Reply) -> String {
+    String::from_utf8_lossy(&reply.to_bytes())
+        .trim_end()
+        .replace("\r\n", " / ")
+}
+
 /// Sends a command the gateway issues on its own and expects a 2xx (or
 /// `want`) final reply.
-async fn negotiate(
+pub(super) async fn negotiate(
     rx: &mut FramedRead<ServerReader, ReplyCodec>,
     tx: &mut ServerWriter,
     line: &'static str,
@@ -105,11 +100,62 @@ async fn negotiate(
         }
         return Err(SessionError::ServerRefusedTls {
             command: line,
-            reply: String::from_utf8_lossy(&reply.to_bytes())
-                .trim_end()
-                .to_owned(),
+            reply: reply_text(&reply),
         });
     }
+}
+
+/// Where a session comes from: whom the balancing is for, and what the
+/// PROXY header toward the server says.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Origin {
+    /// The client: a trusted balancer's PROXY header's source, else the
+    /// connection's peer.
+    pub(super) client: SocketAddr,
+    /// What the client connected to: the header's destination, else the
+    /// gateway's listening address.
+    pub(super) destination: SocketAddr,
+}
+
+/// Opens the session's server: picks one that is up among those `target`
+/// allows; when it fails (unreachable, silent, refusing the session or
+/// TLS), tells the pool and tries the next, each at most once. The client
+/// has seen nothing of a server that failed.
+///
+/// # Errors
+/// The last server's failure, or [`SessionError::NoServer`] when none
+/// could be tried; counted in `upstream_errors_total`.
+pub(super) async fn connect_any(
+    shared: &Shared,
+    origin: Origin,
+    target: &Target,
+) -> Result<(ServerControl, ServerHandle), SessionError> {
+    let config = &*shared.config;
+    let header = config
+        .server_proxy_protocol
+        .header(origin.client, origin.destination);
+    let mut tried = Vec::new();
+    let mut last = None;
+    while let Some(server) = shared.pool.pick_for(origin.client.ip(), target, &tried) {
+        match open(config, &shared.metrics, server.address(), header.as_deref()).await {
+            Ok(control) => {
+                shared.pool.passive_success(&server);
+                return Ok((control, server));
+            }
+            Err(error) => {
+                warn!(side = "server", server = %server.name(), error = %error, "the server cannot take the session");
+                shared.pool.passive_failure(&server, &error);
+                tried.push(server.name().clone());
+                last = Some(error);
+            }
+        }
+    }
+    shared.metrics.upstream_error(if tried.is_empty() {
+        UpstreamFailure::NoServer
+    } else {
+        UpstreamFailure::Connect
+    });
+    Err(last.unwrap_or(SessionError::NoServer))
 }
 
 /// The TLS handshake on the control connection, counted; its halves.
@@ -131,38 +177,47 @@ async fn secure(
     ))
 }
 
-/// Connects, negotiates TLS as configured, and reads the banner.
+/// Connects to `address`, sends `proxy_header` first when given,
+/// negotiates TLS as configured, and reads the banner: any `120` replies,
+/// then a `220`.
 ///
 /// # Errors
-/// [`SessionError`]: the server unreachable, silent, refusing TLS, or a
-/// failed handshake (certificate problems included).
+/// [`SessionError`], all the server's: unreachable, silent, refusing the
+/// session (a `421` banner), refusing TLS, or a failed handshake
+/// (certificate problems included).
 pub(super) async fn open(
     config: &Config,
     metrics: &Metrics,
+    address: &Upstream,
+    proxy_header: Option<&[u8]>,
 ) -> Result<ServerControl, SessionError> {
     let started = Instant::now();
     let timeout = config.timeouts.connect;
     let unreachable = |source| SessionError::Unreachable {
-        upstream: config.upstream.authority(),
+        upstream: address.authority(),
         source,
     };
-    let stream = match tokio::time::timeout(timeout, connect_tcp(config)).await {
+    let mut stream = match tokio::time::timeout(timeout, connect::connect(address)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => return Err(unreachable(error)),
-        Err(_) => return Err(unreachable(ConnectError::Timeout(timeout))),
+        Err(_) => return Err(unreachable(GreetError::Timeout(timeout))),
     };
     metrics.upstream_connected(started.elapsed());
     let (peer, local) = match (stream.peer_addr(), stream.local_addr()) {
         (Ok(peer), Ok(local)) => (peer, local),
         (Err(e), _) | (_, Err(e)) => return Err(SessionError::ServerIo(e)),
     };
-    // Control replies are small and latency-bound: no Nagle.
-    let _ = stream.set_nodelay(true);
+    if let Some(header) = proxy_header {
+        stream
+            .write_all(header)
+            .await
+            .map_err(|e| unreachable(GreetError::Send(e)))?;
+    }
     let server = &config.tls.server;
     let tls = match (server.mode, &server.client) {
         (ServerTlsMode::Off, _) | (_, None) => None,
         (_, Some(client)) => {
-            let name = tls::server_name(&server.name).map_err(|detail| {
+            let name = tls::server_name(server.name_for(address)).map_err(|detail| {
                 SessionError::Tls(TlsError {
                     side: Side::Server,
                     failure: TlsFailure::CertificateName,
@@ -187,16 +242,22 @@ pub(super) async fn open(
     let mut banner = Vec::new();
     loop {
         let reply = read_reply(&mut rx, "banner", timeout).await?;
-        let more = reply.code == 120;
-        banner.push(reply);
-        if !more {
-            break;
+        match reply.code {
+            120 if banner.len() < MAX_PRELIMINARY => banner.push(reply),
+            120 => return Err(unreachable(GreetError::Stalling)),
+            220 => {
+                banner.push(reply);
+                break;
+            }
+            _ => {
+                return Err(SessionError::ServerRefusedSession {
+                    upstream: address.authority(),
+                    reply: reply_text(&reply),
+                });
+            }
         }
     }
-    let ready = banner.last().is_some_and(|r| r.code == 220);
-    if let Some((session, name)) = &tls
-        && ready
-    {
+    if let Some((session, name)) = &tls {
         let reply_timeout = config.timeouts.reply;
         if server.mode == ServerTlsMode::Explicit {
             negotiate(&mut rx, &mut tx, "AUTH TLS", 234, reply_timeout).await?;

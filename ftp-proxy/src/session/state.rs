@@ -4,10 +4,18 @@
 //!
 //! State: whether the server has accepted a login, whether `EPSV ALL` is in
 //! force, what the client has arranged for its next data connection
-//! (nothing, a passive listener, an active target), and its TLS (RFC 4217:
-//! whether the control connection is protected, `PBSZ`, `PROT`). Decisions: relay the
-//! command, answer it, open a passive listener, remember an active target,
-//! or start a transfer.
+//! (nothing, a passive listener, an active target), its TLS (RFC 4217:
+//! whether the control connection is protected, `PBSZ`, `PROT`), and,
+//! when the server depends on the user (`[[routes]]`, `user@server`),
+//! whether a server is chosen yet. Decisions: relay the command, answer
+//! it, open a passive listener, remember an active target, start a
+//! transfer, or route a `USER`.
+//!
+//! Before the server is chosen the gateway is the client's only peer: it
+//! answers what a server answers before a login (`FEAT` with the
+//! gateway's own features, `NOOP`, `QUIT`, TLS), refuses the rest with
+//! `530`, and keeps a `PROT` the server must hear (see
+//! [`ControlState::take_early_prot`]).
 //!
 //! Not here: the transfer itself (`session::transfer`), which replies the
 //! server owes (`session::ledger`).
@@ -117,6 +125,14 @@ pub enum Decision {
     /// `PROT` accepted by the gateway and passed to the server, whose
     /// answer is relayed (and settles the level: [`ControlState::on_reply`]).
     ForwardProt,
+    /// `USER` when the server depends on the user: route the argument,
+    /// connect to a server the route allows if none is chosen yet (or
+    /// check that the chosen one is allowed), then relay `USER` with the
+    /// name the route gives; a refused route answers `530`. Then
+    /// [`ControlState::server_chosen`].
+    Route,
+    /// Answer and end the session (`QUIT` before a server is chosen).
+    Close(Reply),
 }
 
 fn refuse(code: u16, text: &str, reject: Option<Reject>) -> Decision {
@@ -159,6 +175,9 @@ pub struct Policy {
     pub upstream_mode: UpstreamMode,
     /// TLS toward the client.
     pub tls: TlsPolicy,
+    /// The server depends on the user: the session starts without one and
+    /// chooses it at `USER` ([`Decision::Route`]).
+    pub route_users: bool,
 }
 
 /// The protocol state of one session.
@@ -178,6 +197,11 @@ pub struct ControlState {
     private_data: bool,
     /// A forwarded `PROT`'s level, until the server answers.
     pending_prot: Option<bool>,
+    /// A server is chosen (always, unless the policy routes users).
+    server_chosen: bool,
+    /// A `PROT` level accepted before the server was chosen that the
+    /// server must be told (with `forward_prot`).
+    early_prot: Option<bool>,
 }
 
 impl ControlState {
@@ -195,7 +219,25 @@ impl ControlState {
             pbsz: false,
             private_data: false,
             pending_prot: None,
+            server_chosen: !policy.route_users,
+            early_prot: None,
         }
+    }
+
+    /// Whether the session has a server (see [`Policy::route_users`]).
+    pub fn has_server(&self) -> bool {
+        self.server_chosen
+    }
+
+    /// The session connected to the server a `USER` was routed to.
+    pub fn server_chosen(&mut self) {
+        self.server_chosen = true;
+    }
+
+    /// The `PROT` level accepted before the server was chosen, for the
+    /// session to send once it is (taken once).
+    pub fn take_early_prot(&mut self) -> Option<bool> {
+        self.early_prot.take()
     }
 
     /// The TLS handshake on the control connection succeeded (after
@@ -327,6 +369,9 @@ impl ControlState {
         if data_verb && !self.logged_in {
             return refuse(530, NOT_LOGGED_IN, Some(Reject::NotLoggedIn));
         }
+        if !self.server_chosen {
+            return self.before_server(command);
+        }
         match &command.verb {
             Verb::Port | Verb::Eprt => self.on_active(command),
             Verb::Pasv | Verb::Epsv => self.on_passive(command),
@@ -338,17 +383,9 @@ impl ControlState {
             Verb::Auth => self.on_auth(command),
             Verb::Pbsz => self.on_pbsz(command),
             Verb::Prot => self.on_prot(command),
-            Verb::Ccc if self.protected => refuse(
-                534,
-                "CCC refused by policy: the control connection stays protected",
-                None,
-            ),
-            Verb::Ccc => refuse(533, "CCC requires a protected control connection", None),
-            Verb::Adat | Verb::Mic | Verb::Conf | Verb::Enc => refuse(
-                502,
-                "RFC 2228 security data exchanges are not supported; use AUTH TLS",
-                None,
-            ),
+            Verb::Ccc | Verb::Adat | Verb::Mic | Verb::Conf | Verb::Enc => {
+                self.on_other_security(&command.verb)
+            }
             Verb::User if self.policy.tls.mode == ClientTlsMode::Required && !self.protected => {
                 refuse(
                     530,
@@ -385,6 +422,7 @@ impl ControlState {
                 }
             }
             Verb::Quit => Decision::Quit,
+            Verb::User if self.policy.route_users => Decision::Route,
             Verb::Rein => {
                 self.arrangement = Arrangement::None;
                 self.epsv_all = false;
@@ -392,6 +430,75 @@ impl ControlState {
                 Decision::Forward
             }
             _ => Decision::Forward,
+        }
+    }
+
+    /// A command before the server is chosen: the gateway answers as a
+    /// server does before a login.
+    fn before_server(&mut self, command: &Command) -> Decision {
+        match &command.verb {
+            Verb::User
+                if self.policy.tls.mode == ClientTlsMode::Required && !self.protected =>
+            {
+                refuse(
+                    530,
+                    "TLS required: send AUTH TLS before USER",
+                    Some(Reject::TlsRequired),
+                )
+            }
+            Verb::User => Decision::Route,
+            Verb::Quit => Decision::Close(Reply::new(221, "Goodbye.")),
+            Verb::Noop => refuse(200, "NOOP ok.", None),
+            Verb::Feat => Decision::Answer {
+                reply: crate::protocol::feat::rewrite_feat(
+                    Reply::multiline(211, &["Features:", "End"]),
+                    self.policy.tls.mode != ClientTlsMode::Off,
+                ),
+                reject: None,
+            },
+            Verb::Pass | Verb::Acct => refuse(503, "Login with USER first.", None),
+            Verb::Auth => self.on_auth(command),
+            Verb::Pbsz => self.on_pbsz(command),
+            Verb::Prot => match self.on_prot(command) {
+                // The server is told once it is chosen; its refusal then
+                // ends the session (it cannot give the client its level).
+                Decision::ForwardProt => {
+                    let private = self.pending_prot.take().unwrap_or(self.private_data);
+                    self.private_data = private;
+                    self.early_prot = Some(private);
+                    refuse(
+                        200,
+                        if private {
+                            "PROT now Private"
+                        } else {
+                            "PROT now Clear"
+                        },
+                        None,
+                    )
+                }
+                decision => decision,
+            },
+            Verb::Ccc | Verb::Adat | Verb::Mic | Verb::Conf | Verb::Enc => {
+                self.on_other_security(&command.verb)
+            }
+            _ => refuse(530, NOT_LOGGED_IN, Some(Reject::NotLoggedIn)),
+        }
+    }
+
+    /// `CCC` and the RFC 2228 exchanges besides `AUTH`: refused.
+    fn on_other_security(&self, verb: &Verb) -> Decision {
+        match verb {
+            Verb::Ccc if self.protected => refuse(
+                534,
+                "CCC refused by policy: the control connection stays protected",
+                None,
+            ),
+            Verb::Ccc => refuse(533, "CCC requires a protected control connection", None),
+            _ => refuse(
+                502,
+                "RFC 2228 security data exchanges are not supported; use AUTH TLS",
+                None,
+            ),
         }
     }
 
@@ -577,6 +684,7 @@ mod tests {
                 passive_address: None,
                 upstream_mode: UpstreamMode::Client,
                 tls: TlsPolicy::OFF,
+                route_users: false,
             },
         );
         assert_eq!(s.on_reply(&Verb::Pass, 230), Some(LoginResult::Ok));
@@ -646,6 +754,7 @@ mod tests {
                     passive_address: None,
                     upstream_mode: mode,
                     tls: TlsPolicy::OFF,
+                    route_users: false,
                 },
             );
             s.on_reply(&Verb::User, 230);
@@ -687,6 +796,7 @@ mod tests {
                 passive_address: None,
                 upstream_mode: UpstreamMode::Client,
                 tls: TlsPolicy::OFF,
+                route_users: false,
             },
         );
         for line in [

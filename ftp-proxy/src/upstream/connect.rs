@@ -155,7 +155,13 @@ fn peer_or_unspecified(stream: &TcpStream) -> SocketAddr {
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-async fn connect(address: &Upstream) -> Result<TcpStream, GreetError> {
+/// Resolves `address` and connects to each address it names in turn
+/// (no deadline: the caller sets one).
+///
+/// # Errors
+/// [`GreetError::Resolve`], [`GreetError::NoAddress`] or the last
+/// [`GreetError::Connect`].
+pub(crate) async fn connect(address: &Upstream) -> Result<TcpStream, GreetError> {
     let authority = address.authority();
     let addrs = tokio::net::lookup_host(authority.clone())
         .await

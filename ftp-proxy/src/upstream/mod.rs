@@ -27,16 +27,6 @@
 pub mod balance;
 pub mod connect;
 pub mod health;
-// Until the session picks its server from the pool (the next step of
-// issue 13), the handle, pick and passive failures have no caller outside
-// the tests; remove this when they have.
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the session and the gateway use the pool in the next step of issue 13"
-    )
-)]
 pub(crate) mod pool;
 pub mod proxy_protocol;
 pub mod routes;

@@ -373,7 +373,9 @@ impl Pool {
 
     /// A server for a new session of `client`, from the whole pool, never
     /// one that is down or named in `exclude` (the servers this session
-    /// already tried); `None` when none is left.
+    /// already tried); `None` when none is left. (Sessions use
+    /// [`Pool::pick_for`] with [`Target::Pool`].)
+    #[cfg(test)]
     pub(crate) fn pick(&self, client: IpAddr, exclude: &[ServerName]) -> Option<ServerHandle> {
         self.pick_for(client, &Target::Pool, exclude)
     }

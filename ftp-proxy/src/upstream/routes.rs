@@ -148,6 +148,16 @@ pub enum Target {
     Servers(Vec<ServerName>),
 }
 
+impl Target {
+    /// Whether a session may use the server `name`.
+    pub fn allows(&self, name: &ServerName) -> bool {
+        match self {
+            Target::Pool => true,
+            Target::Servers(names) => names.contains(name),
+        }
+    }
+}
+
 /// A routed `USER`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routed<'a> {

@@ -111,6 +111,23 @@ impl InProcess {
         metric_value(&body, selector)
     }
 
+    /// Waits until `/readyz` says 200: the listeners accept from when
+    /// `start` returns, but readiness turns on once the accept loops run.
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + REPLY_WAIT;
+        loop {
+            let (status, body) = self.http("/readyz").await;
+            if status.contains("200") {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not ready: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until a metric reaches `want` (sessions end asynchronously).
     pub async fn wait_metric(&self, series: &str, want: f64) {
         let deadline = tokio::time::Instant::now() + REPLY_WAIT;
