@@ -306,8 +306,9 @@ async fn broken_handshakes_end_the_session_and_nothing_else() {
 }
 
 /// An implicit-FTPS "server" that only does the TLS handshake with the
-/// certificate of `ca` (to see what the gateway says of it).
-async fn tls_listener(ca: &TestCa) -> std::net::SocketAddr {
+/// certificate of `ca` (to see what the gateway says of it), then answers
+/// 200 to every line, which it records.
+async fn tls_listener(ca: &TestCa) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&ca.chain)
@@ -326,16 +327,28 @@ async fn tls_listener(ca: &TestCa) -> std::net::SocketAddr {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = Arc::clone(&lines);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
+            let record = Arc::clone(&record);
             tokio::spawn(async move {
-                if let Ok(mut tls) = acceptor.accept(stream).await {
+                if let Ok(tls) = acceptor.accept(stream).await {
+                    let (rx, mut tx) = tokio::io::split(tls);
                     // A banner, then 200 to anything (PBSZ, PROT).
-                    let _ = tls.write_all(b"220 hello\r\n").await;
-                    let mut buf = [0u8; 512];
-                    while let Ok(n) = tls.read(&mut buf).await {
-                        if n == 0 || tls.write_all(b"200 ok\r\n").await.is_err() {
+                    let _ = tx.write_all(b"220 hello\r\n").await;
+                    let mut rx = tokio::io::BufReader::new(rx);
+                    let mut line = String::new();
+                    while let Ok(n) =
+                        tokio::io::AsyncBufReadExt::read_line(&mut rx, &mut line).await
+                    {
+                        if n == 0 {
+                            break;
+                        }
+                        record.lock().unwrap().push(line.trim_end().to_owned());
+                        line.clear();
+                        if tx.write_all(b"200 ok\r\n").await.is_err() {
                             break;
                         }
                     }
@@ -343,7 +356,7 @@ async fn tls_listener(ca: &TestCa) -> std::net::SocketAddr {
             });
         }
     });
-    addr
+    (addr, lines)
 }
 
 /// A server certificate that is expired, for another name, or from an
@@ -371,7 +384,7 @@ async fn bad_server_certificates_get_421_with_the_reason() {
         } else {
             &server_ca
         };
-        let upstream = tls_listener(&server_ca).await;
+        let (upstream, _) = tls_listener(&server_ca).await;
         let gateway = InProcess::start(
             upstream,
             &[
@@ -394,12 +407,58 @@ async fn bad_server_certificates_get_421_with_the_reason() {
     }
     // With verification off, the same untrusted server is accepted.
     let server_ca = TestCa::new();
-    let upstream = tls_listener(&server_ca).await;
+    let (upstream, _) = tls_listener(&server_ca).await;
     let gateway = InProcess::start(
         upstream,
         &["--server-tls", "implicit", "--server-tls-insecure"],
     );
     let (_client, banner) = FtpClient::connect(gateway.addr).await;
     assert_eq!(code(&banner), 220, "{banner}");
+    gateway.stop().await;
+}
+
+/// Routing with TLS on both sides: AUTH TLS, PBSZ and PROT before USER are
+/// the gateway's to answer; the PROT the server must hear
+/// (`--server-data-tls client`) reaches it once USER has chosen it, before
+/// USER itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_commands_before_a_routed_user() {
+    let ca = TestCa::new();
+    let (upstream, lines) = tls_listener(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[servers]]\nname = \"a\"\naddress = \"{upstream}\"\n\
+             [[routes]]\nusers = [\"alice\"]\nservers = [\"a\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut args = tls_args(&ca);
+    args.extend(
+        [
+            "--config",
+            path.to_str().unwrap(),
+            "--server-tls",
+            "implicit",
+            "--server-tls-insecure",
+            "--server-data-tls",
+            "client",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let gateway = InProcess::start_with(&args);
+    let (mut client, banner) = FtpClient::connect(gateway.addr).await;
+    assert_eq!(code(&banner), 220, "{banner}");
+    let feat = client.cmd("FEAT").await;
+    assert!(feat.contains("AUTH TLS"), "{feat}");
+    client.starttls(ca.client_config()).await;
+    assert_eq!(code(&client.cmd("PBSZ 0").await), 200);
+    assert_eq!(code(&client.cmd("PROT P").await), 200);
+    assert!(lines.lock().unwrap().is_empty(), "no server before USER");
+    assert_eq!(code(&client.cmd("USER alice").await), 200);
+    assert_eq!(*lines.lock().unwrap(), ["PBSZ 0", "PROT P", "USER alice"]);
     gateway.stop().await;
 }

@@ -52,11 +52,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::Config;
-use crate::upstream::Pool;
-use crate::upstream::connect::GreetError;
-use crate::upstream::pool::ServerHandle;
-use crate::upstream::proxy_protocol::Proxied;
-use crate::upstream::routes::Target;
 use crate::metrics::Metrics;
 use crate::protocol::feat::rewrite_feat;
 use crate::protocol::policy::{ActiveTarget, Reject};
@@ -68,6 +63,11 @@ use crate::tls::{
     self, ClientSessionTls, ClientTlsMode, Protection, ServerDataTls, ServerTlsMode, TlsError,
     TlsFailure, TlsReuse,
 };
+use crate::upstream::Pool;
+use crate::upstream::connect::GreetError;
+use crate::upstream::pool::ServerHandle;
+use crate::upstream::proxy_protocol::Proxied;
+use crate::upstream::routes::Target;
 use control::{ClientReader, ClientWriter, ControlStream, ServerReader, ServerWriter};
 use data::{DataError, DataFailure, DataMode, PortPool};
 use ledger::{EntryId, Ledger, Step, Waiter};
@@ -307,7 +307,9 @@ pub(crate) async fn run(
     implicit_tls: bool,
     proxied: Option<Proxied>,
 ) {
-    let client_addr = proxied.map(|p| p.source).or_else(|| client.peer_addr().ok());
+    let client_addr = proxied
+        .map(|p| p.source)
+        .or_else(|| client.peer_addr().ok());
     let span = info_span!(
         "session",
         session_id = id,

@@ -32,10 +32,10 @@ use crate::tls::{self, ServerDataTls, ServerTlsMode, TlsError, TlsFailure};
 
 use super::control::{ServerReader, ServerWriter};
 use super::{CONTROL_BUFFER, SessionError, Shared, UpstreamFailure, reply_or_error};
-use crate::upstream::pool::ServerHandle;
-use crate::upstream::routes::Target;
 use crate::config::Upstream;
 use crate::upstream::connect::{self, GreetError, MAX_PRELIMINARY};
+use crate::upstream::pool::ServerHandle;
+use crate::upstream::routes::Target;
 
 /// The control connection to the server, ready for the client's commands.
 pub(super) struct ServerControl {

@@ -437,9 +437,7 @@ impl ControlState {
     /// server does before a login.
     fn before_server(&mut self, command: &Command) -> Decision {
         match &command.verb {
-            Verb::User
-                if self.policy.tls.mode == ClientTlsMode::Required && !self.protected =>
-            {
+            Verb::User if self.policy.tls.mode == ClientTlsMode::Required && !self.protected => {
                 refuse(
                     530,
                     "TLS required: send AUTH TLS before USER",
@@ -824,6 +822,71 @@ mod tests {
         // REIN logs out.
         assert_eq!(s.on_command(&cmd("REIN")), Decision::Forward);
         assert_eq!(code(&s.on_command(&cmd("PASV"))), Some(530));
+    }
+
+    #[test]
+    fn before_a_routed_user_nothing_reaches_a_server() {
+        let mut s = ControlState::new(
+            "192.0.2.1".parse().unwrap(),
+            "198.51.100.1".parse().unwrap(),
+            Policy {
+                nat_traversal: true,
+                passive_address: None,
+                upstream_mode: UpstreamMode::Client,
+                tls: TlsPolicy {
+                    mode: ClientTlsMode::Optional,
+                    data: ClientDataTls::Optional,
+                    forward_prot: true,
+                },
+                route_users: true,
+            },
+        );
+        assert!(!s.has_server());
+        for (line, want) in [
+            ("NOOP", 200),
+            ("PASS x", 503),
+            ("SYST", 530),
+            ("CWD /", 530),
+            ("STAT", 530),
+            ("EPSV", 530),
+            ("PBSZ 0", 503),
+            ("CCC", 533),
+        ] {
+            assert_eq!(code(&s.on_command(&cmd(line))), Some(want), "{line}");
+        }
+        let Decision::Answer { reply, .. } = s.on_command(&cmd("FEAT")) else {
+            panic!("FEAT is answered");
+        };
+        let feat = String::from_utf8_lossy(&reply.to_bytes()).into_owned();
+        assert!(
+            feat.contains(" EPSV\r\n") && feat.contains(" AUTH TLS\r\n"),
+            "{feat}"
+        );
+        assert_eq!(
+            s.on_command(&cmd("AUTH TLS")),
+            Decision::StartTls {
+                private_data: false
+            }
+        );
+        s.tls_started(false);
+        assert_eq!(code(&s.on_command(&cmd("PBSZ 0"))), Some(200));
+        // The server must hear this PROT: kept for when it is chosen.
+        assert_eq!(code(&s.on_command(&cmd("PROT P"))), Some(200));
+        assert!(s.data_protected());
+        assert_eq!(s.on_command(&cmd("USER alice")), Decision::Route);
+        s.server_chosen();
+        assert_eq!(s.take_early_prot(), Some(true));
+        assert_eq!(s.take_early_prot(), None);
+        // Chosen: commands go to the server, a new USER is routed again.
+        assert_eq!(s.on_command(&cmd("SYST")), Decision::Forward);
+        assert_eq!(s.on_command(&cmd("USER bob")), Decision::Route);
+        assert!(matches!(s.on_command(&cmd("QUIT")), Decision::Quit));
+        let mut fresh = s.clone();
+        fresh.server_chosen = false;
+        assert_eq!(
+            fresh.on_command(&cmd("QUIT")),
+            Decision::Close(Reply::new(221, "Goodbye."))
+        );
     }
 
     #[test]

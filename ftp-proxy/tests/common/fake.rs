@@ -31,6 +31,11 @@ pub struct Behavior {
     /// Send 226 before the last bytes of a download leave (the reply
     /// overtakes the data; the gateway must hold it).
     pub early_226: bool,
+    /// Greet with this line (e.g. `421 Too many users`) instead of 220,
+    /// then close.
+    pub refuse_with: Option<&'static str>,
+    /// Expect a PROXY v1 header line first, recorded in `received`.
+    pub proxy_v1: bool,
 }
 
 /// A running fake server; stopped on drop.
@@ -167,15 +172,26 @@ async fn serve(
     // As vsftpd: urgent data (the Synch before ABOR) stays in the stream.
     let _ = socket2::SockRef::from(&stream).set_out_of_band_inline(true);
     let (rx, mut tx) = stream.into_split();
+    // Kept across iterations: a read cancelled by the end of a transfer
+    // leaves what it read here.
+    let mut buf = Vec::new();
+    if behavior.proxy_v1 {
+        let Some(header) = read_line(&rx, &mut buf).await else {
+            return;
+        };
+        let header = String::from_utf8_lossy(&header).trim_end().to_owned();
+        received.lock().unwrap().push(header);
+    }
+    if let Some(refusal) = behavior.refuse_with {
+        write(&mut tx, &format!("{refusal}\r\n")).await;
+        return;
+    }
     write(&mut tx, "220 fake FTP server ready\r\n").await;
     let mut logged_in = false;
     let mut user = false;
     let mut data = DataPlan::None;
     let mut transfer: Option<TransferTask> = None;
     let mut waiting: VecDeque<String> = VecDeque::new();
-    // Kept across iterations: a read cancelled by the end of a transfer
-    // leaves what it read here.
-    let mut buf = Vec::new();
     loop {
         // The next command: one that waited for a transfer, or a new line.
         let line = if transfer.is_none() && !waiting.is_empty() {

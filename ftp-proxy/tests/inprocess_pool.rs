@@ -1,0 +1,287 @@
+//! Several servers in the unprivileged tier (issue 13): the gateway in
+//! process in front of several fake servers. Failover when a server is
+//! unreachable or refuses the session, 421 when none is left, per-user
+//! routing at `USER` (what the gateway answers before it, `user@server`,
+//! a later `USER` whose route excludes the session's server), and the
+//! PROXY protocol on both sides (the real client reaches the server's
+//! header and the per-client limit).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    missing_docs
+)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::fake::{Behavior, FakeServer};
+use common::inproc::{FtpClient, InProcess, code};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The gateway with this configuration file (besides listen and metrics).
+fn start(toml: &str) -> (InProcess, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, toml).unwrap();
+    let gateway = InProcess::start_with(&["--config", path.to_str().unwrap()]);
+    (gateway, dir)
+}
+
+fn servers(list: &[(&str, SocketAddr)]) -> String {
+    list.iter()
+        .map(|(name, addr)| format!("[[servers]]\nname = \"{name}\"\naddress = \"{addr}\"\n"))
+        .collect()
+}
+
+/// An address nothing listens on.
+fn dead() -> SocketAddr {
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    unused.local_addr().unwrap()
+}
+
+fn users(server: &FakeServer) -> Vec<String> {
+    server
+        .received()
+        .into_iter()
+        .filter(|l| l.starts_with("USER"))
+        .collect()
+}
+
+/// A server that refuses connections, and one that greets with 421: every
+/// session still reaches the third, and the failures are the servers'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_fail_over_to_a_server_that_takes_them() {
+    let full = FakeServer::start(Behavior {
+        refuse_with: Some("421 Too many users, try later"),
+        ..Behavior::default()
+    })
+    .await;
+    let good = FakeServer::start(Behavior::default()).await;
+    let (gateway, _dir) = start(&format!(
+        "balance = \"round-robin\"\n{}",
+        servers(&[("gone", dead()), ("full", full.addr), ("good", good.addr)])
+    ));
+    for _ in 0..6 {
+        let mut client = FtpClient::login(gateway.addr).await;
+        assert_eq!(code(&client.cmd("PWD").await), 257);
+        assert_eq!(code(&client.cmd("QUIT").await), 221);
+    }
+    assert_eq!(users(&good).len(), 6);
+    assert!(
+        gateway
+            .metric("ftp_proxy_upstream_connect_failures_total{server=\"gone\"}")
+            .await
+            >= 1.0
+    );
+    assert!(
+        gateway
+            .metric("ftp_proxy_upstream_connect_failures_total{server=\"full\"}")
+            .await
+            >= 1.0
+    );
+    assert_eq!(
+        gateway
+            .metric("ftp_proxy_upstream_errors_total{reason=\"connect\"}")
+            .await,
+        0.0,
+        "no session failed"
+    );
+    gateway.stop().await;
+}
+
+/// Every server failing: 421 with the last one's reason; once the checks
+/// have them down, 421 without trying any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_server_left_gets_421() {
+    let full = FakeServer::start(Behavior {
+        refuse_with: Some("421 Too many users, try later"),
+        ..Behavior::default()
+    })
+    .await;
+    let (gateway, _dir) = start(&format!(
+        "balance = \"round-robin\"\n{}[health]\ninterval = 1\ntimeout = 1\nrise = 1\nfall = 1\n",
+        servers(&[("gone", dead()), ("full", full.addr)])
+    ));
+    // Right away both are up (unconfirmed) and both get tried.
+    let (_client, banner) = FtpClient::connect(gateway.addr).await;
+    assert_eq!(code(&banner), 421, "{banner}");
+    for server in ["gone", "full"] {
+        gateway
+            .wait_metric(
+                &format!("ftp_proxy_upstream_up{{server=\"{server}\"}}"),
+                0.0,
+            )
+            .await;
+    }
+    let (_client, banner) = FtpClient::connect(gateway.addr).await;
+    assert_eq!(code(&banner), 421, "{banner}");
+    assert!(banner.contains("no FTP server is available"), "{banner}");
+    gateway
+        .wait_metric("ftp_proxy_upstream_errors_total{reason=\"no_server\"}", 1.0)
+        .await;
+    gateway.stop().await;
+}
+
+fn routed(a: &FakeServer, b: &FakeServer, extra: &str) -> String {
+    format!(
+        "{extra}\n{}[[routes]]\nusers = [\"alice\", \"team-*\"]\nservers = [\"a\"]\n\
+         [[routes]]\nusers = [\"bob\"]\nservers = [\"b\"]\n",
+        servers(&[("a", a.addr), ("b", b.addr)])
+    )
+}
+
+/// Before `USER` the gateway is the client's server: its own banner and
+/// FEAT, 503 for PASS, 530 for the rest, and no server is contacted.
+/// `USER` then goes to the route's server with the rest of the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_are_routed_at_user() {
+    let a = FakeServer::start(Behavior::default()).await;
+    let b = FakeServer::start(Behavior::default()).await;
+    let (gateway, _dir) = start(&routed(&a, &b, ""));
+    let (mut client, banner) = FtpClient::connect(gateway.addr).await;
+    assert_eq!(code(&banner), 220, "{banner}");
+    let feat = client.cmd("FEAT").await;
+    assert_eq!(code(&feat), 211, "{feat}");
+    assert!(feat.contains("EPSV"), "{feat}");
+    assert_eq!(code(&client.cmd("NOOP").await), 200);
+    assert_eq!(code(&client.cmd("PASS x").await), 503);
+    assert_eq!(code(&client.cmd("SYST").await), 530);
+    assert_eq!(code(&client.cmd("EPSV").await), 530);
+    // No route for carol: 530 as for a bad password, and no server hears of it.
+    assert_eq!(code(&client.cmd("USER carol").await), 530);
+    assert!(a.received().is_empty() && b.received().is_empty());
+    assert_eq!(
+        gateway
+            .metric("ftp_proxy_rejected_total{reason=\"unrouted_user\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(code(&client.cmd("USER bob").await), 331);
+    assert_eq!(code(&client.cmd("PASS secret").await), 230);
+    assert_eq!(code(&client.cmd("PWD").await), 257);
+    assert_eq!(users(&b), ["USER bob"]);
+    assert!(a.received().is_empty());
+    // Another user on the same session: only if its route allows b.
+    assert_eq!(code(&client.cmd("USER alice").await), 530);
+    assert_eq!(users(&b), ["USER bob"]);
+    assert_eq!(code(&client.cmd("QUIT").await), 221);
+
+    let mut client = FtpClient::connect(gateway.addr).await.0;
+    assert_eq!(code(&client.cmd("USER team-x").await), 331);
+    assert_eq!(code(&client.cmd("PASS secret").await), 230);
+    assert_eq!(users(&a), ["USER team-x"]);
+    // QUIT before USER is the gateway's to answer.
+    let mut client = FtpClient::connect(gateway.addr).await.0;
+    assert_eq!(code(&client.cmd("QUIT").await), 221);
+    assert!(client.closed_within(Duration::from_secs(5)).await);
+    gateway.stop().await;
+}
+
+/// `user@server` with `allow-user-at-server`: the server hears the user
+/// alone; a server the user's route excludes is refused; unknown users go
+/// to the pool with `unknown-users = "pool"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_at_server_names_the_server() {
+    let a = FakeServer::start(Behavior::default()).await;
+    let b = FakeServer::start(Behavior::default()).await;
+    let (gateway, _dir) = start(&routed(
+        &a,
+        &b,
+        "allow-user-at-server = true\nunknown-users = \"pool\"",
+    ));
+    let mut client = FtpClient::connect(gateway.addr).await.0;
+    assert_eq!(code(&client.cmd("USER alice@b").await), 530);
+    assert_eq!(code(&client.cmd("USER carol@b").await), 331);
+    assert_eq!(code(&client.cmd("PASS secret").await), 230);
+    assert_eq!(users(&b), ["USER carol"]);
+    let mut client = FtpClient::connect(gateway.addr).await.0;
+    // Not a server's name: the whole argument is the user.
+    assert_eq!(code(&client.cmd("USER dave@example.com").await), 331);
+    let all: Vec<String> = users(&a).into_iter().chain(users(&b)).collect();
+    assert!(all.contains(&"USER dave@example.com".to_owned()), "{all:?}");
+    gateway.stop().await;
+}
+
+/// A routed session whose server cannot be reached: 421 at `USER`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routed_user_whose_servers_fail_gets_421() {
+    let gone = dead();
+    let b = FakeServer::start(Behavior::default()).await;
+    let (gateway, _dir) = start(&format!(
+        "{}[[routes]]\nusers = [\"alice\"]\nservers = [\"a\"]\n",
+        servers(&[("a", gone), ("b", b.addr)])
+    ));
+    let mut client = FtpClient::connect(gateway.addr).await.0;
+    let reply = client.cmd("USER alice").await;
+    assert_eq!(code(&reply), 421, "{reply}");
+    assert!(client.closed_within(Duration::from_secs(5)).await);
+    assert!(b.received().is_empty());
+    gateway.stop().await;
+}
+
+/// Sends a PROXY v1 header for `source`, then reads the banner.
+async fn connect_as(gateway: SocketAddr, source: &str) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(gateway).await.unwrap();
+    stream
+        .write_all(format!("PROXY TCP4 {source} 192.0.2.1 40000 21\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut banner = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut banner))
+        .await
+        .unwrap()
+        .unwrap();
+    (stream, String::from_utf8_lossy(&banner[..n]).into_owned())
+}
+
+/// A trusted balancer's header gives the real client: the server's PROXY
+/// header carries it, and the per-client limit counts it. A trusted peer
+/// without a header is closed without a word, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_protocol_carries_the_real_client() {
+    let server = FakeServer::start(Behavior {
+        proxy_v1: true,
+        ..Behavior::default()
+    })
+    .await;
+    let (gateway, _dir) = start(&format!(
+        "upstream = \"{}\"\nproxy-protocol-from = [\"127.0.0.1/32\"]\n\
+         server-proxy-protocol = \"v1\"\nmax-sessions-per-client = 1\n",
+        server.addr
+    ));
+    let (_first, banner) = connect_as(gateway.addr, "203.0.113.7").await;
+    assert_eq!(code(&banner), 220, "{banner}");
+    let header = server.received()[0].clone();
+    assert!(
+        header.starts_with("PROXY TCP4 203.0.113.7 192.0.2.1 40000 21"),
+        "{header}"
+    );
+    // The same client again: over its limit, although the balancer's
+    // address is the same for everyone.
+    let (_second, banner) = connect_as(gateway.addr, "203.0.113.7").await;
+    assert_eq!(code(&banner), 421, "{banner}");
+    let (_other, banner) = connect_as(gateway.addr, "203.0.113.8").await;
+    assert_eq!(code(&banner), 220, "{banner}");
+    // No header from a trusted peer.
+    let mut plain = TcpStream::connect(gateway.addr).await.unwrap();
+    plain.write_all(b"USER x\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&rest));
+    gateway
+        .wait_metric(
+            "ftp_proxy_proxy_protocol_rejected_total{reason=\"missing\"}",
+            1.0,
+        )
+        .await;
+    gateway.stop().await;
+}
