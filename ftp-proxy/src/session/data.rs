@@ -17,6 +17,7 @@ use crate::config::PortRange;
 use crate::protocol::Side;
 use crate::protocol::address::AddressError;
 use crate::protocol::policy::Refusal;
+use crate::upstream::proxy_protocol::TrustedProxies;
 
 /// Who opened a data connection (`data_connections_total{mode}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -393,12 +394,18 @@ pub(crate) async fn connect_active(
 /// Accepts the first connection that comes from `expected`; connections
 /// from anywhere else are closed and reported through `on_intruder`.
 ///
+/// A connection from one of `balancers` (a load balancer that forwards the
+/// passive ports too, and cannot keep the client's address) must start
+/// with a PROXY header, whose source is then the one compared; a
+/// connection from a balancer without one is refused like an intruder.
+///
 /// # Errors
 /// [`DataFailure::AcceptTimeout`] when the expected peer does not come in time.
 pub(crate) async fn accept_from(
     listener: &TcpListener,
     expected: IpAddr,
     timeout: Duration,
+    balancers: Option<&TrustedProxies>,
     on_intruder: &mut (dyn FnMut(SocketAddr) + Send),
 ) -> Result<TcpStream, DataFailure> {
     let expected = expected.to_canonical();
@@ -406,11 +413,26 @@ pub(crate) async fn accept_from(
     loop {
         match tokio::time::timeout_at(deadline, listener.accept()).await {
             Err(_) => return Err(DataFailure::AcceptTimeout { expected, timeout }),
-            Ok(Ok((stream, peer))) if peer.ip().to_canonical() == expected => return Ok(stream),
-            Ok(Ok((stream, peer))) => {
+            Ok(Ok((mut stream, peer))) => {
+                let source = match balancers.filter(|b| b.trusts(peer.ip())) {
+                    None => Some(peer),
+                    Some(balancer) => {
+                        match tokio::time::timeout_at(deadline, balancer.accept(&mut stream, peer))
+                            .await
+                        {
+                            Ok(Ok(Some(proxied))) => Some(proxied.source),
+                            _ => None,
+                        }
+                    }
+                };
+                if let Some(source) = source
+                    && source.ip().to_canonical() == expected
+                {
+                    return Ok(stream);
+                }
                 let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                 drop(stream);
-                on_intruder(peer);
+                on_intruder(source.unwrap_or(peer));
             }
             Ok(Err(source)) => {
                 let addr = listener
@@ -488,6 +510,7 @@ mod tests {
             &listener,
             "127.0.0.1".parse().unwrap(),
             Duration::from_secs(2),
+            None,
             record,
         );
         let good = connect_from("127.0.0.1".parse().unwrap(), addr, Duration::from_secs(1));
@@ -507,9 +530,60 @@ mod tests {
             &listener,
             "127.0.0.1".parse().unwrap(),
             Duration::from_millis(50),
+            None,
             &mut |_| {},
         )
         .await;
         assert!(matches!(err, Err(DataFailure::AcceptTimeout { .. })));
+    }
+
+    /// Through a balancer (127.0.0.2): the PROXY header's source is what
+    /// counts; a balancer's connection for someone else, or without a
+    /// header, is an intruder's.
+    #[tokio::test]
+    async fn accept_from_takes_the_client_from_a_balancers_header() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let balancers = TrustedProxies::new(
+            vec!["127.0.0.2/32".parse().unwrap()],
+            Duration::from_secs(1),
+        );
+        let balancer = "127.0.0.2".parse().unwrap();
+        let mut headerless = connect_from(balancer, addr, Duration::from_secs(1))
+            .await
+            .unwrap();
+        headerless.write_all(b"data").await.unwrap();
+        let mut thief = connect_from(balancer, addr, Duration::from_secs(1))
+            .await
+            .unwrap();
+        thief
+            .write_all(b"PROXY TCP4 198.51.100.9 127.0.0.1 5000 6000\r\n")
+            .await
+            .unwrap();
+        let mut client = connect_from(balancer, addr, Duration::from_secs(1))
+            .await
+            .unwrap();
+        client
+            .write_all(b"PROXY TCP4 203.0.113.7 127.0.0.1 5000 6000\r\nbytes")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut record = |p: SocketAddr| seen.push(p.ip());
+        let mut accepted = accept_from(
+            &listener,
+            "203.0.113.7".parse().unwrap(),
+            Duration::from_secs(5),
+            Some(&balancers),
+            &mut record,
+        )
+        .await
+        .unwrap();
+        let mut first = [0u8; 5];
+        accepted.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"bytes", "the header is consumed, nothing more");
+        let balancer_ip: IpAddr = balancer;
+        let thief_ip: IpAddr = "198.51.100.9".parse().unwrap();
+        assert_eq!(seen, vec![balancer_ip, thief_ip]);
     }
 }

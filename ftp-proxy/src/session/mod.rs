@@ -66,7 +66,7 @@ use crate::tls::{
 use crate::upstream::Pool;
 use crate::upstream::connect::GreetError;
 use crate::upstream::pool::ServerHandle;
-use crate::upstream::proxy_protocol::Proxied;
+use crate::upstream::proxy_protocol::{Proxied, TrustedProxies};
 use crate::upstream::routes::Target;
 use control::{ClientReader, ClientWriter, ControlStream, ServerReader, ServerWriter};
 use data::{DataError, DataFailure, DataMode, PortPool};
@@ -529,6 +529,9 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// Everything a data-setup future needs, owned.
 struct LegContext {
     client_ip: IpAddr,
+    /// Balancers whose connections to a passive port start with a PROXY
+    /// header (`proxy-protocol-from`), when there are any.
+    balancers: Option<TrustedProxies>,
     client_local_ip: IpAddr,
     server_ip: IpAddr,
     timeout: Duration,
@@ -617,7 +620,12 @@ impl LegContext {
         expected: IpAddr,
     ) -> Result<TcpStream, DataError> {
         let metrics = &self.metrics;
-        let stream = data::accept_from(listener, expected, self.timeout, &mut |peer| {
+        // Only the client's connections may come through a balancer.
+        let balancers = match side {
+            Side::Client => self.balancers.as_ref(),
+            Side::Server => None,
+        };
+        let stream = data::accept_from(listener, expected, self.timeout, balancers, &mut |peer| {
             warn!(side = side.label(), peer = %peer, "data connection from an unexpected address closed");
             metrics.rejected(Reject::PortTheft);
         })
@@ -1483,6 +1491,8 @@ impl<'a> Session<'a> {
                     .is_some_and(|a| a.machine.kind() == transfer::TransferKind::Upload);
                 let context = LegContext {
                     client_ip: self.client_ip,
+                    balancers: (!self.config.proxy_from.networks().is_empty())
+                        .then(|| self.config.proxy_from.clone()),
                     client_local_ip: self.client_local.ip(),
                     server_ip: self.server_ip,
                     timeout: self.config.timeouts.data_connect,
