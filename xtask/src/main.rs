@@ -243,9 +243,20 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         }
         None => (args, &[][..]),
     };
+    // Peers some privileged tests drive (HAProxy in front of gateways,
+    // ProFTPD), unpacked privately as the benchmark does.
+    let peers = root().join("target/bench/peers");
+    let script = root().join("scripts/install-bench-deps.sh");
+    if is_root() {
+        status(Command::new("bash").arg(&script).arg(&peers))?;
+    } else {
+        status(Command::new("sudo").arg("bash").arg(&script).arg(&peers))
+            .context("installing the test peers needs root")?;
+    }
     status(
         cargo()
             .env("FTPX_EBPF_BUILD", "require")
+            .env("FTPX_PEERS", &peers)
             .args(["test", "--workspace", "--no-fail-fast"])
             .args(cargo_args)
             .args(["--", "--include-ignored"])

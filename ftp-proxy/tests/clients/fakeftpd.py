@@ -2,14 +2,53 @@
 """A minimal FTP server for load tests of the gateway: many sessions, little
 work. Greets, accepts any login, answers NOOP/PWD/QUIT, refuses the rest.
 
-Usage: fakeftpd.py HOST PORT
+With --proxy-protocol, each connection must start with a PROXY header (v1
+or v2), and the client address it names is printed as "client IP PORT".
+
+Usage: fakeftpd.py HOST PORT [--proxy-protocol]
 """
 import asyncio
+import ipaddress
 import resource
+import struct
 import sys
+
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY = "--proxy-protocol" in sys.argv[3:]
+
+
+async def read_proxy_header(reader):
+    """The client (address, port) of a PROXY header; None for LOCAL."""
+    first = await reader.readexactly(12)
+    if first == V2_SIGNATURE:
+        ver_cmd, family, length = struct.unpack("!BBH", await reader.readexactly(4))
+        body = await reader.readexactly(length)
+        if ver_cmd & 0x0F == 0:
+            return None
+        if family >> 4 == 1:
+            src, _dst, sport, _dport = struct.unpack("!4s4sHH", body[:12])
+        else:
+            src, _dst, sport, _dport = struct.unpack("!16s16sHH", body[:36])
+        return str(ipaddress.ip_address(src)), sport
+    line = first + await reader.readuntil(b"\r\n")
+    fields = line.decode().split()
+    if fields[1] == "UNKNOWN":
+        return None
+    return fields[2], int(fields[4])
 
 
 async def session(reader, writer):
+    if PROXY:
+        try:
+            client = await read_proxy_header(reader)
+        except (asyncio.IncompleteReadError, ValueError, IndexError, struct.error):
+            print("bad header", flush=True)
+            writer.close()
+            return
+        if client is None:
+            print("local", flush=True)
+        else:
+            print(f"client {client[0]} {client[1]}", flush=True)
     writer.write(b"220 fake ready\r\n")
     try:
         while True:

@@ -684,3 +684,132 @@ impl Drop for FakeFtpd {
         let _ = self.0.wait();
     }
 }
+
+/// `fakeftpd.py --proxy-protocol` on `addr` of `ns`: prints the client of
+/// every connection's PROXY header ("client IP PORT", or "local" for a
+/// health check's LOCAL header). Killed on drop.
+pub struct ProxiedFakeFtpd {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl ProxiedFakeFtpd {
+    pub fn start(ns: &NetNs, addr: SocketAddr) -> ProxiedFakeFtpd {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/fakeftpd.py");
+        let mut child = ns
+            .command("python3")
+            .arg(script)
+            .args([addr.ip().to_string(), addr.port().to_string()])
+            .arg("--proxy-protocol")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut ready = String::new();
+        stdout.read_line(&mut ready).unwrap();
+        assert_eq!(ready.trim(), "ready");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in stdout.lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        ProxiedFakeFtpd { child, lines }
+    }
+
+    /// The clients seen so far ("IP PORT"), health checks left out.
+    pub fn clients(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix("client ").map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Drop for ProxiedFakeFtpd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A peer program unpacked by `scripts/install-bench-deps.sh` (HAProxy,
+/// ProFTPD): `FTPX_PEERS` (set by `cargo xtask test`), else the
+/// benchmark's `target/bench/peers`. A missing peer fails the test.
+pub fn peer(name: &str, binary: &str) -> PathBuf {
+    let dir = std::env::var_os("FTPX_PEERS").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/peers"),
+        PathBuf::from,
+    );
+    let status = fs::read_to_string(dir.join("status")).unwrap_or_default();
+    assert!(
+        status.lines().any(|l| l.starts_with(&format!("{name} ok"))),
+        "peer {name} missing in {}: run `cargo xtask test` (it runs scripts/install-bench-deps.sh)",
+        dir.display()
+    );
+    dir.join(name).join(binary)
+}
+
+/// HAProxy in `ns` with `config` (mode tcp sections), killed on drop.
+pub struct Haproxy {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    /// Starts it and waits until `ready` accepts connections.
+    pub fn start(ns: &NetNs, config: &str, ready: SocketAddr) -> Haproxy {
+        let dir = tempfile::Builder::new()
+            .prefix("ftpx-haproxy")
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join("haproxy.cfg");
+        fs::write(&path, config).unwrap();
+        let child = ns
+            .command(peer("haproxy", "usr/sbin/haproxy"))
+            .args(["-db", "-f"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut haproxy = Haproxy { child, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ns.connect(ready).is_err() {
+            if let Ok(Some(status)) = haproxy.child.try_wait() {
+                panic!("haproxy exited with {status}");
+            }
+            assert!(Instant::now() < deadline, "haproxy did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        haproxy
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET `path` from `addr` inside `ns`: (status code, body).
+pub fn http_get(ns: &NetNs, addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = ns.connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
