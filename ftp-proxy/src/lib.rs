@@ -224,6 +224,7 @@ pub async fn run(
         config.server_proxy_protocol,
         Arc::clone(&metrics),
     );
+    pool.set_own_addresses(control_addrs.clone());
     pool.start_checks();
     readiness.set_servers({
         let pool = pool.clone();

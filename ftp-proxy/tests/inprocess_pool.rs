@@ -26,10 +26,17 @@ use tokio::net::TcpStream;
 
 /// The gateway with this configuration file (besides listen and metrics).
 fn start(toml: &str) -> (InProcess, tempfile::TempDir) {
+    start_args(toml, &[])
+}
+
+/// The same with more command-line arguments.
+fn start_args(toml: &str, extra: &[&str]) -> (InProcess, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, toml).unwrap();
-    let gateway = InProcess::start_with(&["--config", path.to_str().unwrap()]);
+    let mut args = vec!["--config", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let gateway = InProcess::start_with(&args);
     (gateway, dir)
 }
 
@@ -283,5 +290,99 @@ async fn the_proxy_protocol_carries_the_real_client() {
             1.0,
         )
         .await;
+    gateway.stop().await;
+}
+
+/// A server that takes connections and never greets, and a server address
+/// that is the gateway's own listener (a loop): both fail over within the
+/// connect timeout; with only the loop, 421 names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_and_a_loop_fail_over() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let good = FakeServer::start(Behavior::default()).await;
+    // The gateway's second listener, on a port known in advance.
+    let own = dead().to_string();
+    let (gateway, _dir) = start_args(
+        &format!(
+            "connect-timeout = 1\nbalance = \"round-robin\"\n{}",
+            servers(&[
+                ("silent", silent_addr),
+                ("self", own.parse().unwrap()),
+                ("good", good.addr)
+            ])
+        ),
+        &["--listen", &own],
+    );
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let mut client = FtpClient::login(gateway.addr).await;
+        assert_eq!(code(&client.cmd("QUIT").await), 221);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    assert_eq!(users(&good).len(), 3);
+    // Both are down (their checks fail the same way).
+    for server in ["silent", "self"] {
+        gateway
+            .wait_metric(
+                &format!("ftp_proxy_upstream_up{{server=\"{server}\"}}"),
+                0.0,
+            )
+            .await;
+    }
+    gateway.stop().await;
+    holder.abort();
+
+    // A single upstream, unchecked: the session finds the loop.
+    let own = dead().to_string();
+    let (gateway, _dir) = start_args(&format!("upstream = \"{own}\"\n"), &["--listen", &own]);
+    let (_client, banner) = FtpClient::connect(gateway.addr).await;
+    assert_eq!(code(&banner), 421, "{banner}");
+    assert!(banner.contains("loop"), "{banner}");
+    gateway.stop().await;
+}
+
+/// A PROXY header from a client that is not trusted: closed, counted,
+/// whether it arrives with the connection or after the banner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_proxy_header_closes_the_connection() {
+    let server = FakeServer::start(Behavior::default()).await;
+    let gateway = InProcess::start(server.addr, &[]);
+    // After the banner: the first command line.
+    let (mut client, banner) = FtpClient::connect(gateway.addr).await;
+    assert_eq!(code(&banner), 220);
+    client
+        .send("PROXY TCP4 203.0.113.7 192.0.2.1 40000 21")
+        .await;
+    assert!(client.closed_within(Duration::from_secs(5)).await);
+    // With the connection: no banner, or closed after it.
+    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 21\r\nUSER x\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.is_empty() || rest.starts_with("220 "), "{rest}");
+    gateway
+        .wait_metric(
+            "ftp_proxy_proxy_protocol_rejected_total{reason=\"untrusted\"}",
+            2.0,
+        )
+        .await;
+    assert!(
+        !server.received().iter().any(|l| l.starts_with("PROXY")),
+        "the header reached the server"
+    );
     gateway.stop().await;
 }

@@ -36,13 +36,20 @@ pub enum CommandError {
     /// The line holds a CR or NUL byte other than the line end.
     #[error("command line holds a CR or NUL byte")]
     ControlByte,
+    /// The line is a PROXY protocol v1 header (`PROXY TCP4 …`), which only
+    /// a trusted load balancer may send, before anything else.
+    #[error("a PROXY protocol header")]
+    ProxyHeader,
 }
 
 impl CommandError {
     /// The FTP reply code this error earns (RFC 959 §4.2).
     pub fn reply_code(&self) -> u16 {
         match self {
-            CommandError::TooLong { .. } | CommandError::Empty | CommandError::BadVerb => 500,
+            CommandError::TooLong { .. }
+            | CommandError::Empty
+            | CommandError::BadVerb
+            | CommandError::ProxyHeader => 500,
             CommandError::ControlByte => 501,
         }
     }
@@ -179,6 +186,9 @@ impl Command {
             ),
             None => (line, &[][..]),
         };
+        if verb == b"PROXY" && start == 0 {
+            return Err(CommandError::ProxyHeader);
+        }
         if verb.is_empty() || verb.len() > 4 || !verb.iter().all(u8::is_ascii_alphabetic) {
             return Err(CommandError::BadVerb);
         }
@@ -381,6 +391,11 @@ mod tests {
         assert_eq!(Command::parse(b"   "), Err(CommandError::Empty));
         assert_eq!(Command::parse(b"RETRX a"), Err(CommandError::BadVerb));
         assert_eq!(Command::parse(b"R3TR a"), Err(CommandError::BadVerb));
+        assert_eq!(
+            Command::parse(b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2"),
+            Err(CommandError::ProxyHeader)
+        );
+        assert_eq!(Command::parse(b"proxy x"), Err(CommandError::BadVerb));
         assert_eq!(
             Command::parse(b"RETR a\rDELE b"),
             Err(CommandError::ControlByte)

@@ -66,7 +66,7 @@ use crate::tls::{
 use crate::upstream::Pool;
 use crate::upstream::connect::GreetError;
 use crate::upstream::pool::ServerHandle;
-use crate::upstream::proxy_protocol::{Proxied, TrustedProxies};
+use crate::upstream::proxy_protocol::{Proxied, Rejection, TrustedProxies};
 use crate::upstream::routes::Target;
 use control::{ClientReader, ClientWriter, ControlStream, ServerReader, ServerWriter};
 use data::{DataError, DataFailure, DataMode, PortPool};
@@ -472,6 +472,9 @@ struct Session<'a> {
     last_activity: Instant,
     /// QUIT went to the server: its 221 or its close ends the session.
     quitting: bool,
+    /// A command was read (a `PROXY` line first is a header from a peer
+    /// that is not trusted).
+    commands_seen: bool,
     /// The control connections, as registered.
     _control: Vec<Guard>,
 }
@@ -792,6 +795,7 @@ impl<'a> Session<'a> {
             reply_deadline: None,
             last_activity: Instant::now(),
             quitting: false,
+            commands_seen: false,
             _control: vec![shared.observer.register(
                 id,
                 Connection::ClientControl,
@@ -1051,6 +1055,17 @@ impl<'a> Session<'a> {
 
     /// One client command (or bad line) taken in order.
     async fn on_item(&mut self, item: Result<Command, CommandError>) -> Result<Next, SessionError> {
+        let first = !std::mem::replace(&mut self.commands_seen, true);
+        if first && item == Err(CommandError::ProxyHeader) {
+            // A PROXY v1 header that came after the banner was sent (the
+            // accept saw nothing yet): refused as any untrusted header.
+            warn!(
+                side = "client",
+                "PROXY header from a peer not in proxy-protocol-from: closed"
+            );
+            self.metrics.proxy_protocol_rejected(Rejection::Untrusted);
+            return Ok(Next::End(SessionOutcome::ClientError));
+        }
         let command = match item {
             Ok(command) => command,
             Err(error) => {

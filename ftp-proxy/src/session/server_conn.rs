@@ -134,10 +134,19 @@ pub(super) async fn connect_any(
     let header = config
         .server_proxy_protocol
         .header(origin.client, origin.destination);
+    let own = shared.pool.own_addresses();
     let mut tried = Vec::new();
     let mut last = None;
     while let Some(server) = shared.pool.pick_for(origin.client.ip(), target, &tried) {
-        match open(config, &shared.metrics, server.address(), header.as_deref()).await {
+        match open(
+            config,
+            &shared.metrics,
+            server.address(),
+            header.as_deref(),
+            &own,
+        )
+        .await
+        {
             Ok(control) => {
                 shared.pool.passive_success(&server);
                 return Ok((control, server));
@@ -190,6 +199,7 @@ pub(super) async fn open(
     metrics: &Metrics,
     address: &Upstream,
     proxy_header: Option<&[u8]>,
+    own: &[SocketAddr],
 ) -> Result<ServerControl, SessionError> {
     let started = Instant::now();
     let timeout = config.timeouts.connect;
@@ -207,6 +217,9 @@ pub(super) async fn open(
         (Ok(peer), Ok(local)) => (peer, local),
         (Err(e), _) | (_, Err(e)) => return Err(SessionError::ServerIo(e)),
     };
+    if connect::is_own_listener(own, peer, local) {
+        return Err(unreachable(GreetError::Loop(peer)));
+    }
     if let Some(header) = proxy_header {
         stream
             .write_all(header)

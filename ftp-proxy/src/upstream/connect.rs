@@ -68,6 +68,22 @@ pub enum GreetError {
     /// The banner was not a valid reply.
     #[error("invalid banner: {0}")]
     Protocol(#[source] ReplyError),
+    /// The address is one of this gateway's own listeners: a loop.
+    #[error("{0} is this gateway's own listener (a loop)")]
+    Loop(SocketAddr),
+}
+
+/// Whether a connection from `local` to `peer` reached one of `own`, the
+/// gateway's listening addresses: the same address, or a wildcard
+/// listener's port on an address of this host (a connection to an address
+/// of its own host leaves from that same address).
+pub fn is_own_listener(own: &[SocketAddr], peer: SocketAddr, local: SocketAddr) -> bool {
+    let peer_ip = peer.ip().to_canonical();
+    own.iter().any(|listener| {
+        listener.port() == peer.port()
+            && (listener.ip().to_canonical() == peer_ip
+                || (listener.ip().is_unspecified() && peer_ip == local.ip().to_canonical()))
+    })
 }
 
 /// A server that greeted.
@@ -96,12 +112,15 @@ pub struct Greeted {
 /// # Errors
 /// [`GreetError`]: the server is unusable for this session.
 /// Cancel-safe (dropping it drops the connection).
+/// `own`: the gateway's listening addresses; reaching one of them is
+/// [`GreetError::Loop`].
 pub async fn greet(
     address: &Upstream,
     header: Option<&[u8]>,
     timeout: Duration,
     codec: ReplyCodec,
     capacity: usize,
+    own: &[SocketAddr],
 ) -> Result<Greeted, GreetError> {
     let attempt = async {
         let mut stream = connect(address).await?;
@@ -114,6 +133,9 @@ pub async fn greet(
                 });
             }
         };
+        if is_own_listener(own, peer, local) {
+            return Err(GreetError::Loop(peer));
+        }
         if let Some(header) = header {
             stream.write_all(header).await.map_err(GreetError::Send)?;
         }
@@ -225,9 +247,16 @@ mod tests {
     async fn greeted_after_the_header_with_what_followed_kept() {
         let header = b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 21\r\n";
         let (address, task) = server(header.len(), b"120 soon\r\n220 hi\r\n500 next\r\n").await;
-        let mut greeted = greet(&address, Some(header), Duration::from_secs(5), codec(), 512)
-            .await
-            .unwrap();
+        let mut greeted = greet(
+            &address,
+            Some(header),
+            Duration::from_secs(5),
+            codec(),
+            512,
+            &[],
+        )
+        .await
+        .unwrap();
         assert_eq!(task.await.unwrap(), header);
         assert_eq!(greeted.preliminary.len(), 1);
         assert_eq!(greeted.banner.code, 220);
@@ -238,23 +267,23 @@ mod tests {
     #[tokio::test]
     async fn failures_say_why() {
         let (address, _task) = server(0, b"421 go away\r\n").await;
-        let err = greet(&address, None, Duration::from_secs(5), codec(), 512)
+        let err = greet(&address, None, Duration::from_secs(5), codec(), 512, &[])
             .await
             .unwrap_err();
         assert!(matches!(err, GreetError::Refused(421)), "{err}");
         let (address, _task) = server(0, b"").await;
-        let err = greet(&address, None, Duration::from_secs(1), codec(), 512)
+        let err = greet(&address, None, Duration::from_secs(1), codec(), 512, &[])
             .await
             .unwrap_err();
         assert!(matches!(err, GreetError::Timeout(_)), "{err}");
         let (address, _task) = server(0, b"not a reply\r\n").await;
-        let err = greet(&address, None, Duration::from_secs(5), codec(), 512)
+        let err = greet(&address, None, Duration::from_secs(5), codec(), 512, &[])
             .await
             .unwrap_err();
         assert!(matches!(err, GreetError::Protocol(_)), "{err}");
         let stalling: &'static [u8] = "120 wait\r\n".repeat(20).leak().as_bytes();
         let (address, _task) = server(0, stalling).await;
-        let err = greet(&address, None, Duration::from_secs(5), codec(), 512)
+        let err = greet(&address, None, Duration::from_secs(5), codec(), 512, &[])
             .await
             .unwrap_err();
         assert!(matches!(err, GreetError::Stalling), "{err}");
@@ -266,7 +295,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port: closed,
         };
-        let err = greet(&address, None, Duration::from_secs(5), codec(), 512)
+        let err = greet(&address, None, Duration::from_secs(5), codec(), 512, &[])
             .await
             .unwrap_err();
         assert!(matches!(err, GreetError::Connect { .. }), "{err}");
@@ -284,9 +313,53 @@ mod tests {
             host: "127.0.0.1".into(),
             port,
         };
-        let err = greet(&address, None, Duration::from_secs(5), codec(), 512)
+        let err = greet(&address, None, Duration::from_secs(5), codec(), 512, &[])
             .await
             .unwrap_err();
         assert!(matches!(err, GreetError::Closed), "{err}");
+    }
+
+    #[test]
+    fn own_listeners_are_recognised() {
+        let a = |t: &str| t.parse::<SocketAddr>().unwrap();
+        let own = [a("192.0.2.1:21"), a("0.0.0.0:2121"), a("[::]:990")];
+        // The same address.
+        assert!(is_own_listener(
+            &own,
+            a("192.0.2.1:21"),
+            a("192.0.2.1:40000")
+        ));
+        assert!(is_own_listener(
+            &own,
+            a("[::ffff:192.0.2.1]:21"),
+            a("192.0.2.1:40000")
+        ));
+        // A wildcard's port on an address of this host.
+        assert!(is_own_listener(
+            &own,
+            a("10.0.0.5:2121"),
+            a("10.0.0.5:40000")
+        ));
+        assert!(is_own_listener(
+            &own,
+            a("[2001:db8::5]:990"),
+            a("[2001:db8::5]:40000")
+        ));
+        // Another host with the same port, another port.
+        assert!(!is_own_listener(
+            &own,
+            a("10.0.0.6:2121"),
+            a("10.0.0.5:40000")
+        ));
+        assert!(!is_own_listener(
+            &own,
+            a("192.0.2.1:2100"),
+            a("192.0.2.1:40000")
+        ));
+        assert!(!is_own_listener(
+            &own,
+            a("198.51.100.1:21"),
+            a("192.0.2.1:40000")
+        ));
     }
 }

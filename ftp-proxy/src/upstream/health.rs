@@ -264,6 +264,7 @@ pub async fn check(
     address: &Upstream,
     timeout: Duration,
     proxy: ServerProxyProtocol,
+    own: &[std::net::SocketAddr],
 ) -> Result<(), GreetError> {
     let deadline = Instant::now() + timeout;
     let header = proxy.local_header();
@@ -277,6 +278,7 @@ pub async fn check(
         timeout,
         ReplyCodec::new(CHECK_MAX_LINE, CHECK_MAX_LINES),
         CHECK_BUFFER,
+        own,
     )
     .await?;
     let _ = tokio::time::timeout_at(deadline, async {

@@ -228,6 +228,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     members: Mutex<Members>,
     checkers: TaskTracker,
+    /// The gateway's listening addresses: a server there is a loop.
+    own: std::sync::OnceLock<Arc<[std::net::SocketAddr]>>,
 }
 
 /// The servers behind the gateway, shared by the gateway and its sessions
@@ -263,6 +265,7 @@ impl Pool {
                 }),
                 metrics,
                 checkers: TaskTracker::new(),
+                own: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -331,6 +334,22 @@ impl Pool {
         }
     }
 
+    /// The gateway's listening addresses (set once, before the checks
+    /// start): a server that turns out to be one of them is refused as a
+    /// loop, by the checks and by sessions.
+    pub(crate) fn set_own_addresses(&self, addrs: Vec<std::net::SocketAddr>) {
+        let _ = self.inner.own.set(addrs.into());
+    }
+
+    /// The gateway's listening addresses.
+    pub(crate) fn own_addresses(&self) -> Arc<[std::net::SocketAddr]> {
+        self.inner
+            .own
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Arc::from([]))
+    }
+
     /// Starts one health checker per server (within the runtime), when the
     /// pool has a health policy. They run until [`Pool::stop`]; reloads
     /// restart them (and start or stop them with the policy).
@@ -351,9 +370,13 @@ impl Pool {
             if let Some(previous) = lock(&server.checker).replace(token.clone()) {
                 previous.cancel();
             }
-            self.inner
-                .checkers
-                .spawn(check_loop(Arc::clone(server), policy, members.proxy, token));
+            self.inner.checkers.spawn(check_loop(
+                Arc::clone(server),
+                policy,
+                members.proxy,
+                self.own_addresses(),
+                token,
+            ));
         }
     }
 
@@ -464,6 +487,7 @@ async fn check_loop(
     server: Arc<ServerState>,
     policy: HealthPolicy,
     proxy: ServerProxyProtocol,
+    own: Arc<[std::net::SocketAddr]>,
     cancel: CancellationToken,
 ) {
     let mut next = Instant::now() + policy.fast_interval().mul_f64(fastrand::f64());
@@ -479,7 +503,7 @@ async fn check_loop(
         let started = Instant::now();
         let result = tokio::select! {
             () = cancel.cancelled() => return,
-            result = health::check(&server.address, policy.timeout(), proxy) => result,
+            result = health::check(&server.address, policy.timeout(), proxy, &own) => result,
         };
         server.metrics.checked(started.elapsed());
         match result {
