@@ -6,7 +6,8 @@
 //! - HAProxy, 127.0.0.1: port 2100 balanced over the gateways' port 21
 //!   with `send-proxy-v2` and `/readyz` health checks, and each gateway's
 //!   passive range forwarded to it, also with a PROXY header (the
-//!   load-balancing guide's option 3);
+//!   load-balancing guide's option 3, for EPSV); PASV names each
+//!   gateway's own address, reached directly (option 1);
 //! - gateways g1 and g2, 127.0.2.1 and 127.0.2.2, trusting HAProxy's
 //!   headers, each with the pool below, checked every second;
 //! - vsftpd a and b, 127.0.1.1 and 127.0.1.2, each serving a `who.txt`
@@ -67,7 +68,7 @@ fn start_gateway(ns: &NetNs, dir: &std::path::Path, spec: &GatewaySpec, pool: &s
         &path,
         format!(
             "listen = [\"{ip}:21\"]\nmetrics = \"{ip}:9090\"\nebpf = \"off\"\n\
-             passive-address = \"127.0.0.1\"\npassive-ports = \"{p0}-{p1}\"\n\
+             passive-address = \"{ip}\"\npassive-ports = \"{p0}-{p1}\"\n\
              active-ports = \"{a0}-{a1}\"\nproxy-protocol-from = [\"127.0.0.1/32\"]\n\
              drain-timeout = 5\n{pool}",
             ip = spec.ip,
@@ -117,22 +118,62 @@ fn connect(ns: &NetNs, to: SocketAddr) -> TcpStream {
         .unwrap()
 }
 
-/// A session through the balancer: login as `user`, `who.txt` over EPSV
-/// (the data connection through HAProxy to the gateway that answered),
-/// QUIT. Returns the file.
-fn fetch_who(ns: &NetNs, user: &str) -> String {
+/// How the client asks for its data connection.
+#[derive(Clone, Copy, Debug)]
+enum Passive {
+    /// EPSV: a port only; the client connects to the balancer, which
+    /// forwards the gateway's range to it with a PROXY header.
+    Epsv,
+    /// PASV: the gateway names its own address; the client connects to it
+    /// directly.
+    Pasv,
+}
+
+/// Logs in as `user` through the balancer.
+fn login(ns: &NetNs, user: &str) -> Control {
     let mut control = Control::from_stream(connect(ns, addr(BALANCER)));
-    assert!(control.cmd(&format!("USER {user}")).starts_with("331"));
+    let reply = control.cmd(&format!("USER {user}"));
+    assert!(reply.starts_with("331"), "{reply}");
     assert!(control.cmd("PASS test@example.com").starts_with("230"));
-    let reply = control.cmd("EPSV");
-    assert!(reply.starts_with("229"), "{reply}");
-    let port: u16 = reply.split('|').nth(3).unwrap().parse().unwrap();
-    let mut data = connect(ns, SocketAddr::new("127.0.0.1".parse().unwrap(), port));
+    control
+}
+
+/// `pub/who.txt` over a passive data connection.
+fn retrieve(ns: &NetNs, control: &mut Control, how: Passive) -> String {
+    let to = match how {
+        Passive::Epsv => {
+            let reply = control.cmd("EPSV");
+            assert!(reply.starts_with("229"), "{reply}");
+            let port: u16 = reply.split('|').nth(3).unwrap().parse().unwrap();
+            SocketAddr::new("127.0.0.1".parse().unwrap(), port)
+        }
+        Passive::Pasv => {
+            let reply = control.cmd("PASV");
+            assert!(reply.starts_with("227"), "{reply}");
+            let inside = reply.split(['(', ')']).nth(1).unwrap();
+            let n: Vec<u16> = inside.split(',').map(|x| x.parse().unwrap()).collect();
+            let ip = format!("{}.{}.{}.{}", n[0], n[1], n[2], n[3]);
+            assert!(
+                ip.starts_with("127.0.2."),
+                "PASV names the gateway itself: {reply}"
+            );
+            SocketAddr::new(ip.parse().unwrap(), n[4] * 256 + n[5])
+        }
+    };
+    let mut data = connect(ns, to);
     let first = control.cmd("RETR pub/who.txt");
-    assert!(first.starts_with("150"), "{first}");
+    assert!(first.starts_with("150"), "{how:?}: {first}");
     let mut content = String::new();
     data.read_to_string(&mut content).unwrap();
     assert!(control.reply().starts_with("226"));
+    content
+}
+
+/// A whole session through the balancer: login as `user`, `who.txt`,
+/// QUIT. Returns the file.
+fn fetch_who(ns: &NetNs, user: &str, how: Passive) -> String {
+    let mut control = login(ns, user);
+    let content = retrieve(ns, &mut control, how);
     assert!(control.cmd("QUIT").starts_with("221"));
     content
 }
@@ -172,12 +213,19 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 #[ignore = "privileged: namespaces, vsftpd, HAProxy; run by `cargo xtask test`"]
 fn gateways_behind_haproxy_in_front_of_a_pool() {
     let ns = NetNs::new();
-    let mut a = Vsftpd::start(&ns, addr("127.0.1.1:21"), (30000, 30049));
+    let start_a = || {
+        let a = Vsftpd::start(&ns, addr("127.0.1.1:21"), (30000, 30049));
+        a.put("who.txt", b"server a\n");
+        a
+    };
+    let mut a = start_a();
     let b = Vsftpd::start(&ns, addr("127.0.1.2:21"), (31000, 31049));
-    a.put("who.txt", b"server a\n");
     b.put("who.txt", b"server b\n");
     let dir = tempfile::tempdir().unwrap();
+    // "ftp" and "anonymous" are vsftpd's two anonymous logins: ftp is
+    // routed to b; anonymous goes anywhere, or where `@server` says.
     let pool = "balance = \"round-robin\"\nunknown-users = \"pool\"\n\
+                allow-user-at-server = true\n\
                 [[servers]]\nname = \"a\"\naddress = \"127.0.1.1:21\"\n\
                 [[servers]]\nname = \"b\"\naddress = \"127.0.1.2:21\"\n\
                 [health]\ninterval = 1\ntimeout = 1\nrise = 1\nfall = 1\n\
@@ -188,8 +236,18 @@ fn gateways_behind_haproxy_in_front_of_a_pool() {
     // HAProxy marks both up after their first /readyz.
     std::thread::sleep(Duration::from_millis(600));
 
-    // Spread: 8 anonymous sessions reach both servers through both gateways.
-    let seen: Vec<String> = (0..8).map(|_| fetch_who(&ns, "anonymous")).collect();
+    // Spread: anonymous sessions reach both servers through both gateways,
+    // over EPSV (through HAProxy) and PASV (to the gateway directly).
+    let seen: Vec<String> = (0..8)
+        .map(|i| {
+            let how = if i % 4 < 2 {
+                Passive::Epsv
+            } else {
+                Passive::Pasv
+            };
+            fetch_who(&ns, "anonymous", how)
+        })
+        .collect();
     for server in ["server a\n", "server b\n"] {
         assert!(
             seen.iter().any(|s| s == server),
@@ -203,6 +261,11 @@ fn gateways_behind_haproxy_in_front_of_a_pool() {
             g.ip
         );
     }
+    // Counted on each server too: its log has the downloads.
+    for (name, server) in [("a", &a), ("b", &b)] {
+        let downloads = server.log().matches("OK DOWNLOAD").count();
+        assert!(downloads >= 1, "server {name}: {}", server.log());
+    }
     // The gateways saw the real client, not HAProxy.
     assert!(g1.count_logs(&format!("{CLIENT}:")) > 0, "{}", g1.logs());
     assert_eq!(
@@ -214,21 +277,43 @@ fn gateways_behind_haproxy_in_front_of_a_pool() {
     for _ in 0..2 {
         assert!(fetch_who_active(&ns).starts_with("server "));
     }
-    // Routing: user ftp always reaches b.
-    for _ in 0..3 {
-        assert_eq!(fetch_who(&ns, "ftp"), "server b\n");
+    // Routing by user, checked by content.
+    for how in [Passive::Epsv, Passive::Pasv] {
+        assert_eq!(fetch_who(&ns, "ftp", how), "server b\n");
+        assert_eq!(fetch_who(&ns, "anonymous@a", how), "server a\n");
     }
 
-    // Server a dies: every session still succeeds, on b.
+    // Server a dies under a session: that session ends (421 or closed),
+    // every new session succeeds on b.
+    let mut on_a = login(&ns, "anonymous@a");
+    assert_eq!(retrieve(&ns, &mut on_a, Passive::Epsv), "server a\n");
     a.kill();
-    for _ in 0..4 {
-        assert_eq!(fetch_who(&ns, "anonymous"), "server b\n");
+    let reply = on_a.cmd("PWD");
+    assert!(
+        reply.starts_with("421") || reply == "<closed>",
+        "a session on a dead server: {reply}"
+    );
+    for i in 0..4 {
+        let how = if i % 2 == 0 {
+            Passive::Epsv
+        } else {
+            Passive::Pasv
+        };
+        assert_eq!(fetch_who(&ns, "anonymous", how), "server b\n");
     }
     for g in [&G1, &G2] {
         wait_for("server a down", || {
             metric(&ns, g, "ftp_proxy_upstream_up{server=\"a\"}") == 0.0
         });
     }
+    // Restarted, it comes back after `rise` checks.
+    let _a = start_a();
+    for g in [&G1, &G2] {
+        wait_for("server a up again", || {
+            metric(&ns, g, "ftp_proxy_upstream_up{server=\"a\"}") == 1.0
+        });
+    }
+    assert_eq!(fetch_who(&ns, "anonymous@a", Passive::Pasv), "server a\n");
 
     // Gateway g1 stops: HAProxy's check sees /readyz fail, sessions go on
     // through g2.
@@ -238,8 +323,13 @@ fn gateways_behind_haproxy_in_front_of_a_pool() {
         "g1 did not exit"
     );
     let before = metric(&ns, &G2, "ftp_proxy_sessions_total");
-    for _ in 0..4 {
-        assert_eq!(fetch_who(&ns, "anonymous"), "server b\n");
+    for i in 0..4 {
+        let how = if i % 2 == 0 {
+            Passive::Epsv
+        } else {
+            Passive::Pasv
+        };
+        assert!(fetch_who(&ns, "anonymous", how).starts_with("server "));
     }
     assert_eq!(metric(&ns, &G2, "ftp_proxy_sessions_total"), before + 4.0);
     drop(g2);
