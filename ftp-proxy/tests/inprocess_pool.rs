@@ -386,3 +386,78 @@ async fn an_untrusted_proxy_header_closes_the_connection() {
     );
     gateway.stop().await;
 }
+
+/// A PROXY v2 header: PROXY command, TCP over `family` (0x11 IPv4, 0x21
+/// IPv6), the addresses, then `tlv_bytes` of padding TLV.
+fn v2_header(family: u8, addresses: &[u8], tlv_bytes: usize) -> Vec<u8> {
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.push(0x21);
+    header.push(family);
+    let mut payload = addresses.to_vec();
+    if tlv_bytes > 0 {
+        // PP2_TYPE_NOOP (0x04), length, zeros.
+        payload.push(0x04);
+        payload.extend_from_slice(&u16::try_from(tlv_bytes - 3).unwrap().to_be_bytes());
+        payload.extend(std::iter::repeat_n(0u8, tlv_bytes - 3));
+    }
+    header.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+    header.extend_from_slice(&payload);
+    header
+}
+
+/// A v2 header with an IPv6 client on the IPv4 listener is taken (the
+/// header toward the server says TCP6); one whose TLVs pass the bound is
+/// refused and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_v2_ipv6_client_and_oversized_tlvs() {
+    let server = FakeServer::start(Behavior {
+        proxy_v1: true,
+        ..Behavior::default()
+    })
+    .await;
+    let (gateway, _dir) = start(&format!(
+        "upstream = \"{}\"\nproxy-protocol-from = [\"127.0.0.1/32\"]\nserver-proxy-protocol = \"v1\"\n",
+        server.addr
+    ));
+    let source: std::net::Ipv6Addr = "2001:db8::7".parse().unwrap();
+    let destination: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+    let mut addresses = source.octets().to_vec();
+    addresses.extend_from_slice(&destination.octets());
+    addresses.extend_from_slice(&40000u16.to_be_bytes());
+    addresses.extend_from_slice(&21u16.to_be_bytes());
+    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(&v2_header(0x21, &addresses, 8))
+        .await
+        .unwrap();
+    let mut banner = [0u8; 3];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut banner))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&banner, b"220");
+    let header = server.received()[0].clone();
+    assert!(
+        header.starts_with("PROXY TCP6 2001:db8::7 2001:db8::1 40000 21"),
+        "{header}"
+    );
+    // 2,000 bytes of TLVs: past the bound.
+    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(&v2_header(0x21, &addresses, 2000))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&rest));
+    gateway
+        .wait_metric(
+            "ftp_proxy_proxy_protocol_rejected_total{reason=\"too_large\"}",
+            1.0,
+        )
+        .await;
+    gateway.stop().await;
+}
