@@ -62,12 +62,14 @@ const G2: GatewaySpec = GatewaySpec {
     active: (43000, 43049),
 };
 
+/// A gateway; `pool` holds the servers and anything else (`ebpf` too:
+/// two flow trackers cannot share the namespace's loopback XDP hook).
 fn start_gateway(ns: &NetNs, dir: &std::path::Path, spec: &GatewaySpec, pool: &str) -> Gateway {
     let path = dir.join(format!("{}.toml", spec.ip));
     std::fs::write(
         &path,
         format!(
-            "listen = [\"{ip}:21\"]\nmetrics = \"{ip}:9090\"\nebpf = \"off\"\n\
+            "listen = [\"{ip}:21\"]\nmetrics = \"{ip}:9090\"\n\
              passive-address = \"{ip}\"\npassive-ports = \"{p0}-{p1}\"\n\
              active-ports = \"{a0}-{a1}\"\nproxy-protocol-from = [\"127.0.0.1/32\"]\n\
              drain-timeout = 5\n{pool}",
@@ -224,7 +226,7 @@ fn gateways_behind_haproxy_in_front_of_a_pool() {
     let dir = tempfile::tempdir().unwrap();
     // "ftp" and "anonymous" are vsftpd's two anonymous logins: ftp is
     // routed to b; anonymous goes anywhere, or where `@server` says.
-    let pool = "balance = \"round-robin\"\nunknown-users = \"pool\"\n\
+    let pool = "ebpf = \"off\"\nbalance = \"round-robin\"\nunknown-users = \"pool\"\n\
                 allow-user-at-server = true\n\
                 [[servers]]\nname = \"a\"\naddress = \"127.0.1.1:21\"\n\
                 [[servers]]\nname = \"b\"\naddress = \"127.0.1.2:21\"\n\
@@ -337,7 +339,8 @@ fn gateways_behind_haproxy_in_front_of_a_pool() {
 
 /// The server sees the real client too: HAProxy's header to the gateway,
 /// the gateway's own header to a PROXY-aware server (whose health checks
-/// send LOCAL headers).
+/// send LOCAL headers). `/flows` names the real client beside the flows,
+/// whose peer is HAProxy.
 #[test]
 #[ignore = "privileged: namespaces, HAProxy; run by `cargo xtask test`"]
 fn the_server_sees_the_real_client_through_balancer_and_gateway() {
@@ -348,7 +351,7 @@ fn the_server_sees_the_real_client_through_balancer_and_gateway() {
         &ns,
         dir.path(),
         &G1,
-        "upstream = \"127.0.1.1:21\"\nserver-proxy-protocol = \"v2\"\n\
+        "upstream = \"127.0.1.1:21\"\nserver-proxy-protocol = \"v2\"\nebpf = \"required\"\n\
          [health]\ninterval = 1\ntimeout = 1\n",
     );
     let _haproxy = Haproxy::start(&ns, &haproxy_config(&[&G1]), addr(BALANCER));
@@ -361,6 +364,20 @@ fn the_server_sees_the_real_client_through_balancer_and_gateway() {
         .unwrap();
     stream.read_exact(&mut banner).unwrap();
     assert_eq!(&banner, b"220");
+    let (_, flows) = http_get(&ns, addr(&format!("{}:9090", G1.ip)), "/flows");
+    let flows: serde_json::Value = serde_json::from_str(&flows).unwrap();
+    let want_client = format!("{CLIENT}:{port}");
+    let legs: Vec<&str> = flows["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["proxied_client"] == want_client.as_str())
+        .map(|f| f["leg"].as_str().unwrap())
+        .collect();
+    assert!(
+        legs.contains(&"client_control") && legs.contains(&"server_control"),
+        "{flows}"
+    );
     stream.write_all(b"QUIT\r\n").unwrap();
     // (HAProxy's start-up probe came from 127.0.0.1 and shows as such.)
     let want = format!("{CLIENT} {port}");

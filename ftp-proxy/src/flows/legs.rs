@@ -29,6 +29,8 @@ pub(crate) struct Owner {
     pub(crate) connection: Connection,
     /// The gateway's end of the connection.
     pub(crate) local: SocketAddr,
+    /// The session's client, when a balancer's PROXY header named it.
+    pub(crate) client: Option<SocketAddr>,
 }
 
 /// The endpoints of a connection, in a canonical order so that either
@@ -111,6 +113,7 @@ impl LegRegistry {
         connection: Connection,
         local: SocketAddr,
         peer: SocketAddr,
+        client: Option<SocketAddr>,
     ) -> Registration {
         let endpoints = Endpoints::new(local, peer);
         if let Ok(mut table) = self.0.lock() {
@@ -121,6 +124,7 @@ impl LegRegistry {
                     session_id,
                     connection,
                     local: canonical(local),
+                    client,
                 },
             );
         }
@@ -164,6 +168,7 @@ mod tests {
             Connection::ClientData,
             sa("127.0.0.1:20"),
             sa("127.0.0.1:5001"),
+            None,
         );
         assert_eq!(
             r.owner(sa("127.0.0.1:5001"), sa("127.0.0.1:20")),
@@ -171,6 +176,7 @@ mod tests {
                 session_id: 7,
                 connection: Connection::ClientData,
                 local: sa("127.0.0.1:20"),
+                client: None,
             })
         );
         assert_eq!(
@@ -200,6 +206,7 @@ mod tests {
                 Connection::ServerData,
                 sa("10.0.0.1:21"),
                 SocketAddr::new([10, 0, (port >> 16) as u8, 2].into(), p),
+                None,
             ));
         }
         let table = r.0.lock().unwrap();

@@ -159,6 +159,10 @@ pub struct JoinedFlow {
     /// Who sent the first FIN: `gateway`, `client` or `server` (the FTP
     /// peer on that leg), or none yet.
     pub closed_first_by: Option<&'static str>,
+    /// The session's client when a load balancer's PROXY header named it
+    /// (the flow's client-side peer is then the balancer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxied_client: Option<SocketAddr>,
     /// SYN to established, in milliseconds.
     pub handshake_ms: Option<f64>,
     /// The kernel's record.
@@ -318,6 +322,7 @@ impl FlowView {
         };
         JoinedFlow {
             session_id: owner.map(|o| o.session_id),
+            proxied_client: owner.and_then(|o| o.client),
             leg: leg.label(),
             closed_first_by,
             handshake_ms,
@@ -502,11 +507,12 @@ impl ConnectionObserver for FlowView {
         connection: Connection,
         local: SocketAddr,
         peer: SocketAddr,
+        client: Option<SocketAddr>,
     ) -> Guard {
         if self.tracker.is_none() {
             return Box::new(());
         }
-        Box::new(self.legs.register(session, connection, local, peer))
+        Box::new(self.legs.register(session, connection, local, peer, client))
     }
 }
 

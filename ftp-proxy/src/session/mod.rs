@@ -113,13 +113,16 @@ pub(crate) trait ConnectionObserver: Send + Sync {
     /// Watches a data port chosen at run time while the guard lives.
     fn watch_port(&self, port: u16) -> Guard;
 
-    /// Registers one of a session's connections while the guard lives.
+    /// Registers one of a session's connections while the guard lives;
+    /// `client`: the session's client when a load balancer's PROXY header
+    /// named it (the connections' peers are then the balancer's).
     fn register(
         &self,
         session: u64,
         connection: Connection,
         local: SocketAddr,
         peer: SocketAddr,
+        client: Option<SocketAddr>,
     ) -> Guard;
 }
 
@@ -438,6 +441,8 @@ struct Session<'a> {
     /// The client as the balancing and the PROXY header toward the server
     /// see it.
     origin: Origin,
+    /// Whether `origin` came from a balancer's PROXY header.
+    proxied: bool,
     /// The server this session uses (none yet while a routed session waits
     /// for `USER`).
     server: Option<ServerHandle>,
@@ -769,6 +774,7 @@ impl<'a> Session<'a> {
             client_ip: origin.client.ip().to_canonical(),
             client_local: canonical(client_local),
             origin,
+            proxied: proxied.is_some(),
             server: None,
             server_ip: unspecified.ip(),
             server_local: unspecified,
@@ -801,12 +807,18 @@ impl<'a> Session<'a> {
                 Connection::ClientControl,
                 client_local,
                 client_peer,
+                proxied.map(|p| p.source),
             )],
         };
         if let Some((control, server)) = server {
             session.banner = session.attach(control, server);
         }
         Ok(session)
+    }
+
+    /// The client a balancer's PROXY header named, if any.
+    fn proxied_client(&self) -> Option<SocketAddr> {
+        self.proxied.then_some(self.origin.client)
     }
 
     /// Takes the server's control connection for the rest of the session;
@@ -825,6 +837,7 @@ impl<'a> Session<'a> {
             Connection::ServerControl,
             control.local,
             control.peer,
+            self.proxied_client(),
         ));
         self.server = Some(server);
         self.state.server_chosen();
@@ -1355,11 +1368,13 @@ impl<'a> Session<'a> {
     fn register_legs(&self, client: &TcpStream, server: &TcpStream) -> Option<[Guard; 2]> {
         let register =
             |connection, stream: &TcpStream| match (stream.local_addr(), stream.peer_addr()) {
-                (Ok(local), Ok(peer)) => Some(
-                    self.shared
-                        .observer
-                        .register(self.id, connection, local, peer),
-                ),
+                (Ok(local), Ok(peer)) => Some(self.shared.observer.register(
+                    self.id,
+                    connection,
+                    local,
+                    peer,
+                    self.proxied_client(),
+                )),
                 _ => None,
             };
         Some([
