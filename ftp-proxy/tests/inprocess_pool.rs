@@ -247,6 +247,25 @@ async fn connect_as(gateway: SocketAddr, source: &str) -> (TcpStream, String) {
     (stream, String::from_utf8_lossy(&banner[..n]).into_owned())
 }
 
+/// Sends `bytes` as a trusted peer's first: the gateway closes without a
+/// reply and counts the header refused for `reason`.
+async fn refused_without_a_word(gateway: &InProcess, bytes: &[u8], reason: &str) {
+    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&rest));
+    gateway
+        .wait_metric(
+            &format!("ftp_proxy_proxy_protocol_rejected_total{{reason=\"{reason}\"}}"),
+            1.0,
+        )
+        .await;
+}
+
 /// A trusted balancer's header gives the real client: the server's PROXY
 /// header carries it, and the per-client limit counts it. A trusted peer
 /// without a header is closed without a word, and counted.
@@ -276,20 +295,7 @@ async fn the_proxy_protocol_carries_the_real_client() {
     let (_other, banner) = connect_as(gateway.addr, "203.0.113.8").await;
     assert_eq!(code(&banner), 220, "{banner}");
     // No header from a trusted peer.
-    let mut plain = TcpStream::connect(gateway.addr).await.unwrap();
-    plain.write_all(b"USER x\r\n").await.unwrap();
-    let mut rest = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut rest))
-        .await
-        .unwrap()
-        .unwrap_or(0);
-    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&rest));
-    gateway
-        .wait_metric(
-            "ftp_proxy_proxy_protocol_rejected_total{reason=\"missing\"}",
-            1.0,
-        )
-        .await;
+    refused_without_a_word(&gateway, b"USER x\r\n", "missing").await;
     gateway.stop().await;
 }
 
@@ -442,22 +448,6 @@ async fn proxy_v2_ipv6_client_and_oversized_tlvs() {
         "{header}"
     );
     // 2,000 bytes of TLVs: past the bound.
-    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
-    stream
-        .write_all(&v2_header(0x21, &addresses, 2000))
-        .await
-        .unwrap();
-    let mut rest = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
-        .await
-        .unwrap()
-        .unwrap_or(0);
-    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&rest));
-    gateway
-        .wait_metric(
-            "ftp_proxy_proxy_protocol_rejected_total{reason=\"too_large\"}",
-            1.0,
-        )
-        .await;
+    refused_without_a_word(&gateway, &v2_header(0x21, &addresses, 2000), "too_large").await;
     gateway.stop().await;
 }

@@ -672,18 +672,32 @@ mod tests {
     use bytes::BytesMut;
     use tokio_util::codec::Decoder;
 
+    /// The tests' policy: NAT traversal, upstream mode `client`.
+    fn policy(tls: TlsPolicy, route_users: bool) -> Policy {
+        Policy {
+            nat_traversal: true,
+            passive_address: None,
+            upstream_mode: UpstreamMode::Client,
+            tls,
+            route_users,
+        }
+    }
+
+    /// A fresh session from 192.0.2.1 to 198.51.100.1.
+    fn fresh(policy: Policy) -> ControlState {
+        ControlState::new(
+            "192.0.2.1".parse().unwrap(),
+            "198.51.100.1".parse().unwrap(),
+            policy,
+        )
+    }
+
     /// A session whose login the server accepted.
     fn state(client: &str, local: &str) -> ControlState {
         let mut s = ControlState::new(
             client.parse().unwrap(),
             local.parse().unwrap(),
-            Policy {
-                nat_traversal: true,
-                passive_address: None,
-                upstream_mode: UpstreamMode::Client,
-                tls: TlsPolicy::OFF,
-                route_users: false,
-            },
+            policy(TlsPolicy::OFF, false),
         );
         assert_eq!(s.on_reply(&Verb::Pass, 230), Some(LoginResult::Ok));
         s
@@ -786,17 +800,7 @@ mod tests {
 
     #[test]
     fn data_commands_need_a_login_and_open_nothing_before() {
-        let mut s = ControlState::new(
-            "192.0.2.1".parse().unwrap(),
-            "198.51.100.1".parse().unwrap(),
-            Policy {
-                nat_traversal: true,
-                passive_address: None,
-                upstream_mode: UpstreamMode::Client,
-                tls: TlsPolicy::OFF,
-                route_users: false,
-            },
-        );
+        let mut s = fresh(policy(TlsPolicy::OFF, false));
         for line in [
             "PASV",
             "EPSV",
@@ -826,21 +830,14 @@ mod tests {
 
     #[test]
     fn before_a_routed_user_nothing_reaches_a_server() {
-        let mut s = ControlState::new(
-            "192.0.2.1".parse().unwrap(),
-            "198.51.100.1".parse().unwrap(),
-            Policy {
-                nat_traversal: true,
-                passive_address: None,
-                upstream_mode: UpstreamMode::Client,
-                tls: TlsPolicy {
-                    mode: ClientTlsMode::Optional,
-                    data: ClientDataTls::Optional,
-                    forward_prot: true,
-                },
-                route_users: true,
+        let mut s = fresh(policy(
+            TlsPolicy {
+                mode: ClientTlsMode::Optional,
+                data: ClientDataTls::Optional,
+                forward_prot: true,
             },
-        );
+            true,
+        ));
         assert!(!s.has_server());
         for (line, want) in [
             ("NOOP", 200),
