@@ -74,7 +74,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
     /// Only these paths (direct, ftp-proxy, ftp-proxy-ebpf-off,
-    /// ftp-proxy-splice, ftp-proxy-copy (wire), proftpd (loopback),
+    /// ftp-proxy-splice, ftp-proxy-copy (wire), ftp-proxy-pool3 (wire, session rates), proftpd (loopback),
     /// proxy-suite, haproxy-splice, haproxy (loopback)); direct (routed,
     /// on the wire) is always included.
     #[arg(long, value_delimiter = ',')]
@@ -581,6 +581,7 @@ fn wire_kinds(tracker_built: bool) -> Vec<Kind> {
     kinds.extend([
         Kind::GatewaySplice,
         Kind::GatewayCopy,
+        Kind::GatewayPool,
         Kind::Suse,
         Kind::Haproxy { splice: true },
     ]);
@@ -873,7 +874,13 @@ impl Bench {
     fn measure_wire(&mut self) -> Result<()> {
         let kinds = self.available();
         if self.s.transfers {
-            self.all_transfers(&kinds)?;
+            // The pool changes nothing once a session has its server.
+            let moving: Vec<Kind> = kinds
+                .iter()
+                .copied()
+                .filter(|k| !k.sessions_only())
+                .collect();
+            self.all_transfers(&moving)?;
         }
         let gateway = default_gateway(self.results.tracker_built);
         if self.s.slow {
@@ -891,10 +898,15 @@ impl Bench {
             }
         }
         if self.s.rate {
-            let rated: Vec<Kind> = [Kind::Direct, gateway, Kind::Haproxy { splice: true }]
-                .into_iter()
-                .filter(|k| kinds.contains(k))
-                .collect();
+            let rated: Vec<Kind> = [
+                Kind::Direct,
+                gateway,
+                Kind::GatewayPool,
+                Kind::Haproxy { splice: true },
+            ]
+            .into_iter()
+            .filter(|k| kinds.contains(k))
+            .collect();
             self.all_rates(&rated)?;
         }
         Ok(())

@@ -143,6 +143,9 @@ pub enum Kind {
     GatewaySplice,
     /// The gateway with `--relay-mode copy` (tracker as in the first row).
     GatewayCopy,
+    /// The gateway (tracker as in the first row) with a pool of three
+    /// servers, all the same vsftpd: what balancing costs a session.
+    GatewayPool,
     /// ProFTPD with mod_proxy as a reverse proxy.
     ModProxy,
     /// The SuSE proxy-suite.
@@ -164,6 +167,7 @@ impl Kind {
             Kind::Gateway(Some(false)) => "ftp-proxy-ebpf-off",
             Kind::GatewaySplice => "ftp-proxy-splice",
             Kind::GatewayCopy => "ftp-proxy-copy",
+            Kind::GatewayPool => "ftp-proxy-pool3",
             Kind::ModProxy => "proftpd",
             Kind::Suse => "proxy-suite",
             Kind::Haproxy { splice: true } => "haproxy-splice",
@@ -180,11 +184,18 @@ impl Kind {
             Kind::Gateway(Some(false)) => "ftp-proxy --ebpf off",
             Kind::GatewaySplice => "ftp-proxy --relay-mode splice",
             Kind::GatewayCopy => "ftp-proxy --relay-mode copy",
+            Kind::GatewayPool => "ftp-proxy, pool of 3 servers",
             Kind::ModProxy => "ProFTPD mod_proxy",
             Kind::Suse => "proxy-suite ftp-proxy",
             Kind::Haproxy { splice: true } => "HAProxy TCP, splice",
             Kind::Haproxy { splice: false } => "HAProxy TCP, no splice",
         }
+    }
+
+    /// Whether the path is measured for session rates only (its transfers
+    /// are another path's).
+    pub fn sessions_only(self) -> bool {
+        self == Kind::GatewayPool
     }
 
     /// Whether the path is a peer (not the gateway, not direct).
@@ -219,7 +230,9 @@ impl Kind {
                 Kind::ModProxy => b + 31,
                 Kind::Suse => b + 41,
                 Kind::Haproxy { .. } => b + 51,
-                Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy => b + 61,
+                Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy | Kind::GatewayPool => {
+                    b + 61
+                }
             };
             return SocketAddr::from((wire::GATEWAY, port));
         }
@@ -229,7 +242,7 @@ impl Kind {
             Kind::Suse => (Ipv4Addr::LOCALHOST, b + 41),
             Kind::Haproxy { splice: true } => (Ipv4Addr::new(127, 0, 0, 2), b + 51),
             Kind::Haproxy { splice: false } => (Ipv4Addr::new(127, 0, 0, 3), b + 51),
-            Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy => {
+            Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy | Kind::GatewayPool => {
                 (Ipv4Addr::LOCALHOST, b + 61)
             }
         };
@@ -563,6 +576,32 @@ pub fn start_vsftpd(env: &Env, template: &str, v: &Vsftpd) -> Result<Daemon> {
 
 /// The command line of the gateway for `kind`.
 pub fn gateway_command(env: &Env, tracker: Option<bool>) -> Command {
+    gateway_command_to(
+        env,
+        tracker,
+        &["--upstream".to_owned(), env.server_addr().to_string()],
+    )
+}
+
+/// The gateway's pool file for [`Kind::GatewayPool`]: three servers, all
+/// the bench's vsftpd, balanced by least connections, checked.
+fn pool_file(env: &Env) -> PathBuf {
+    env.run_dir.join(Kind::GatewayPool.id()).join("pool.toml")
+}
+
+fn pool_gateway_command(env: &Env) -> Command {
+    gateway_command_to(
+        env,
+        env.ebpf_flag.as_ref().map(|_| true),
+        &[
+            "--config".to_owned(),
+            pool_file(env).to_string_lossy().into_owned(),
+        ],
+    )
+}
+
+/// The gateway with `servers` naming its server(s).
+fn gateway_command_to(env: &Env, tracker: Option<bool>, servers: &[String]) -> Command {
     let b = env.base;
     let (passive, active) = if env.wire.is_some() {
         ((b + 2000, b + 3999), (b + 4000, b + 5999))
@@ -570,11 +609,9 @@ pub fn gateway_command(env: &Env, tracker: Option<bool>) -> Command {
         ((b + 1300, b + 1599), (b + 1600, b + 1899))
     };
     let mut cmd = env.command(Host::Gateway, &env.gateway_bin);
+    cmd.args(["--listen", &Kind::Gateway(tracker).addr(env).to_string()]);
+    cmd.args(servers);
     cmd.args([
-        "--listen",
-        &Kind::Gateway(tracker).addr(env).to_string(),
-        "--upstream",
-        &env.server_addr().to_string(),
         "--passive-ports",
         &format!("{}-{}", passive.0, passive.1),
         "--active-ports",
@@ -619,6 +656,26 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
         Kind::Gateway(tracker) => gateway_command(env, tracker),
         Kind::GatewaySplice => relay_gateway_command(env, "splice"),
         Kind::GatewayCopy => relay_gateway_command(env, "copy"),
+        Kind::GatewayPool => {
+            let servers: String = ["a", "b", "c"]
+                .iter()
+                .map(|name| {
+                    format!(
+                        "[[servers]]\nname = \"{name}\"\naddress = \"{}\"\n",
+                        env.server_addr()
+                    )
+                })
+                .collect();
+            write(
+                &pool_file(env),
+                &format!(
+                    "# Three servers, all the same vsftpd: balancing and health checks\n\
+                     # are what this path adds to a session.\n\
+                     balance = \"least-connections\"\n{servers}"
+                ),
+            )?;
+            pool_gateway_command(env)
+        }
         Kind::ModProxy => {
             let root = env.peers_dir.join("proftpd");
             let conf = dir.join("proftpd.conf");
@@ -795,6 +852,7 @@ pub fn config_files(kind: Kind, env: &Env) -> Vec<PathBuf> {
     let name = match kind {
         Kind::Direct => return vec![env.run_dir.join("vsftpd.conf")],
         Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy => return Vec::new(),
+        Kind::GatewayPool => return vec![pool_file(env)],
         Kind::ModProxy => "proftpd.conf",
         Kind::Suse => "ftp-proxy.conf",
         Kind::Haproxy { .. } if env.wire.is_some() => {
@@ -831,6 +889,7 @@ pub fn command_line(kind: Kind, env: &Env) -> String {
         Kind::Gateway(tracker) => gateway_command(env, tracker),
         Kind::GatewaySplice => relay_gateway_command(env, "splice"),
         Kind::GatewayCopy => relay_gateway_command(env, "copy"),
+        Kind::GatewayPool => pool_gateway_command(env),
         Kind::ModProxy => {
             let mut c = env.command(Host::Gateway, peers.join("proftpd/usr/sbin/proftpd"));
             c.args(["-n", "-q", "-c"]).arg(dir.join("proftpd.conf"));

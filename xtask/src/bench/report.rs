@@ -471,7 +471,7 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
         "| path | RETR passive | × routed | RETR active | × routed | STOR passive | × routed |\n\
          |---|---|---|---|---|---|---|"
     );
-    for (k, avail) in &r.paths {
+    for (k, avail) in r.paths.iter().filter(|(k, _)| !k.sessions_only()) {
         if let Err(e) = avail {
             unavailable_row(o, k.label_on(net), e, 6);
             continue;
@@ -509,7 +509,7 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
         "| path | RETR passive: machine | net | proxy | RETR active: machine | net | proxy | STOR passive: machine | net | proxy |\n\
          |---|---|---|---|---|---|---|---|---|---|"
     );
-    for (k, avail) in &r.paths {
+    for (k, avail) in r.paths.iter().filter(|(k, _)| !k.sessions_only()) {
         if let Err(e) = avail {
             unavailable_row(o, k.label_on(net), e, 9);
             continue;
