@@ -176,7 +176,11 @@ fn git_revision(workspace: &Path) -> Option<String> {
     // the branch's loose ref, packed-refs, and the work tree's reflog.
     // Only files that exist are watched: cargo takes a missing one as
     // changed on every build.
-    let mut watched = vec!["HEAD".to_owned(), "logs/HEAD".to_owned(), "packed-refs".to_owned()];
+    let mut watched = vec![
+        "HEAD".to_owned(),
+        "logs/HEAD".to_owned(),
+        "packed-refs".to_owned(),
+    ];
     watched.extend(git(&["symbolic-ref", "-q", "HEAD"]));
     for name in watched {
         if let Some(path) = git(&["rev-parse", "--git-path", &name]) {

@@ -64,7 +64,10 @@ fn manual_command() -> clap::Command {
 fn write_manual(dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let completions = ftp_proxy::manual::SHELLS.map(ftp_proxy::manual::completion);
-    for file in ftp_proxy::manual::man_pages().into_iter().chain(completions) {
+    for file in ftp_proxy::manual::man_pages()
+        .into_iter()
+        .chain(completions)
+    {
         let path = dir.join(&file.name);
         std::fs::write(&path, &file.contents)
             .with_context(|| format!("writing {}", path.display()))?;

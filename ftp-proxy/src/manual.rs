@@ -116,8 +116,10 @@ fn extra_sections() -> Roff {
         bold("--config"),
         roman(", under its long name without the leading dashes (for example "),
         bold("upstream = \"ftp.example.net:21\""),
-        roman("); an option given on the command line wins over the file. \
-               Unknown keys are refused. The pool of servers ("),
+        roman(
+            "); an option given on the command line wins over the file. \
+               Unknown keys are refused. The pool of servers (",
+        ),
         bold("[[servers]]"),
         roman("), their health checks ("),
         bold("[health]"),
@@ -227,7 +229,11 @@ mod tests {
         let names: Vec<&str> = pages.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(
             names,
-            ["ftp-proxy.8", "ftp-proxy-check-config.8", "ftp-proxy-flows.8"]
+            [
+                "ftp-proxy.8",
+                "ftp-proxy-check-config.8",
+                "ftp-proxy-flows.8"
+            ]
         );
         let main = String::from_utf8(pages[0].contents.clone()).unwrap();
         // roff writes a dash as \-.
@@ -242,7 +248,11 @@ mod tests {
             assert!(main.contains(sub), "ftp-proxy.8 does not name {sub}");
         }
         for section in ["SIGNALS", "EXIT STATUS", "FILES", "SEE ALSO"] {
-            assert!(main.contains(&format!(".SH \"{section}\"")) || main.contains(&format!(".SH {section}")), "{section}:\n{main}");
+            assert!(
+                main.contains(&format!(".SH \"{section}\""))
+                    || main.contains(&format!(".SH {section}")),
+                "{section}:\n{main}"
+            );
         }
         let flows = String::from_utf8(pages[2].contents.clone()).unwrap();
         assert!(flows.replace("\\-", "-").contains("--from"), "{flows}");
@@ -264,7 +274,10 @@ mod tests {
                 );
             }
             assert!(text.contains("flows"), "{shell}: no flows command");
-            assert!(!text.contains("manual"), "{shell}: names the hidden command");
+            assert!(
+                !text.contains("manual"),
+                "{shell}: names the hidden command"
+            );
         }
     }
 }

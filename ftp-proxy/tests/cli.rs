@@ -158,7 +158,13 @@ fn version_names_the_revision_and_the_ebpf_programs() {
     assert!(out.status.success());
     let version = String::from_utf8(out.stdout).unwrap();
     let revision = Command::new("git")
-        .args(["-C", concat!(env!("CARGO_MANIFEST_DIR"), "/.."), "rev-parse", "--short=12", "HEAD"])
+        .args([
+            "-C",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/.."),
+            "rev-parse",
+            "--short=12",
+            "HEAD",
+        ])
         .output()
         .ok()
         .filter(|out| out.status.success())
@@ -169,12 +175,18 @@ fn version_names_the_revision_and_the_ebpf_programs() {
     } else {
         "eBPF programs not embedded"
     };
-    let expected = format!("ftp-proxy {} ({revision}; {ebpf})\n", env!("CARGO_PKG_VERSION"));
+    let expected = format!(
+        "ftp-proxy {} ({revision}; {ebpf})\n",
+        env!("CARGO_PKG_VERSION")
+    );
     // A commit made after the build would change the revision: a stale
     // binary is the only way this differs.
     assert_eq!(version, expected);
     // -V says the same.
-    assert_eq!(String::from_utf8(gateway(&["-V"]).stdout).unwrap(), expected);
+    assert_eq!(
+        String::from_utf8(gateway(&["-V"]).stdout).unwrap(),
+        expected
+    );
 }
 
 /// The hidden `manual` command writes the man pages and completions, and
@@ -183,7 +195,11 @@ fn version_names_the_revision_and_the_ebpf_programs() {
 fn the_hidden_manual_command_writes_pages_and_completions() {
     let dir = tempfile::tempdir().unwrap();
     let out = gateway(&["manual", "--out-dir", dir.path().to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut names: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -67,7 +67,8 @@ fn field(deb: &Path, name: &str) -> String {
 #[ignore = "privileged tier (root, mount namespaces, dpkg-dev, man-db, zsh, fish): cargo xtask test runs it"]
 fn the_package_holds_what_an_operator_needs() {
     let deb = package();
-    let changelog = std::fs::read_to_string(format!("{WORKSPACE}/deploy/debian/changelog")).unwrap();
+    let changelog =
+        std::fs::read_to_string(format!("{WORKSPACE}/deploy/debian/changelog")).unwrap();
     let version = field(deb, "Version");
     assert!(
         changelog.starts_with(&format!("ftp-proxy ({version})")),
@@ -156,12 +157,13 @@ fn the_package_holds_what_an_operator_needs() {
 
     // The files themselves.
     let root = tempfile::tempdir().unwrap();
-    run(Command::new("dpkg-deb").arg("--extract").arg(deb).arg(root.path()));
+    run(Command::new("dpkg-deb")
+        .arg("--extract")
+        .arg(deb)
+        .arg(root.path()));
     let unit =
         std::fs::read_to_string(root.path().join("lib/systemd/system/ftp-proxy.service")).unwrap();
-    assert!(unit.contains(
-        "ExecStart=/usr/bin/ftp-proxy --config /etc/ftp-proxy/ftp-proxy.toml\n"
-    ));
+    assert!(unit.contains("ExecStart=/usr/bin/ftp-proxy --config /etc/ftp-proxy/ftp-proxy.toml\n"));
     assert!(!unit.contains("/usr/local/"), "{unit}");
     assert_eq!(
         std::fs::read(root.path().join("etc/ftp-proxy/ftp-proxy.toml")).unwrap(),
@@ -171,9 +173,15 @@ fn the_package_holds_what_an_operator_needs() {
         std::fs::read_to_string(root.path().join("usr/share/doc/ftp-proxy/copyright")).unwrap();
     assert!(copyright.contains("License: Apache-2.0"), "{copyright}");
     for linked in ["  tokio ", "  rustls ", "  aya ", "  aya-ebpf "] {
-        assert!(copyright.contains(linked), "copyright lacks{linked}:\n{copyright}");
+        assert!(
+            copyright.contains(linked),
+            "copyright lacks{linked}:\n{copyright}"
+        );
     }
-    assert!(!copyright.contains("  tempfile "), "a test crate:\n{copyright}");
+    assert!(
+        !copyright.contains("  tempfile "),
+        "a test crate:\n{copyright}"
+    );
     // The binary's debug sections are stripped; its eBPF programs stay.
     let sections = run(Command::new("objdump")
         .arg("--section-headers")
@@ -224,7 +232,16 @@ impl Throwaway {
     fn sh(&self, script: &str) -> Output {
         let path = |sub: &str| self.dir.path().join(sub);
         Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c", ENTER, "sh"])
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                ENTER,
+                "sh",
+            ])
             .arg(path("upper"))
             .arg(path("work"))
             .arg(path("root"))
@@ -254,7 +271,10 @@ impl Throwaway {
     /// A file in the copy as the test left it (from the upper layer: only
     /// what the copy changed).
     fn changed(&self, path: &str) -> PathBuf {
-        self.dir.path().join("upper").join(path.trim_start_matches('/'))
+        self.dir
+            .path()
+            .join("upper")
+            .join(path.trim_start_matches('/'))
     }
 
     fn install(&self) -> String {
@@ -281,22 +301,36 @@ fn service_calls(root: &Throwaway) -> String {
 fn install_starts_nothing_upgrade_restarts_purge_cleans_up() {
     let root = Throwaway::new();
     // /run is private to each run: systemd is pretended in each script.
-    let log = root.ok(&format!("{PRETEND_SYSTEMD}\ndpkg --install /ftpx-package/ftp-proxy.deb 2>&1"));
+    let log = root.ok(&format!(
+        "{PRETEND_SYSTEMD}\ndpkg --install /ftpx-package/ftp-proxy.deb 2>&1"
+    ));
     assert!(log.contains("Setting up ftp-proxy"), "{log}");
     let calls = service_calls(&root);
-    assert!(calls.contains("systemctl --system daemon-reload"), "{calls}");
-    assert!(!calls.contains("deb-systemd-invoke"), "a first install started something: {calls}");
+    assert!(
+        calls.contains("systemctl --system daemon-reload"),
+        "{calls}"
+    );
+    assert!(
+        !calls.contains("deb-systemd-invoke"),
+        "a first install started something: {calls}"
+    );
     assert!(
         !root
             .changed("/etc/systemd/system/multi-user.target.wants/ftp-proxy.service")
             .exists(),
         "a first install enabled the unit"
     );
-    assert!(root.ok("dpkg-query -W -f '${Status}' ftp-proxy").contains("install ok installed"));
+    assert!(
+        root.ok("dpkg-query -W -f '${Status}' ftp-proxy")
+            .contains("install ok installed")
+    );
 
     // The installed binary, on the installed configuration.
     let version = root.ok("ftp-proxy --version");
-    assert!(version.starts_with(&format!("ftp-proxy {} (git ", env!("CARGO_PKG_VERSION"))), "{version}");
+    assert!(
+        version.starts_with(&format!("ftp-proxy {} (git ", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
     assert!(version.contains("eBPF programs embedded"), "{version}");
     let check = root.ok("ftp-proxy --config /etc/ftp-proxy/ftp-proxy.toml --check-config");
     assert!(check.contains("configuration OK"), "{check}");
@@ -311,16 +345,24 @@ fn install_starts_nothing_upgrade_restarts_purge_cleans_up() {
          ln -s /lib/systemd/system/ftp-proxy.service /etc/systemd/system/multi-user.target.wants/ftp-proxy.service",
     );
     std::fs::remove_file(root.changed("/var/log/ftpx-service-calls")).unwrap();
-    let log = root.ok(&format!("{PRETEND_SYSTEMD}\ndpkg --install /ftpx-package/ftp-proxy.deb 2>&1"));
+    let log = root.ok(&format!(
+        "{PRETEND_SYSTEMD}\ndpkg --install /ftpx-package/ftp-proxy.deb 2>&1"
+    ));
     assert!(log.contains("Preparing to unpack"), "{log}");
     let calls = service_calls(&root);
     assert!(
         calls.contains("deb-systemd-invoke try-restart ftp-proxy.service"),
         "{calls}"
     );
-    assert!(!calls.contains(" start") && !calls.contains(" stop"), "{calls}");
+    assert!(
+        !calls.contains(" start") && !calls.contains(" stop"),
+        "{calls}"
+    );
     let check = root.ok("ftp-proxy --config /etc/ftp-proxy/ftp-proxy.toml --check-config");
-    assert!(check.contains("ftp.operator.example"), "the upgrade replaced the conffile: {check}");
+    assert!(
+        check.contains("ftp.operator.example"),
+        "the upgrade replaced the conffile: {check}"
+    );
     assert!(
         root.changed("/etc/systemd/system/multi-user.target.wants/ftp-proxy.service")
             .is_symlink()
@@ -330,17 +372,18 @@ fn install_starts_nothing_upgrade_restarts_purge_cleans_up() {
     std::fs::remove_file(root.changed("/var/log/ftpx-service-calls")).unwrap();
     root.ok(&format!("{PRETEND_SYSTEMD}\ndpkg --remove ftp-proxy 2>&1"));
     let calls = service_calls(&root);
-    assert!(calls.contains("deb-systemd-invoke stop ftp-proxy.service"), "{calls}");
+    assert!(
+        calls.contains("deb-systemd-invoke stop ftp-proxy.service"),
+        "{calls}"
+    );
     root.ok("test ! -e /usr/bin/ftp-proxy && grep -q ftp.operator.example /etc/ftp-proxy/ftp-proxy.toml");
 
     // Purge: the configuration and the operator's enable symlink go.
     root.ok("dpkg --purge ftp-proxy 2>&1");
-    root.ok(
-        "test ! -e /etc/ftp-proxy
+    root.ok("test ! -e /etc/ftp-proxy
          test ! -L /etc/systemd/system/multi-user.target.wants/ftp-proxy.service
          test ! -L /etc/systemd/system/ftp-proxy.service
-         ! dpkg-query -W ftp-proxy 2>/dev/null",
-    );
+         ! dpkg-query -W ftp-proxy 2>/dev/null");
 }
 
 #[test]
@@ -357,7 +400,10 @@ fn man_renders_the_installed_pages_without_warnings() {
             "MANWIDTH=80 man --warnings -E UTF-8 -l /usr/share/man/man8/{page}.8.gz"
         ));
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && stderr.is_empty(), "{page}: {stderr}");
+        assert!(
+            out.status.success() && stderr.is_empty(),
+            "{page}: {stderr}"
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("--config"), "{page}:\n{text}");
         // The NAME line whatis and apropos read.
@@ -365,8 +411,16 @@ fn man_renders_the_installed_pages_without_warnings() {
         assert!(name.contains(&format!("\"{page} - ")), "{name}");
     }
     let text = root.ok("MANWIDTH=80 man -E UTF-8 -l /usr/share/man/man8/ftp-proxy.8.gz");
-    for needle in ["--upstream", "SIGNALS", "EXIT STATUS", "/etc/ftp-proxy/ftp-proxy.toml"] {
-        assert!(text.contains(needle), "ftp-proxy(8) lacks {needle}:\n{text}");
+    for needle in [
+        "--upstream",
+        "SIGNALS",
+        "EXIT STATUS",
+        "/etc/ftp-proxy/ftp-proxy.toml",
+    ] {
+        assert!(
+            text.contains(needle),
+            "ftp-proxy(8) lacks {needle}:\n{text}"
+        );
     }
 }
 
@@ -377,24 +431,26 @@ fn each_shell_loads_its_installed_completion() {
     root.install();
     // bash: bash-completion's loader finds it by the command's name, and
     // it completes an option.
-    let bash = root.ok(
-        r#"bash -c '
+    let bash = root.ok(r#"bash -c '
             . /usr/share/bash-completion/bash_completion
             __load_completion ftp-proxy
             fn=$(complete -p ftp-proxy | sed -n "s/.*-F \([^ ]*\) .*/\1/p")
             COMP_WORDS=(ftp-proxy --upstr); COMP_CWORD=1
             COMP_LINE="ftp-proxy --upstr"; COMP_POINT=${#COMP_LINE}
             "$fn" ftp-proxy --upstr ftp-proxy
-            printf "%s\n" "${COMPREPLY[@]}"'"#,
+            printf "%s\n" "${COMPREPLY[@]}"'"#);
+    assert!(
+        bash.lines().any(|l| l.trim() == "--upstream"),
+        "bash: {bash}"
     );
-    assert!(bash.lines().any(|l| l.trim() == "--upstream"), "bash: {bash}");
     // zsh: compinit finds it on the default fpath and binds it.
-    let zsh = root.ok(
-        "zsh -n /usr/share/zsh/vendor-completions/_ftp-proxy
-         zsh -f -c 'autoload -Uz compinit && compinit -u -D && print -r -- $_comps[ftp-proxy]'",
-    );
+    let zsh = root.ok("zsh -n /usr/share/zsh/vendor-completions/_ftp-proxy
+         zsh -f -c 'autoload -Uz compinit && compinit -u -D && print -r -- $_comps[ftp-proxy]'");
     assert_eq!(zsh.trim(), "_ftp-proxy", "zsh");
     // fish: autoloaded from vendor_completions.d, and it completes.
     let fish = root.ok("HOME=/tmp fish -c 'complete -C \"ftp-proxy --upstr\"'");
-    assert!(fish.lines().any(|l| l.starts_with("--upstream")), "fish: {fish}");
+    assert!(
+        fish.lines().any(|l| l.starts_with("--upstream")),
+        "fish: {fish}"
+    );
 }

@@ -44,11 +44,13 @@ pub fn run() -> Result<PathBuf> {
     // The same build as `cargo xtask run` and the tests' (same profile,
     // features and FTPX_EBPF_BUILD under `cargo xtask test`): a release
     // binary already built is reused.
-    status(
-        cargo()
-            .env("FTPX_EBPF_BUILD", "require")
-            .args(["build", "--release", "--locked", "-p", NAME]),
-    )?;
+    status(cargo().env("FTPX_EBPF_BUILD", "require").args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        NAME,
+    ]))?;
     let binary = root().join("target/release").join(NAME);
     let version_line = output(Command::new(&binary).arg("--version"))?;
     ensure!(
@@ -139,7 +141,11 @@ pub fn run() -> Result<PathBuf> {
             0o755,
         )?;
     }
-    write(&control_dir.join("conffiles"), &format!("{CONFFILE}\n"), 0o644)?;
+    write(
+        &control_dir.join("conffiles"),
+        &format!("{CONFFILE}\n"),
+        0o644,
+    )?;
     let depends = shlib_depends(&bin, &out_dir)?;
     let control = control(&version, &arch, &depends, installed_size(&stage)?);
     write(&control_dir.join("control"), &control, 0o644)?;
@@ -186,8 +192,9 @@ fn check_version(debian: &str, cargo: &str) -> Result<()> {
 fn check_unit(unit: &str) -> Result<()> {
     let setting = |key: &str| {
         unit.lines()
-            .filter_map(|line| line.trim().strip_prefix(key)?.strip_prefix('='))
-            .last()
+            // The last assignment wins, as in systemd.
+            .rev()
+            .find_map(|line| line.trim().strip_prefix(key)?.strip_prefix('='))
             .map(str::trim)
     };
     if setting("DynamicUser") != Some("yes") || setting("User").is_some() {
@@ -256,7 +263,13 @@ fn shlib_depends(binary: &Path, out_dir: &Path) -> Result<String> {
 fn linked_crates() -> Result<String> {
     let host = output(Command::new("rustc").args(["--print", "host-tuple"]))?;
     let daemon = cargo()
-        .args(["metadata", "--format-version", "1", "--locked", "--filter-platform"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--locked",
+            "--filter-platform",
+        ])
         .arg(&host)
         .output()
         .context("cargo metadata")?;
@@ -379,7 +392,10 @@ fn md5sums(stage: &Path) -> Result<String> {
         .into_iter()
         .filter(|p| p.is_file())
         .map(|p| p.strip_prefix(stage).map(Path::to_path_buf))
-        .filter(|p| p.as_ref().map_or(true, |p| p != Path::new(CONFFILE.trim_start_matches('/'))))
+        .filter(|p| {
+            p.as_ref()
+                .map_or(true, |p| p != Path::new(CONFFILE.trim_start_matches('/')))
+        })
         .collect::<Result<_, _>>()?;
     let mut cmd = Command::new("md5sum");
     cmd.current_dir(stage).args(&files);
@@ -424,7 +440,10 @@ fn make_parents(path: &Path) -> Result<()> {
     let parent = path.parent().context("no parent directory")?;
     std::fs::create_dir_all(parent).with_context(|| format!("{}", parent.display()))?;
     // Directories in the package are 0755 whatever the umask.
-    for dir in parent.ancestors().take_while(|d| !d.ends_with("target/debian")) {
+    for dir in parent
+        .ancestors()
+        .take_while(|d| !d.ends_with("target/debian"))
+    {
         set_mode(dir, 0o755)?;
     }
     Ok(())
@@ -483,7 +502,9 @@ mod tests {
     #[test]
     fn the_unit_runs_as_a_transient_user() {
         check_unit(&read(&root().join("deploy/systemd/ftp-proxy.service")).unwrap()).unwrap();
-        assert!(check_unit("DynamicUser=yes\nUser=ftp\nExecStart=/usr/local/bin/ftp-proxy\n").is_err());
+        assert!(
+            check_unit("DynamicUser=yes\nUser=ftp\nExecStart=/usr/local/bin/ftp-proxy\n").is_err()
+        );
         assert!(check_unit("ExecStart=/usr/local/bin/ftp-proxy\n").is_err());
     }
 
