@@ -14,6 +14,12 @@
 //!
 //! When the toolchain is present, an eBPF compile error fails the build:
 //! only a missing toolchain degrades to "unavailable".
+//!
+//! It also records the git revision for `--version` (`FTPX_GIT_REVISION`
+//! for the compiler): `git rev-parse HEAD` of this workspace, or the
+//! variable of that name when the builder sets it (a distribution building
+//! from a tarball that knows its revision), else `unknown`: a build
+//! without `.git` or without git works.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -34,6 +40,9 @@ enum Mode {
 fn main() -> Result<()> {
     println!("cargo::rerun-if-env-changed={MODE_VAR}");
     println!("cargo::rerun-if-changed=build.rs");
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?);
+    record_revision(&manifest_dir);
     let mode = match env::var(MODE_VAR).as_deref() {
         Err(_) | Ok("" | "auto") => Mode::Auto,
         Ok("require") => Mode::Require,
@@ -42,8 +51,6 @@ fn main() -> Result<()> {
     };
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let object = out_dir.join(OBJECT);
-    let manifest_dir =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?);
     let ebpf_dir = manifest_dir
         .join("../ftp-proxy-ebpf")
         .canonicalize()
@@ -131,6 +138,59 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Sets `FTPX_GIT_REVISION` for the compiler (see the header).
+fn record_revision(manifest_dir: &Path) {
+    const VAR: &str = "FTPX_GIT_REVISION";
+    println!("cargo::rerun-if-env-changed={VAR}");
+    let revision = env::var(VAR)
+        .ok()
+        .filter(|r| !r.trim().is_empty())
+        .or_else(|| manifest_dir.parent().and_then(git_revision))
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo::rustc-env={VAR}={}", revision.trim());
+}
+
+/// The abbreviated commit checked out in `workspace`, if it is the top of
+/// a git work tree; asks cargo to rerun this script when HEAD moves.
+fn git_revision(workspace: &Path) -> Option<String> {
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(workspace)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())?;
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    // A tarball unpacked inside some other repository must not take that
+    // repository's revision.
+    let toplevel = PathBuf::from(git(&["rev-parse", "--show-toplevel"])?);
+    if toplevel.canonicalize().ok()? != workspace.canonicalize().ok()? {
+        return None;
+    }
+    let revision = git(&["rev-parse", "--short=12", "HEAD"])?;
+    // A commit, checkout or reset changes one of these: HEAD (detached),
+    // the branch's loose ref, packed-refs, and the work tree's reflog.
+    // Only files that exist are watched: cargo takes a missing one as
+    // changed on every build.
+    let mut watched = vec![
+        "HEAD".to_owned(),
+        "logs/HEAD".to_owned(),
+        "packed-refs".to_owned(),
+    ];
+    watched.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for name in watched {
+        if let Some(path) = git(&["rev-parse", "--git-path", &name]) {
+            let path = workspace.join(path);
+            if path.is_file() {
+                println!("cargo::rerun-if-changed={}", path.display());
+            }
+        }
+    }
+    Some(revision)
 }
 
 /// A hash of every file under `dirs` (except build output) and the

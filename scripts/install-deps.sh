@@ -9,7 +9,12 @@
 set -euo pipefail
 
 # bpftool: the flow tracker tests cross-check that nothing of ours stays loaded.
-PACKAGES=(vsftpd curl lftp iproute2 python3 procps prometheus bpftool)
+# The Debian package (cargo xtask package, tests/package.rs): dpkg-dev
+# (dpkg-shlibdeps, dpkg-parsechangelog), binutils (strip), man-db (man -l,
+# lexgrog), and the shells whose completions are checked: bash-completion,
+# zsh, fish.
+PACKAGES=(vsftpd curl lftp iproute2 python3 procps prometheus bpftool
+          dpkg-dev binutils man-db bash-completion zsh fish)
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
@@ -105,7 +110,7 @@ if ! getent passwd ftp >/dev/null; then
     exit 1
 fi
 
-for bin in curl lftp ss python3 pgrep; do
+for bin in curl lftp ss python3 pgrep dpkg-shlibdeps strip man lexgrog zsh fish unshare; do
     command -v "$bin" >/dev/null 2>&1 || { log "missing binary after install: $bin"; exit 1; }
 done
 [[ -x /usr/sbin/vsftpd ]] || { log "/usr/sbin/vsftpd missing"; exit 1; }

@@ -208,13 +208,36 @@ pub enum LogFormat {
     Json,
 }
 
+/// What `--version` prints after the name: the version, the git revision
+/// the binary was built from (`unknown` for a build outside a git
+/// checkout, see `build.rs`) and whether the eBPF programs are embedded.
+#[must_use]
+pub fn version() -> &'static str {
+    static TEXT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let revision = match env!("FTPX_GIT_REVISION") {
+            "unknown" => "git revision unknown".to_owned(),
+            revision => format!("git {revision}"),
+        };
+        let ebpf = if crate::flowtrack::FlowTracker::available() {
+            "eBPF programs embedded"
+        } else {
+            "eBPF programs not embedded"
+        };
+        format!("{} ({revision}; {ebpf})", env!("CARGO_PKG_VERSION"))
+    });
+    &TEXT
+}
+
 /// Command line. Every option can also be set in the `--config` file under
 /// the same name; a flag given on the command line wins.
 #[derive(Debug, Parser)]
 #[command(
     name = "ftp-proxy",
-    version,
-    about = "FTP gateway: relays control sessions to an upstream server, rewrites PORT/EPRT/PASV/EPSV, and splices data connections"
+    version = version(),
+    about = "FTP gateway: relays control sessions to an upstream server, rewrites PORT/EPRT/PASV/EPSV, and splices data connections",
+    long_about = "FTP gateway: relays control sessions to an upstream server, rewrites PORT/EPRT/PASV/EPSV, and splices data connections.\n\n\
+        It answers the commands that carry addresses itself, opens both legs of every data connection, refuses FTP bounce and port theft, and terminates or originates FTPS. \
+        Every option can also be set in the --config file under its long name; a flag wins over the file."
 )]
 pub struct Cli {
     /// Action to run instead of the gateway.

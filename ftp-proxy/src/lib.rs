@@ -31,6 +31,9 @@
 //!   health checks, passive failures), per-user routes, the PROXY protocol
 //!   toward load balancers and servers.
 //!
+//! - [`manual`]: the man pages and shell completions, generated from the
+//!   command line's clap definitions (for the Debian package).
+//!
 //! [`run`] wires them together; the binary adds the command line, logging
 //! and signals.
 //!
@@ -44,6 +47,7 @@ pub mod config;
 pub mod flows;
 pub mod flowtrack;
 pub(crate) mod gateway;
+pub mod manual;
 pub(crate) mod metrics;
 pub mod protocol;
 pub(crate) mod relay;

@@ -6,12 +6,17 @@
 //! configuration file (new sessions use it; an invalid file is refused and
 //! the running configuration kept). Under systemd, READY/RELOADING/STOPPING
 //! are reported with sd_notify.
+//!
+//! A hidden `manual --out-dir DIR` command writes the man pages and shell
+//! completions ([`ftp_proxy::manual`]); it is added here, not to `Cli`, so
+//! that the manual and the completions, generated from `Cli`, never name
+//! it.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use ftp_proxy::Listeners;
 use ftp_proxy::config::{Action, Cli, Config, EXIT_CONFIG, LogFormat, Settings};
 use ftp_proxy::flowtrack::{FlowTracker, FlowtrackOptions};
@@ -39,9 +44,72 @@ fn init_logging(config: &Config) {
     }
 }
 
+/// The hidden command that writes the manual.
+const MANUAL: &str = "manual";
+
+fn manual_command() -> clap::Command {
+    clap::Command::new(MANUAL)
+        .hide(true)
+        .about("Write the man pages and shell completions (for packaging)")
+        .arg(
+            clap::Arg::new("out-dir")
+                .long("out-dir")
+                .value_name("DIR")
+                .required(true)
+                .value_parser(clap::value_parser!(std::path::PathBuf)),
+        )
+}
+
+/// Writes every file of [`ftp_proxy::manual`] into `dir`.
+fn write_manual(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let completions = ftp_proxy::manual::SHELLS.map(ftp_proxy::manual::completion);
+    for file in ftp_proxy::manual::man_pages()
+        .into_iter()
+        .chain(completions)
+    {
+        let path = dir.join(&file.name);
+        std::fs::write(&path, &file.contents)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// What the command line asks for.
+enum Invocation {
+    /// The gateway, or one of `Cli`'s commands.
+    Cli(Box<Cli>),
+    /// The hidden `manual` command.
+    Manual(std::path::PathBuf),
+}
+
+/// `Cli::try_parse`, with the hidden command beside it.
+fn parse() -> Result<Invocation, clap::Error> {
+    let mut matches = Cli::command()
+        .subcommand(manual_command())
+        .try_get_matches()?;
+    if let Some((MANUAL, args)) = matches.subcommand()
+        && let Some(dir) = args.get_one::<std::path::PathBuf>("out-dir")
+    {
+        return Ok(Invocation::Manual(dir.clone()));
+    }
+    Cli::from_arg_matches_mut(&mut matches)
+        .map(|cli| Invocation::Cli(Box::new(cli)))
+        .map_err(|e| e.format(&mut Cli::command()))
+}
+
 fn main() -> ExitCode {
-    let mut cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let mut cli = match parse() {
+        Ok(Invocation::Cli(cli)) => *cli,
+        Ok(Invocation::Manual(dir)) => {
+            return match write_manual(&dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ftp-proxy manual: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Err(e) => {
             let code = if e.use_stderr() { EXIT_CONFIG } else { 0 };
             let _ = e.print();

@@ -149,3 +149,75 @@ fn a_malformed_tokio_worker_threads_is_ignored() {
     let status = child.wait().unwrap();
     assert!(listening, "the gateway did not start: {status}");
 }
+
+/// Issue 16: `--version` names the version, the git revision the binary
+/// was built from and whether the eBPF programs are embedded.
+#[test]
+fn version_names_the_revision_and_the_ebpf_programs() {
+    let out = gateway(&["--version"]);
+    assert!(out.status.success());
+    let version = String::from_utf8(out.stdout).unwrap();
+    let revision = Command::new("git")
+        .args([
+            "-C",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/.."),
+            "rev-parse",
+            "--short=12",
+            "HEAD",
+        ])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| format!("git {}", String::from_utf8_lossy(&out.stdout).trim()))
+        .unwrap_or_else(|| "git revision unknown".to_owned());
+    let ebpf = if ftp_proxy::flowtrack::FlowTracker::available() {
+        "eBPF programs embedded"
+    } else {
+        "eBPF programs not embedded"
+    };
+    let expected = format!(
+        "ftp-proxy {} ({revision}; {ebpf})\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    // A commit made after the build would change the revision: a stale
+    // binary is the only way this differs.
+    assert_eq!(version, expected);
+    // -V says the same.
+    assert_eq!(
+        String::from_utf8(gateway(&["-V"]).stdout).unwrap(),
+        expected
+    );
+}
+
+/// The hidden `manual` command writes the man pages and completions, and
+/// neither `--help` nor the completions name it.
+#[test]
+fn the_hidden_manual_command_writes_pages_and_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = gateway(&["manual", "--out-dir", dir.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "_ftp-proxy",
+            "ftp-proxy-check-config.8",
+            "ftp-proxy-flows.8",
+            "ftp-proxy.8",
+            "ftp-proxy.bash",
+            "ftp-proxy.fish"
+        ]
+    );
+    let help = String::from_utf8(gateway(&["--help"]).stdout).unwrap();
+    assert!(!help.contains("manual"), "{help}");
+    let out = gateway(&["manual"]);
+    assert_eq!(out.status.code(), Some(64), "--out-dir is required");
+}

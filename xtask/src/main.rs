@@ -18,6 +18,7 @@
 //!   network namespaces (routed as the baseline) and on loopback; writes
 //!   `BENCHMARKS.md` (`--quick`: a small run for CI, reported in
 //!   `target/bench/BENCHMARKS-quick.md`). See [`bench`].
+//! - `package`: the Debian package in `target/debian/`. See [`package`].
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -26,6 +27,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod package;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -75,6 +77,8 @@ enum Task {
     },
     /// Benchmark the gateway against vsftpd alone and its peers; writes BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Build the Debian package (target/debian/ftp-proxy_VERSION_ARCH.deb).
+    Package,
     /// The benchmark's load client (started by `bench`).
     #[command(hide = true)]
     BenchLoad(bench::load::LoadArgs),
@@ -89,7 +93,11 @@ fn root() -> PathBuf {
 
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(root());
+    // Run from a test (tests/first_run.rs, tests/package.rs), xtask
+    // inherits the test's OUT_DIR; build scripts that watch it (ring's)
+    // would then rebuild, and the release build would not be shared
+    // between the tests, the benchmark and a shell.
+    c.current_dir(root()).env_remove("OUT_DIR");
     c
 }
 
@@ -446,6 +454,8 @@ fn main() -> Result<()> {
                     ]),
             )
         }
+        // The path on standard output, for scripts and tests.
+        Task::Package => package::run().map(|deb| println!("{}", deb.display())),
         Task::Bench(args) => bench::run(args),
         Task::BenchLoad(args) => bench::load::main(args),
     }
