@@ -665,7 +665,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let root = crate::root();
     let s = settings(&args, &root);
     let bench_dir = root.join("target/bench");
-    let peers_dir = bench_dir.join("peers");
+    let peers_dir = crate::peers_dir();
     let run_dir = bench_dir.join("run");
     std::fs::create_dir_all(&run_dir)?;
     if let Some(nets) = &args.net {
@@ -676,18 +676,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     if !args.no_install {
-        let script = root.join("scripts/install-bench-deps.sh");
-        if crate::is_root() {
-            crate::status(Command::new("bash").arg(&script).arg(&peers_dir))?;
-        } else {
-            crate::status(
-                Command::new("sudo")
-                    .arg("bash")
-                    .arg(&script)
-                    .arg(&peers_dir),
-            )
-            .context("installing the benchmark's dependencies needs root")?;
-        }
+        crate::install_peers()?;
     }
     if !crate::is_root() {
         bail!(
