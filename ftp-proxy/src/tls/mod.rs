@@ -27,10 +27,10 @@
 //!   connection to resume the control connection's session (vsftpd's
 //!   `require_ssl_reuse=YES`, ProFTPD's default). A TLS 1.2 session is
 //!   resumed any number of times; a TLS 1.3 ticket only once by a rustls
-//!   client, and OpenSSL servers send a new one on a resumed connection
-//!   only when they write on it (vsftpd does on every data connection,
-//!   ProFTPD not on an upload's: its tickets run out after two uploads in
-//!   a row). So by default servers are offered TLS 1.2 only when their
+//!   client, so each data connection needs a new ticket from the one
+//!   before (vsftpd sends one on every data connection; ProFTPD 1.3.8 on
+//!   a download's but not on an upload's: its tickets run out after two
+//!   uploads in a row). So by default servers are offered TLS 1.2 only when their
 //!   data connections may be protected ([`ServerTlsMaxVersion`]); with
 //!   `--server-tls-max-version 1.3` the relay still reads every server
 //!   data connection to its end, so that each transfer that brings a
@@ -132,10 +132,10 @@ pub enum ServerDataTls {
 /// session (servers may require it: vsftpd's `require_ssl_reuse`, ProFTPD's
 /// default `TLSOptions`). A TLS 1.2 session can be resumed any number of
 /// times; a TLS 1.3 ticket once by a rustls client, so with 1.3 every data
-/// connection needs a ticket of its own, and OpenSSL servers send one on a
-/// resumed connection only when they write on it: ProFTPD sends none on an
-/// upload's, so its two first tickets run out after two uploads in a row
-/// and the next data connection is refused.
+/// connection needs a ticket of its own, sent on an earlier connection:
+/// ProFTPD 1.3.8 sends none on an upload's data connection, so its two
+/// first tickets run out after two uploads in a row and the next data
+/// connection is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ServerTlsMaxVersion {
     /// TLS 1.2 when server data connections may be protected
