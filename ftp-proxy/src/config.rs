@@ -16,7 +16,9 @@ use serde::Deserialize;
 pub use crate::flowtrack::EbpfMode;
 pub use crate::protocol::policy::ServerPassivePolicy;
 pub use crate::relay::RelayMode;
-pub use crate::tls::{ClientDataTls, ClientTlsMode, ServerDataTls, ServerTlsMode, TlsReuse};
+pub use crate::tls::{
+    ClientDataTls, ClientTlsMode, ServerDataTls, ServerTlsMaxVersion, ServerTlsMode, TlsReuse,
+};
 use crate::tls::{ClientTls, ServerTls, ServerTrust};
 pub use crate::upstream::Balance;
 use crate::upstream::health::HealthPolicy;
@@ -157,6 +159,12 @@ setting_enum!(ServerDataTls {
     Client => "client": "protect server data connections as the client's PROT says",
     Required => "required": "always protect server data connections",
     Clear => "clear": "never protect server data connections",
+});
+
+setting_enum!(ServerTlsMaxVersion {
+    Auto => "auto": "TLS 1.2 when server data connections may be protected (they must resume the control connection's session, and a TLS 1.3 ticket resumes once), else 1.3",
+    Tls12 => "1.2": "TLS 1.2 only",
+    Tls13 => "1.3": "TLS 1.3 or 1.2, as the server prefers",
 });
 
 setting_enum!(Balance {
@@ -459,6 +467,10 @@ pub struct Settings {
     /// Protection of server data connections [default: required].
     #[arg(long, value_enum, value_name = "MODE")]
     pub server_data_tls: Option<ServerDataTls>,
+
+    /// The highest TLS version offered to servers [default: auto].
+    #[arg(long, value_enum, value_name = "VERSION")]
+    pub server_tls_max_version: Option<ServerTlsMaxVersion>,
 
     /// Log format [default: text].
     #[arg(long, value_enum, value_name = "FORMAT")]
@@ -1079,6 +1091,7 @@ impl Settings {
             server_name,
             server_tls_insecure,
             server_data_tls,
+            server_tls_max_version,
             log_format,
             log_level,
             balance,
@@ -1265,7 +1278,11 @@ impl Settings {
                 } else {
                     load_trust(self.server_ca.as_deref())?
                 };
-                Some(ServerTls::new(trust).map_err(|e| invalid("server-tls", "", e))?)
+                let tls12_only = self
+                    .server_tls_max_version
+                    .unwrap_or_default()
+                    .tls12_only(self.server_data_tls.unwrap_or_default());
+                Some(ServerTls::new(trust, tls12_only).map_err(|e| invalid("server-tls", "", e))?)
             }
         };
         if let Some(name) = &self.server_name {
@@ -1460,6 +1477,7 @@ mod tests {
             quoted("server-tls", name::<ServerTlsMode>()),
             plain("server-tls-insecure", "false".to_owned()),
             quoted("server-data-tls", name::<ServerDataTls>()),
+            quoted("server-tls-max-version", name::<ServerTlsMaxVersion>()),
             quoted("log-format", name::<LogFormat>()),
             quoted("log-level", defaults::LOG_LEVEL.to_owned()),
             quoted("balance", name::<Balance>()),

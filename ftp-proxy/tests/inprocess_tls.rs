@@ -462,3 +462,68 @@ async fn tls_commands_before_a_routed_user() {
     assert_eq!(*lines.lock().unwrap(), ["PBSZ 0", "PROT P", "USER alice"]);
     gateway.stop().await;
 }
+
+/// The data protection a session starts with is said to the server after
+/// `PBSZ 0`: `PROT C` to an implicit server (which would otherwise protect
+/// data connections the gateway opens in clear) with `clear`, or with
+/// `client` and a plain client; `PROT P` with `client` and an implicit
+/// client; and a later `AUTH SSL` (which implies `PROT P`) is passed on as
+/// `PROT P`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_hears_the_protection_the_session_starts_with() {
+    let ca = TestCa::new();
+    async fn lines_after(lines: &std::sync::Mutex<Vec<String>>, n: usize) -> Vec<String> {
+        for _ in 0..200 {
+            if lines.lock().unwrap().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        lines.lock().unwrap().clone()
+    }
+    let gateway_to = |upstream: std::net::SocketAddr, policy: &str| {
+        let mut args = tls_args(&ca);
+        args.extend(
+            [
+                "--upstream",
+                &upstream.to_string(),
+                "--listen-implicit",
+                "127.0.0.1:0",
+                "--server-tls",
+                "implicit",
+                "--server-tls-insecure",
+                "--server-data-tls",
+                policy,
+            ]
+            .map(String::from),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        InProcess::start_with(&args)
+    };
+    // clear: PROT C, whatever the client.
+    let (upstream, lines) = tls_listener(&ca).await;
+    let gateway = gateway_to(upstream, "clear");
+    let client = FtpClient::connect_implicit(gateway.implicit_addr.unwrap(), ca.client_config());
+    let _client = client.await;
+    assert_eq!(lines_after(&lines, 2).await, ["PBSZ 0", "PROT C"]);
+    gateway.stop().await;
+    // client: an implicit client's data connections are protected.
+    let (upstream, lines) = tls_listener(&ca).await;
+    let gateway = gateway_to(upstream, "client");
+    let client = FtpClient::connect_implicit(gateway.implicit_addr.unwrap(), ca.client_config());
+    let _client = client.await;
+    assert_eq!(lines_after(&lines, 2).await, ["PBSZ 0", "PROT P"]);
+    // A plain client's are not, until AUTH SSL.
+    let (upstream, lines) = tls_listener(&ca).await;
+    let gateway = gateway_to(upstream, "client");
+    let (mut client, banner) = FtpClient::connect(gateway.addr).await;
+    assert_eq!(code(&banner), 220, "{banner}");
+    assert_eq!(lines_after(&lines, 2).await, ["PBSZ 0", "PROT C"]);
+    client.starttls_with("AUTH SSL", ca.client_config()).await;
+    assert_eq!(code(&client.cmd("NOOP").await), 200);
+    assert_eq!(
+        lines_after(&lines, 4).await,
+        ["PBSZ 0", "PROT C", "PROT P", "NOOP"]
+    );
+    gateway.stop().await;
+}

@@ -457,3 +457,83 @@ fn sighup_reloads_the_certificate_and_refuses_a_mismatched_key() {
     gateway.expect_logs("invalid configuration refused", 1);
     assert_eq!(served_certificate(&ns, GATEWAY4, &ca), second);
 }
+
+/// `--server-tls-max-version 1.3` toward vsftpd with
+/// `require_ssl_reuse=YES`: TLS 1.3 on every connection toward it, and
+/// uploads in a row still resume, since vsftpd sends a new ticket on
+/// every data connection (the default, `auto`, offers it TLS 1.2, whose
+/// session every data connection can resume; `tls_proftpd.rs` shows a
+/// server that sends none on uploads).
+#[test]
+#[ignore = "privileged tier (root, network namespaces, vsftpd, Python): cargo xtask test runs it"]
+fn tls13_toward_vsftpd_with_a_ticket_per_data_connection() {
+    let lab = TlsLab::new();
+    let content = pattern(300_000, 21);
+    lab.servers[1].put("t.bin", &content);
+    let gateway = Gateway::start(
+        &lab.ns,
+        &[
+            "--listen",
+            "127.0.0.1:2110",
+            "--upstream",
+            "127.0.0.1:2122",
+            "--passive-ports",
+            "43000-43999",
+            "--active-ports",
+            "48000-48999",
+            "--server-tls",
+            "explicit",
+            "--server-ca",
+            TestCa::path(&lab.ca.ca),
+            "--server-tls-max-version",
+            "1.3",
+            "--metrics",
+            "127.0.0.1:9130",
+        ],
+    );
+    let mut steps = vec![
+        json!({"op": "connect"}),
+        json!({"op": "login"}),
+        json!({"op": "cmd", "line": "TYPE I"}),
+    ];
+    for i in 0..4 {
+        steps.push(json!({"op": "stor", "path": format!("pub/t13-{i}.bin"), "size": content.len(), "seed": 21, "mode": "epsv"}));
+    }
+    for mode in ["epsv", "port", "pasv"] {
+        steps.push(json!({"op": "retr", "path": "pub/t.bin", "mode": mode}));
+    }
+    steps.push(json!({"op": "quit"}));
+    let results =
+        lab.python(json!({"host": "127.0.0.1", "port": 2110, "timeout": 30, "steps": steps}));
+    let transfers: Vec<&Value> = results
+        .iter()
+        .filter(|r| matches!(r["op"].as_str(), Some("retr" | "stor")))
+        .collect();
+    assert_eq!(transfers.len(), 7, "{results:#?}");
+    for r in transfers {
+        assert!(
+            r["final"].as_str().unwrap_or("").starts_with("226"),
+            "{r}\n{}",
+            gateway.logs()
+        );
+        assert_eq!(r["sha256"], json!(sha256(&content)), "{r}");
+    }
+    let metrics = lab
+        .ns
+        .command("curl")
+        .args(["-sS", "http://127.0.0.1:9130/metrics"])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let count = |version: &str| -> u64 {
+        let needle =
+            format!("ftp_proxy_tls_versions_total{{side=\"server\",version=\"{version}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(needle.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {needle} in\n{metrics}"))
+    };
+    // The control connection and the seven data connections.
+    assert_eq!((count("1.3"), count("1.2")), (8, 0), "{metrics}");
+}

@@ -7,8 +7,10 @@
 //! - `run`: builds the gateway and runs it in front of a demo vsftpd that it
 //!   sets up in `target/demo`; with `--upstream HOST:PORT` it relays to that
 //!   server instead.
-//! - `test`: everything CI runs: setup, formatting, clippy (a separate pass
-//!   for the eBPF crate), the whole test suite (with the eBPF flow tracker
+//! - `test`: everything CI runs: setup (and the peers of the benchmark,
+//!   ProFTPD among them, unpacked into `target/bench/peers` and passed to
+//!   the tests in `FTPX_PEERS`), formatting, clippy (a separate pass for
+//!   the eBPF crate), the whole test suite (with the eBPF flow tracker
 //!   required to be built), and a short run of every fuzz target.
 //! - `fuzz`: every fuzz target for longer (300 s each by default).
 //! - `soak`: the load and fault tests with more sessions, bigger files and
@@ -132,6 +134,30 @@ fn setup() -> Result<()> {
         .context("installing the eBPF toolchain")
 }
 
+/// Where `scripts/install-bench-deps.sh` unpacks the peers (ProFTPD with
+/// mod_tls and mod_proxy, the SuSE proxy-suite, HAProxy): the benchmark's
+/// paths, and ProFTPD as the tests' second server.
+fn peers_dir() -> PathBuf {
+    root().join("target/bench/peers")
+}
+
+/// Installs the benchmark's dependencies and unpacks the peers into
+/// [`peers_dir`] (idempotent; root, or sudo).
+fn install_peers() -> Result<()> {
+    let script = root().join("scripts/install-bench-deps.sh");
+    if is_root() {
+        status(Command::new("bash").arg(&script).arg(peers_dir()))
+    } else {
+        status(
+            Command::new("sudo")
+                .arg("bash")
+                .arg(&script)
+                .arg(peers_dir()),
+        )
+        .context("installing the benchmark's dependencies needs root")
+    }
+}
+
 /// The nightly pinned in ftp-proxy-ebpf/rust-toolchain.toml.
 fn ebpf_toolchain() -> Result<String> {
     let path = root().join("ftp-proxy-ebpf/rust-toolchain.toml");
@@ -225,6 +251,11 @@ fn fuzz(seconds: u64, only: Option<&str>) -> Result<()> {
 
 fn test(no_lint: bool, args: &[String]) -> Result<()> {
     setup()?;
+    // ProFTPD (with mod_tls, the second real server of the FTPS tests) and
+    // HAProxy (in front of gateways): Debian's proftpd conflicts with
+    // vsftpd, so the peers are unpacked privately, as for the benchmark,
+    // and their place passed on.
+    install_peers()?;
     if !no_lint {
         status(cargo().args(["fmt", "--all", "--", "--check"]))?;
         status(cargo().args([
@@ -251,20 +282,10 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         }
         None => (args, &[][..]),
     };
-    // Peers some privileged tests drive (HAProxy in front of gateways,
-    // ProFTPD), unpacked privately as the benchmark does.
-    let peers = root().join("target/bench/peers");
-    let script = root().join("scripts/install-bench-deps.sh");
-    if is_root() {
-        status(Command::new("bash").arg(&script).arg(&peers))?;
-    } else {
-        status(Command::new("sudo").arg("bash").arg(&script).arg(&peers))
-            .context("installing the test peers needs root")?;
-    }
     status(
         cargo()
             .env("FTPX_EBPF_BUILD", "require")
-            .env("FTPX_PEERS", &peers)
+            .env("FTPX_PEERS", peers_dir())
             .args(["test", "--workspace", "--no-fail-fast"])
             .args(cargo_args)
             .args(["--", "--include-ignored"])

@@ -738,7 +738,9 @@ impl<'a> Session<'a> {
         let server = if route_users {
             None
         } else {
-            match server_conn::connect_any(shared, origin, &Target::Pool).await {
+            // An implicit client's data connections are protected from
+            // the start (`--server-data-tls client` tells the server so).
+            match server_conn::connect_any(shared, origin, &Target::Pool, implicit_tls).await {
                 Ok(server) => Some(server),
                 Err(error) => return Err((Some(client_writer), error)),
             }
@@ -875,20 +877,19 @@ impl<'a> Session<'a> {
             }
             Some(_) => {}
             None => {
-                let (control, server) =
-                    server_conn::connect_any(self.shared, self.origin, &target).await?;
+                // The level the client chose before the server was (its
+                // PROT, or an implicit listener's) is the one the server
+                // starts with (`server_conn::initial_prot`).
+                let _ = self.state.take_early_prot();
+                let (control, server) = server_conn::connect_any(
+                    self.shared,
+                    self.origin,
+                    &target,
+                    self.state.data_protected(),
+                )
+                .await?;
                 let banner = self.attach(control, server);
                 debug!(banner = ?banner.last().map(|r| String::from_utf8_lossy(r.text()).into_owned()), "server chosen at USER");
-                if let Some(private) = self.state.take_early_prot() {
-                    server_conn::negotiate(
-                        &mut self.server_rx,
-                        &mut self.server_tx,
-                        if private { "PROT P" } else { "PROT C" },
-                        200,
-                        self.config.timeouts.reply,
-                    )
-                    .await?;
-                }
             }
         }
         self.forward(&Command::new(Verb::User, user), Waiter::Client)
@@ -1194,6 +1195,18 @@ impl<'a> Session<'a> {
                 self.client_tx = ClientWriter::Tls(write);
                 self.state.tls_started(private_data);
                 debug!(version = ?handshake.version, "control connection protected");
+                if private_data
+                    && self.server.is_some()
+                    && self.config.tls.server.mode != ServerTlsMode::Off
+                    && self.config.tls.server.data == ServerDataTls::Client
+                {
+                    // `AUTH SSL` and `TLS-P` imply PROT P and no PROT
+                    // follows: the server is told, and its reply
+                    // swallowed (a refusal shows when a data connection
+                    // toward it fails).
+                    let prot = Command::new(Verb::Prot, b"P".to_vec());
+                    self.forward(&prot, Waiter::Nobody).await?;
+                }
                 Ok(())
             }
             Err(error) => {

@@ -1,7 +1,7 @@
 //! Opening a session's control connection to one server: TCP, the PROXY
 //! header when configured, TLS as configured (implicit: from the first byte; explicit: `AUTH TLS` after
-//! the banner, then `PBSZ 0` and, when server data connections are always
-//! protected, `PROT P`), and the banner, which the session relays to the
+//! the banner, then `PBSZ 0` and the `PROT` level the session starts
+//! with, [`initial_prot`]), and the banner, which the session relays to the
 //! client once everything toward the server is in place (so a TLS failure
 //! toward the server reaches the client as `421` with the reason).
 //!
@@ -129,6 +129,7 @@ pub(super) async fn connect_any(
     shared: &Shared,
     origin: Origin,
     target: &Target,
+    client_private: bool,
 ) -> Result<(ServerControl, ServerHandle), SessionError> {
     let config = &*shared.config;
     let header = config
@@ -138,15 +139,15 @@ pub(super) async fn connect_any(
     let mut tried = Vec::new();
     let mut last = None;
     while let Some(server) = shared.pool.pick_for(origin.client.ip(), target, &tried) {
-        match open(
+        let opened = open(
             config,
             &shared.metrics,
             server.address(),
             header.as_deref(),
             &own,
-        )
-        .await
-        {
+            client_private,
+        );
+        match opened.await {
             Ok(control) => {
                 shared.pool.passive_success(&server);
                 return Ok((control, server));
@@ -186,20 +187,51 @@ async fn secure(
     ))
 }
 
+/// The `PROT` command that gives the server the data protection the
+/// session starts with: `required` protects every server data
+/// connection; `clear` protects none; `client` protects them as the
+/// client's data connections are (`client_private`: an implicit client's
+/// are from the start). Protection is always said. Clear is said to an
+/// implicit server only: without `PROT` an explicit server's data
+/// connections are clear (RFC 4217 §9), and a server that requires
+/// protected data answers `PROT C` with `534` (ProFTPD), which would end
+/// a session whose client may still ask for `PROT P`; an implicit
+/// server's are protected unless it is told otherwise (vsftpd, ProFTPD),
+/// so it would start TLS on data connections the gateway opens in clear.
+pub(super) fn initial_prot(
+    mode: ServerTlsMode,
+    data: ServerDataTls,
+    client_private: bool,
+) -> Option<&'static str> {
+    let private = match data {
+        ServerDataTls::Required => true,
+        ServerDataTls::Clear => false,
+        ServerDataTls::Client => client_private,
+    };
+    match (mode, private) {
+        (ServerTlsMode::Off, _) => None,
+        (_, true) => Some("PROT P"),
+        (ServerTlsMode::Implicit, false) => Some("PROT C"),
+        (ServerTlsMode::Explicit, false) => None,
+    }
+}
+
 /// Connects to `address`, sends `proxy_header` first when given,
-/// negotiates TLS as configured, and reads the banner: any `120` replies,
-/// then a `220`.
+/// negotiates TLS as configured (with the data protection of
+/// [`initial_prot`]), and reads the banner: any `120` replies, then a
+/// `220`.
 ///
 /// # Errors
 /// [`SessionError`], all the server's: unreachable, silent, refusing the
-/// session (a `421` banner), refusing TLS, or a failed handshake
-/// (certificate problems included).
+/// session (a `421` banner), refusing TLS or the data protection, or a
+/// failed handshake (certificate problems included).
 pub(super) async fn open(
     config: &Config,
     metrics: &Metrics,
     address: &Upstream,
     proxy_header: Option<&[u8]>,
     own: &[SocketAddr],
+    client_private: bool,
 ) -> Result<ServerControl, SessionError> {
     let started = Instant::now();
     let timeout = config.timeouts.connect;
@@ -296,12 +328,12 @@ pub(super) async fn open(
             };
             (rx, tx) = secure(stream, session, name, timeout, metrics).await?;
         }
-        // RFC 4217 §8-9: PBSZ 0 before PROT; server data connections are
-        // protected from the start when so configured (a client's PROT
-        // is passed on otherwise, see `state`).
+        // RFC 4217 §8-9: PBSZ 0 before PROT; then the level the session
+        // starts with (a client's later PROT is passed on with
+        // `--server-data-tls client`, see `state`).
         negotiate(&mut rx, &mut tx, "PBSZ 0", 200, reply_timeout).await?;
-        if server.data == ServerDataTls::Required {
-            negotiate(&mut rx, &mut tx, "PROT P", 200, reply_timeout).await?;
+        if let Some(prot) = initial_prot(server.mode, server.data, client_private) {
+            negotiate(&mut rx, &mut tx, prot, 200, reply_timeout).await?;
         }
     }
     Ok(ServerControl {
@@ -312,4 +344,37 @@ pub(super) async fn open(
         banner,
         tls,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_starts_with_the_protection_the_session_means() {
+        use ServerDataTls::{Clear, Client, Required};
+        use ServerTlsMode::{Explicit, Implicit, Off};
+        // (mode, policy, client's data protected) -> PROT sent
+        let table = [
+            (Off, Required, false, None),
+            (Explicit, Required, false, Some("PROT P")),
+            (Implicit, Required, false, Some("PROT P")),
+            // Clear is an explicit server's default (and saying it would
+            // end the session with a server that requires protection);
+            // an implicit server's is protection.
+            (Explicit, Clear, true, None),
+            (Implicit, Clear, true, Some("PROT C")),
+            (Explicit, Client, false, None),
+            (Explicit, Client, true, Some("PROT P")),
+            (Implicit, Client, false, Some("PROT C")),
+            (Implicit, Client, true, Some("PROT P")),
+        ];
+        for (mode, data, client_private, want) in table {
+            assert_eq!(
+                initial_prot(mode, data, client_private),
+                want,
+                "{mode:?} {data:?} {client_private}"
+            );
+        }
+    }
 }

@@ -23,12 +23,18 @@
 //!   a close with unread data resets the connection and truncates the
 //!   upload (seen with curl and lftp).
 //! - Toward servers the gateway is the TLS client; each FTP session has its
-//!   own store of the server's tickets. A rustls client uses a TLS 1.3
-//!   ticket once, and OpenSSL servers send one new ticket per resumed
-//!   connection; the relay reads every server data connection to its end,
-//!   so each transfer brings its successor's ticket (vsftpd with
-//!   `require_ssl_reuse=YES` works for any number of transfers). TLS 1.2
-//!   sessions are reusable as they are.
+//!   own store of the server's sessions. Servers may require every data
+//!   connection to resume the control connection's session (vsftpd's
+//!   `require_ssl_reuse=YES`, ProFTPD's default). A TLS 1.2 session is
+//!   resumed any number of times; a TLS 1.3 ticket only once by a rustls
+//!   client, so each data connection needs a new ticket from the one
+//!   before (vsftpd sends one on every data connection; ProFTPD 1.3.8 on
+//!   a download's but not on an upload's: its tickets run out after two
+//!   uploads in a row). So by default servers are offered TLS 1.2 only when their
+//!   data connections may be protected ([`ServerTlsMaxVersion`]); with
+//!   `--server-tls-max-version 1.3` the relay still reads every server
+//!   data connection to its end, so that each transfer that brings a
+//!   ticket leaves it to its successor.
 //!
 //! Not here: reading certificate files (`config` does, and hands over
 //! DER), when to handshake (`session`), moving bytes (`relay`).
@@ -118,6 +124,40 @@ pub enum ServerDataTls {
     Required,
     /// Never protected.
     Clear,
+}
+
+/// The highest TLS version offered to servers (`--server-tls-max-version`).
+///
+/// Data connections toward a server resume its control connection's
+/// session (servers may require it: vsftpd's `require_ssl_reuse`, ProFTPD's
+/// default `TLSOptions`). A TLS 1.2 session can be resumed any number of
+/// times; a TLS 1.3 ticket once by a rustls client, so with 1.3 every data
+/// connection needs a ticket of its own, sent on an earlier connection:
+/// ProFTPD 1.3.8 sends none on an upload's data connection, so its two
+/// first tickets run out after two uploads in a row and the next data
+/// connection is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServerTlsMaxVersion {
+    /// TLS 1.2 when server data connections may be protected
+    /// (`--server-data-tls required` or `client`), else as `1.3`.
+    #[default]
+    Auto,
+    /// TLS 1.2 only.
+    Tls12,
+    /// TLS 1.3 or 1.2, as the server prefers.
+    Tls13,
+}
+
+impl ServerTlsMaxVersion {
+    /// Whether only TLS 1.2 is offered, server data connections being
+    /// protected as `data` says.
+    pub fn tls12_only(self, data: ServerDataTls) -> bool {
+        match self {
+            ServerTlsMaxVersion::Auto => data != ServerDataTls::Clear,
+            ServerTlsMaxVersion::Tls12 => true,
+            ServerTlsMaxVersion::Tls13 => false,
+        }
+    }
 }
 
 /// Whether a connection is protected (the `client` and `server` labels of
@@ -499,33 +539,41 @@ impl Eq for ServerTrust {}
 pub struct ServerTls {
     base: Arc<ClientConfig>,
     trust: ServerTrust,
+    tls12_only: bool,
 }
 
 impl fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerTls")
             .field("trust", &self.trust)
+            .field("tls12_only", &self.tls12_only)
             .finish_non_exhaustive()
     }
 }
 
 impl PartialEq for ServerTls {
     fn eq(&self, other: &ServerTls) -> bool {
-        self.trust == other.trust
+        self.trust == other.trust && self.tls12_only == other.tls12_only
     }
 }
 
 impl Eq for ServerTls {}
 
 impl ServerTls {
-    /// A client configuration that trusts as given.
+    /// A client configuration that trusts as given, offering TLS 1.2 only
+    /// when `tls12_only` (see [`ServerTlsMaxVersion`]), else 1.3 and 1.2.
     ///
     /// # Errors
     /// [`TlsSetupError::NoRoots`] for an empty set of authorities.
-    pub fn new(trust: ServerTrust) -> Result<ServerTls, TlsSetupError> {
+    pub fn new(trust: ServerTrust, tls12_only: bool) -> Result<ServerTls, TlsSetupError> {
         let provider = provider();
+        let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
+            &[&rustls::version::TLS12]
+        } else {
+            VERSIONS
+        };
         let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
-            .with_protocol_versions(VERSIONS)?;
+            .with_protocol_versions(versions)?;
         let base = match &trust {
             ServerTrust::Roots(roots) if roots.is_empty() => return Err(TlsSetupError::NoRoots),
             ServerTrust::Roots(roots) => builder
@@ -539,6 +587,7 @@ impl ServerTls {
         Ok(ServerTls {
             base: Arc::new(base),
             trust,
+            tls12_only,
         })
     }
 
@@ -547,7 +596,7 @@ impl ServerTls {
     pub(crate) fn session(&self) -> Arc<ClientConfig> {
         let mut config = (*self.base).clone();
         // 16 sessions per server name; TLS 1.2 sessions are reusable, TLS
-        // 1.3 tickets are used once each (see the module documentation).
+        // 1.3 tickets are used once each (see [`ServerTlsMaxVersion`]).
         config.resumption = rustls::client::Resumption::in_memory_sessions(16);
         Arc::new(config)
     }
@@ -659,7 +708,7 @@ pub(crate) mod test_certs {
         pub(crate) fn server_side(&self) -> ServerTls {
             let mut roots = rustls::RootCertStore::empty();
             roots.add(self.ca.clone()).unwrap();
-            ServerTls::new(ServerTrust::Roots(Arc::new(roots))).unwrap()
+            ServerTls::new(ServerTrust::Roots(Arc::new(roots)), false).unwrap()
         }
     }
 }

@@ -275,7 +275,16 @@ impl FtpClient {
 
     /// `AUTH TLS` and the handshake.
     pub async fn starttls(&mut self, config: std::sync::Arc<rustls::ClientConfig>) {
-        let reply = self.cmd("AUTH TLS").await;
+        self.starttls_with("AUTH TLS", config).await;
+    }
+
+    /// `command` (`AUTH TLS`, `AUTH SSL`...) and the handshake.
+    pub async fn starttls_with(
+        &mut self,
+        command: &str,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    ) {
+        let reply = self.cmd(command).await;
         assert_eq!(code(&reply), 234, "{reply}");
         let Conn::Plain { rx, tx } = std::mem::replace(&mut self.conn, Conn::Gone) else {
             panic!("not a plain control connection");

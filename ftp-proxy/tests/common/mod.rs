@@ -1,7 +1,8 @@
 //! Test fixtures: a network namespace per test (so no packet can leave the
 //! machine and ports never collide), vsftpd started in it, the gateway binary
 //! started in it, and the clients (Python's ftplib driver, curl, lftp) run in
-//! it. Everything is removed on drop, also when the test fails.
+//! it; ProFTPD as a second server ([`proftpd`]). Everything is removed on
+//! drop, also when the test fails.
 
 #![allow(
     dead_code,
@@ -27,6 +28,11 @@ use sha2::{Digest, Sha256};
 pub mod certs;
 pub mod fake;
 pub mod inproc;
+pub mod proftpd;
+
+// Unused in the test binaries without ProFTPD.
+#[allow(unused_imports)]
+pub use proftpd::Proftpd;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 

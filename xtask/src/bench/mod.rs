@@ -74,13 +74,15 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
     /// Only these paths (direct, ftp-proxy, ftp-proxy-ebpf-off,
-    /// ftp-proxy-splice, ftp-proxy-copy (wire), ftp-proxy-pool3 (wire, session rates), proftpd (loopback),
-    /// proxy-suite, haproxy-splice, haproxy (loopback)); direct (routed,
-    /// on the wire) is always included.
+    /// ftp-proxy-splice, ftp-proxy-copy (wire), ftp-proxy-pool3 (wire,
+    /// session rates), proftpd (loopback), proxy-suite, haproxy-splice,
+    /// haproxy (loopback), and the FTPS rows: direct-ftps, ftp-proxy-ftps,
+    /// ftp-proxy-ftps-client (wire)); direct (routed, on the wire) is
+    /// always included, direct-ftps with any FTPS path.
     #[arg(long, value_delimiter = ',')]
     pub paths: Option<Vec<String>>,
     /// Only these measurements (transfers, rate, idle (loopback), slow
-    /// (wire)).
+    /// (wire), ftps (wire: RETR and STOR with TLS)).
     #[arg(long, value_delimiter = ',')]
     pub only: Option<Vec<String>>,
     /// The report [default: BENCHMARKS.md for a full run,
@@ -124,6 +126,8 @@ pub struct Settings {
     pub idle_sessions: bool,
     /// Slow downloads.
     pub slow: bool,
+    /// FTPS transfers.
+    pub ftps: bool,
     /// Concurrent slow downloads.
     pub slow_count: usize,
     /// Bytes per second of each.
@@ -400,6 +404,7 @@ fn settings(args: &BenchArgs, root: &Path) -> Settings {
         rate: only("rate"),
         idle_sessions: only("idle"),
         slow: only("slow"),
+        ftps: only("ftps"),
         slow_count: args.slow.unwrap_or(if q { 50 } else { 1000 }).max(1),
         slow_rate: args.slow_kbps.max(1) * 1000,
         slow_bytes: args.slow_kbps.max(1)
@@ -572,7 +577,7 @@ pub fn default_gateway(tracker_built: bool) -> Kind {
     }
 }
 
-/// The paths on the wire, in report order.
+/// The paths on the wire, in report order (the FTPS rows last).
 fn wire_kinds(tracker_built: bool) -> Vec<Kind> {
     let mut kinds = vec![Kind::Direct, default_gateway(tracker_built)];
     if tracker_built {
@@ -584,6 +589,9 @@ fn wire_kinds(tracker_built: bool) -> Vec<Kind> {
         Kind::GatewayPool,
         Kind::Suse,
         Kind::Haproxy { splice: true },
+        Kind::DirectFtps,
+        Kind::GatewayFtps { server_tls: true },
+        Kind::GatewayFtps { server_tls: false },
     ]);
     kinds
 }
@@ -604,16 +612,19 @@ fn loopback_kinds(tracker_built: bool) -> Vec<Kind> {
     kinds
 }
 
-/// `kinds` with only the paths `wanted` (direct always), each with
-/// whether its peer is installed (PEERS_DIR/status).
+/// `kinds` with only the paths `wanted` (direct always, direct FTPS with
+/// any FTPS path: the baselines), each with whether its peer is installed
+/// (PEERS_DIR/status).
 fn select(
     kinds: Vec<Kind>,
     wanted: Option<&[String]>,
     status: &str,
 ) -> Vec<(Kind, Result<(), String>)> {
+    let named = |k: &Kind| wanted.is_none_or(|w| w.iter().any(|w| w == k.id()));
+    let any_ftps = kinds.iter().any(|k| k.is_ftps() && named(k));
     kinds
         .into_iter()
-        .filter(|k| *k == Kind::Direct || wanted.is_none_or(|w| w.iter().any(|w| w == k.id())))
+        .filter(|k| *k == Kind::Direct || (*k == Kind::DirectFtps && any_ftps) || named(k))
         .map(|k| {
             let available = match k.package() {
                 None => Ok(()),
@@ -648,8 +659,10 @@ struct Bench {
     files: Files,
     /// The server of every path...
     vsftpd: Daemon,
-    /// ...but HAProxy's on the wire ([`Vsftpd::haproxy`]).
+    /// ...but HAProxy's on the wire ([`Vsftpd::haproxy`]),
     haproxy_vsftpd: Option<Daemon>,
+    /// ...and the FTPS paths' ([`Vsftpd::ftps`]).
+    ftps_vsftpd: Option<Daemon>,
     /// The wire's namespaces (empty on loopback), to tell other jobs'
     /// processes from the run's.
     ns_inodes: Vec<u64>,
@@ -666,7 +679,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let root = crate::root();
     let s = settings(&args, &root);
     let bench_dir = root.join("target/bench");
-    let peers_dir = bench_dir.join("peers");
+    let peers_dir = crate::peers_dir();
     let run_dir = bench_dir.join("run");
     std::fs::create_dir_all(&run_dir)?;
     if let Some(nets) = &args.net {
@@ -677,18 +690,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     if !args.no_install {
-        let script = root.join("scripts/install-bench-deps.sh");
-        if crate::is_root() {
-            crate::status(Command::new("bash").arg(&script).arg(&peers_dir))?;
-        } else {
-            crate::status(
-                Command::new("sudo")
-                    .arg("bash")
-                    .arg(&script)
-                    .arg(&peers_dir),
-            )
-            .context("installing the benchmark's dependencies needs root")?;
-        }
+        crate::install_peers()?;
     }
     if !crate::is_root() {
         bail!(
@@ -818,6 +820,18 @@ impl Bench {
         } else {
             None
         };
+        let ftps_runs = s.ftps && results.paths.iter().any(|(k, a)| k.is_ftps() && a.is_ok());
+        let ftps_vsftpd = if ftps_runs {
+            peers::write_certificates(
+                env.certificates()
+                    .ca
+                    .parent()
+                    .context("the certificates' directory")?,
+            )?;
+            Some(peers::start_vsftpd(&env, template, &Vsftpd::ftps(&env))?)
+        } else {
+            None
+        };
         let ns_inodes = env.wire.as_ref().map(|w| w.inodes()).unwrap_or_default();
         Ok(Bench {
             env,
@@ -827,6 +841,7 @@ impl Bench {
             files: files.clone(),
             vsftpd,
             haproxy_vsftpd,
+            ftps_vsftpd,
             ns_inodes,
             results,
         })
@@ -835,7 +850,10 @@ impl Bench {
     /// Stops the servers; the results and where they were measured.
     fn finish(mut self) -> Measured {
         self.vsftpd.stop(Duration::from_secs(5));
-        if let Some(d) = &mut self.haproxy_vsftpd {
+        for d in [&mut self.haproxy_vsftpd, &mut self.ftps_vsftpd]
+            .into_iter()
+            .flatten()
+        {
             d.stop(Duration::from_secs(5));
         }
         Measured {
@@ -855,8 +873,9 @@ impl Bench {
 
     /// The server behind `kind`.
     fn server(&self, kind: Kind) -> &Daemon {
-        match (&self.haproxy_vsftpd, kind) {
-            (Some(d), Kind::Haproxy { .. }) => d,
+        match (&self.haproxy_vsftpd, &self.ftps_vsftpd, kind) {
+            (Some(d), _, Kind::Haproxy { .. }) => d,
+            (_, Some(d), Kind::DirectFtps | Kind::GatewayFtps { server_tls: true }) => d,
             _ => &self.vsftpd,
         }
     }
@@ -869,10 +888,12 @@ impl Bench {
         kind.label_on(self.net())
     }
 
-    /// Transfers on every path; slow downloads through routed and the
-    /// gateway; session rates routed, through the gateway and HAProxy.
+    /// Transfers on every path; FTPS transfers; slow downloads through
+    /// routed and the gateway; session rates routed, through the gateway
+    /// and HAProxy.
     fn measure_wire(&mut self) -> Result<()> {
-        let kinds = self.available();
+        let (ftps, kinds): (Vec<Kind>, Vec<Kind>) =
+            self.available().into_iter().partition(|k| k.is_ftps());
         if self.s.transfers {
             // The pool changes nothing once a session has its server.
             let moving: Vec<Kind> = kinds
@@ -881,6 +902,9 @@ impl Bench {
                 .filter(|k| !k.sessions_only())
                 .collect();
             self.all_transfers(&moving)?;
+        }
+        if self.s.ftps && !ftps.is_empty() {
+            self.all_transfers(&ftps)?;
         }
         let gateway = default_gateway(self.results.tracker_built);
         if self.s.slow {
@@ -1050,6 +1074,12 @@ impl Bench {
         let upload = format!("up-{}-{rep}.bin", kind.id());
         let url = |name: &str| format!("ftp://anonymous:bench%40example.org@{addr}/pub/{name}");
         let mut curl = self.env.command(Host::Client, "curl");
+        if kind.is_ftps() {
+            // Explicit FTPS (AUTH, then PBSZ 0 and PROT P), verified.
+            curl.arg("--ssl-reqd")
+                .arg("--cacert")
+                .arg(self.env.certificates().ca);
+        }
         curl.args(["-sS", "--fail", "--connect-timeout", "10"])
             .args(["--max-time", &self.max_time().to_string()])
             .args([

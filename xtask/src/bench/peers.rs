@@ -25,6 +25,13 @@
 //! downloads are wider: vsftpd's passive base+2000..3999, the gateway's
 //! passive base+2000..3999 and active base+4000..5999. ProFTPD mod_proxy
 //! and HAProxy without splice run on loopback only.
+//!
+//! FTPS (on the wire): a vsftpd with TLS on the server host
+//! (10.201.2.2:base+25, passive base+700..999, `require_ssl_reuse=YES`),
+//! and the gateway on its usual address with TLS toward the client only
+//! (in front of the plain vsftpd) or on both legs (in front of the TLS
+//! one). The certificates come from an authority the harness makes
+//! ([`write_certificates`]); clients and the gateway trust it.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
@@ -59,6 +66,52 @@ pub struct Env {
     pub wire: Option<Names>,
 }
 
+/// The files of the FTPS paths ([`write_certificates`]).
+#[derive(Debug, Clone)]
+pub struct Certificates {
+    /// The authority's certificate: what curl and the gateway trust.
+    pub ca: PathBuf,
+    /// The servers' chain (vsftpd's and the gateway's): the certificate,
+    /// then the authority's.
+    pub chain: PathBuf,
+    /// Its key (ECDSA P-256).
+    pub key: PathBuf,
+}
+
+/// Writes an authority and a certificate it signed for every address the
+/// FTPS paths are reached at (the gateway's and the servers', on the wire
+/// and on loopback) into `dir`.
+pub fn write_certificates(dir: &Path) -> Result<Certificates> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    std::fs::create_dir_all(dir)?;
+    let ca_key = KeyPair::generate().context("an authority key")?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "ftp-proxy bench authority");
+    let ca_pem = ca_params.self_signed(&ca_key)?.pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let names: Vec<String> = [
+        "localhost".to_owned(),
+        Ipv4Addr::LOCALHOST.to_string(),
+        wire::GATEWAY.to_string(),
+        wire::SERVER.to_string(),
+    ]
+    .into();
+    let key = KeyPair::generate().context("a server key")?;
+    let leaf = CertificateParams::new(names)?.signed_by(&key, &issuer)?;
+    let certificates = Certificates {
+        ca: dir.join("ca.pem"),
+        chain: dir.join("chain.pem"),
+        key: dir.join("key.pem"),
+    };
+    write(&certificates.ca, &ca_pem)?;
+    write(&certificates.chain, &format!("{}{ca_pem}", leaf.pem()))?;
+    write(&certificates.key, &key.serialize_pem())?;
+    Ok(certificates)
+}
+
 /// The values `--ebpf` takes.
 #[derive(Debug, Clone)]
 pub struct EbpfValues {
@@ -86,6 +139,21 @@ impl Env {
             SocketAddr::from((wire::SERVER, self.base + 23))
         } else {
             self.server_addr()
+        }
+    }
+
+    /// The control address of the vsftpd with TLS (the FTPS paths).
+    pub fn ftps_server_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.server_addr().ip(), self.base + 25))
+    }
+
+    /// Where the FTPS paths' certificates are ([`write_certificates`]).
+    pub fn certificates(&self) -> Certificates {
+        let dir = self.run_dir.join("tls");
+        Certificates {
+            ca: dir.join("ca.pem"),
+            chain: dir.join("chain.pem"),
+            key: dir.join("key.pem"),
         }
     }
 
@@ -155,6 +223,15 @@ pub enum Kind {
         /// `option splice-request` + `option splice-response`.
         splice: bool,
     },
+    /// FTPS: the vsftpd with TLS alone (the FTPS rows' baseline).
+    DirectFtps,
+    /// FTPS through the gateway (tracker as in the first row), TLS toward
+    /// the client; `server_tls`: and toward the server (the vsftpd with
+    /// TLS), else the plain vsftpd.
+    GatewayFtps {
+        /// TLS on the server's leg too.
+        server_tls: bool,
+    },
 }
 
 impl Kind {
@@ -172,6 +249,9 @@ impl Kind {
             Kind::Suse => "proxy-suite",
             Kind::Haproxy { splice: true } => "haproxy-splice",
             Kind::Haproxy { splice: false } => "haproxy",
+            Kind::DirectFtps => "direct-ftps",
+            Kind::GatewayFtps { server_tls: true } => "ftp-proxy-ftps",
+            Kind::GatewayFtps { server_tls: false } => "ftp-proxy-ftps-client",
         }
     }
 
@@ -189,6 +269,9 @@ impl Kind {
             Kind::Suse => "proxy-suite ftp-proxy",
             Kind::Haproxy { splice: true } => "HAProxy TCP, splice",
             Kind::Haproxy { splice: false } => "HAProxy TCP, no splice",
+            Kind::DirectFtps => "direct FTPS (vsftpd with TLS alone)",
+            Kind::GatewayFtps { server_tls: true } => "ftp-proxy, TLS on both legs",
+            Kind::GatewayFtps { server_tls: false } => "ftp-proxy, TLS toward the client only",
         }
     }
 
@@ -196,6 +279,12 @@ impl Kind {
     /// are another path's).
     pub fn sessions_only(self) -> bool {
         self == Kind::GatewayPool
+    }
+
+    /// Whether the path is one of the FTPS rows (measured as `ftps`,
+    /// against [`Kind::DirectFtps`]).
+    pub fn is_ftps(self) -> bool {
+        matches!(self, Kind::DirectFtps | Kind::GatewayFtps { .. })
     }
 
     /// Whether the path is a peer (not the gateway, not direct).
@@ -217,6 +306,7 @@ impl Kind {
     pub fn label_on(self, net: Net) -> &'static str {
         match (self, net) {
             (Kind::Direct, Net::Wire) => "routed (vsftpd, gateway host forwards)",
+            (Kind::DirectFtps, Net::Wire) => "routed FTPS (vsftpd with TLS, gateway host forwards)",
             _ => self.label(),
         }
     }
@@ -227,12 +317,15 @@ impl Kind {
         if env.wire.is_some() {
             let port = match self {
                 Kind::Direct => return env.server_addr(),
+                Kind::DirectFtps => return env.ftps_server_addr(),
                 Kind::ModProxy => b + 31,
                 Kind::Suse => b + 41,
                 Kind::Haproxy { .. } => b + 51,
-                Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy | Kind::GatewayPool => {
-                    b + 61
-                }
+                Kind::Gateway(_)
+                | Kind::GatewaySplice
+                | Kind::GatewayCopy
+                | Kind::GatewayPool
+                | Kind::GatewayFtps { .. } => b + 61,
             };
             return SocketAddr::from((wire::GATEWAY, port));
         }
@@ -242,9 +335,12 @@ impl Kind {
             Kind::Suse => (Ipv4Addr::LOCALHOST, b + 41),
             Kind::Haproxy { splice: true } => (Ipv4Addr::new(127, 0, 0, 2), b + 51),
             Kind::Haproxy { splice: false } => (Ipv4Addr::new(127, 0, 0, 3), b + 51),
-            Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy | Kind::GatewayPool => {
-                (Ipv4Addr::LOCALHOST, b + 61)
-            }
+            Kind::DirectFtps => (Ipv4Addr::LOCALHOST, b + 25),
+            Kind::Gateway(_)
+            | Kind::GatewaySplice
+            | Kind::GatewayCopy
+            | Kind::GatewayPool
+            | Kind::GatewayFtps { .. } => (Ipv4Addr::LOCALHOST, b + 61),
         };
         SocketAddr::from((ip, port))
     }
@@ -255,6 +351,9 @@ impl Kind {
             // The server connects to the client itself: the data bypasses
             // a TCP relay, so there is nothing of HAProxy to measure.
             Kind::Haproxy { .. } => Some("n/a: active data bypasses a TCP relay"),
+            // Debian 12's curl 7.88.1 fails active FTPS once it has
+            // accepted the data connection, against vsftpd alone too.
+            Kind::DirectFtps | Kind::GatewayFtps { .. } => Some("n/a: curl 7.88 fails active FTPS"),
             _ => None,
         }
     }
@@ -480,6 +579,9 @@ pub struct Vsftpd {
     pub pasv: (u16, u16),
     /// Address announced in 227 replies, when not its own.
     pub pasv_address: Option<Ipv4Addr>,
+    /// FTPS with these certificates (explicit, required for anonymous
+    /// logins and data, data connections resuming the control session).
+    pub tls: Option<Certificates>,
 }
 
 impl Vsftpd {
@@ -495,6 +597,7 @@ impl Vsftpd {
                 (b + 100, b + 399)
             },
             pasv_address: None,
+            tls: None,
         }
     }
 
@@ -506,6 +609,25 @@ impl Vsftpd {
             addr: env.haproxy_server_addr(),
             pasv: (env.base + 400, env.base + 699),
             pasv_address: Some(wire::GATEWAY),
+            tls: None,
+        }
+    }
+
+    /// The server of the FTPS paths: explicit FTPS, on the server host
+    /// (measured on the wire only; on loopback its ports would be free
+    /// too, above the gateway's).
+    pub fn ftps(env: &Env) -> Vsftpd {
+        let b = env.base;
+        Vsftpd {
+            name: "vsftpd-ftps",
+            addr: env.ftps_server_addr(),
+            pasv: if env.wire.is_some() {
+                (b + 700, b + 999)
+            } else {
+                (b + 1900, b + 1999)
+            },
+            pasv_address: None,
+            tls: Some(env.certificates()),
         }
     }
 }
@@ -543,6 +665,22 @@ pub fn vsftpd_config(template: &str, env: &Env, v: &Vsftpd) -> String {
     ];
     if let Some(a) = &pasv_address {
         overrides.push(("pasv_address", a));
+    }
+    let cert = v.tls.as_ref().map(|c| c.chain.display().to_string());
+    let key = v.tls.as_ref().map(|c| c.key.display().to_string());
+    if let (Some(cert), Some(key)) = (&cert, &key) {
+        overrides.extend([
+            ("ssl_enable", "YES"),
+            ("allow_anon_ssl", "YES"),
+            ("force_anon_logins_ssl", "YES"),
+            ("force_anon_data_ssl", "YES"),
+            // vsftpd's default, said: data connections resume the
+            // control connection's session, as through the gateway.
+            ("require_ssl_reuse", "YES"),
+            ("ssl_ciphers", "HIGH"),
+            ("rsa_cert_file", cert),
+            ("rsa_private_key_file", key),
+        ]);
     }
     let mut out = String::new();
     for line in base.lines() {
@@ -643,6 +781,33 @@ fn relay_gateway_command(env: &Env, mode: &str) -> Command {
     cmd
 }
 
+/// The gateway with TLS toward the client (and toward the vsftpd with TLS
+/// when `server_tls`), the tracker as in the default row; the relay mode
+/// is `auto` (a TLS leg goes through the TLS relay).
+fn ftps_gateway_command(env: &Env, server_tls: bool) -> Command {
+    let tracker = env.ebpf_flag.as_ref().map(|_| true);
+    let upstream = if server_tls {
+        env.ftps_server_addr()
+    } else {
+        env.server_addr()
+    };
+    let tls = env.certificates();
+    let mut cmd = gateway_command_to(
+        env,
+        tracker,
+        &["--upstream".to_owned(), upstream.to_string()],
+    );
+    cmd.arg("--tls-cert")
+        .arg(&tls.chain)
+        .arg("--tls-key")
+        .arg(&tls.key);
+    if server_tls {
+        cmd.args(["--server-tls", "explicit", "--server-ca"])
+            .arg(&tls.ca);
+    }
+    cmd
+}
+
 /// Starts the daemon(s) of a path. `None` for direct (vsftpd is always on).
 pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
     let dir = env.run_dir.join(kind.id());
@@ -652,7 +817,8 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
     let b = env.base;
     let server = env.server_addr();
     let cmd = match kind {
-        Kind::Direct => return Ok(None),
+        Kind::Direct | Kind::DirectFtps => return Ok(None),
+        Kind::GatewayFtps { server_tls } => ftps_gateway_command(env, server_tls),
         Kind::Gateway(tracker) => gateway_command(env, tracker),
         Kind::GatewaySplice => relay_gateway_command(env, "splice"),
         Kind::GatewayCopy => relay_gateway_command(env, "copy"),
@@ -851,7 +1017,12 @@ pub fn config_files(kind: Kind, env: &Env) -> Vec<PathBuf> {
     let dir = env.run_dir.join(kind.id());
     let name = match kind {
         Kind::Direct => return vec![env.run_dir.join("vsftpd.conf")],
-        Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy => return Vec::new(),
+        Kind::DirectFtps => {
+            return vec![env.run_dir.join(format!("{}.conf", Vsftpd::ftps(env).name))];
+        }
+        Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy | Kind::GatewayFtps { .. } => {
+            return Vec::new();
+        }
         Kind::GatewayPool => return vec![pool_file(env)],
         Kind::ModProxy => "proftpd.conf",
         Kind::Suse => "ftp-proxy.conf",
@@ -886,6 +1057,12 @@ pub fn command_line(kind: Kind, env: &Env) -> String {
             c.arg(env.run_dir.join("vsftpd.conf"));
             c
         }
+        Kind::DirectFtps => {
+            let mut c = env.command(Host::Server, "/usr/sbin/vsftpd");
+            c.arg(env.run_dir.join(format!("{}.conf", Vsftpd::ftps(env).name)));
+            c
+        }
+        Kind::GatewayFtps { server_tls } => ftps_gateway_command(env, server_tls),
         Kind::Gateway(tracker) => gateway_command(env, tracker),
         Kind::GatewaySplice => relay_gateway_command(env, "splice"),
         Kind::GatewayCopy => relay_gateway_command(env, "copy"),
@@ -959,6 +1136,7 @@ mod tests {
             Kind::Suse,
             Kind::Haproxy { splice: true },
             Kind::Haproxy { splice: false },
+            Kind::DirectFtps,
         ];
         let mut addrs: Vec<_> = kinds.iter().map(|k| k.addr(&e)).collect();
         addrs.sort();
@@ -1009,5 +1187,38 @@ mod tests {
         assert!(line.contains("--interface g0 --interface g1"));
         assert!(!command_line(Kind::Gateway(Some(false)), &e).contains("--interface"));
         assert!(command_line(Kind::GatewayCopy, &e).ends_with("--relay-mode copy"));
+        // FTPS: the gateway with its certificate, toward the vsftpd with
+        // TLS on the server host, or toward the plain one.
+        assert_eq!(
+            Kind::DirectFtps.addr(&e),
+            "10.201.2.2:10025".parse().unwrap()
+        );
+        let both = command_line(Kind::GatewayFtps { server_tls: true }, &e);
+        assert!(both.contains("--upstream 10.201.2.2:10025"), "{both}");
+        assert!(both.contains("--tls-cert /r/tls/chain.pem --tls-key /r/tls/key.pem"));
+        assert!(both.ends_with("--server-tls explicit --server-ca /r/tls/ca.pem"));
+        let client = command_line(Kind::GatewayFtps { server_tls: false }, &e);
+        assert!(client.contains("--upstream 10.201.2.2:10021"), "{client}");
+        assert!(client.contains("--tls-cert") && !client.contains("--server-tls"));
+        let c = vsftpd_config(&template, &e, &Vsftpd::ftps(&e));
+        assert!(c.contains("listen_port=10025\n") && c.contains("pasv_min_port=10700\n"));
+        assert!(c.contains("ssl_enable=YES\n") && c.contains("require_ssl_reuse=YES\n"));
+        assert!(c.contains("rsa_cert_file=/r/tls/chain.pem\n"));
+        assert!(!vsftpd_config(&template, &e, &Vsftpd::main(&e)).contains("ssl_enable"));
+    }
+
+    #[test]
+    fn certificates_name_every_address() {
+        let dir = std::env::temp_dir().join(format!("xtask-certs-{}", std::process::id()));
+        let c = write_certificates(&dir).unwrap();
+        let chain = std::fs::read_to_string(&c.chain).unwrap();
+        assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
+        assert!(
+            std::fs::read_to_string(&c.key)
+                .unwrap()
+                .contains("PRIVATE KEY")
+        );
+        assert!(chain.ends_with(&std::fs::read_to_string(&c.ca).unwrap()));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

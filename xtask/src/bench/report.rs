@@ -1,7 +1,8 @@
 //! `BENCHMARKS.md`: machine, versions, exact commands, the tables, the
 //! targets of issue 6 checked against the numbers, and a short reading.
 //! The wire's tables come first (throughput and its ratio to routed,
-//! machine CPU per GB, slow clients, session rates), then the loopback
+//! machine CPU per GB, slow clients, session rates, FTPS against direct
+//! FTPS), then the loopback
 //! tables as a secondary section, each table with the command that
 //! produced it. Everything is generated from the run; nothing in it is
 //! written by hand, so that a new run never leaves a stale sentence behind.
@@ -123,9 +124,14 @@ impl View<'_> {
     }
 
     fn speed_ratio(&self, k: Kind, x: Xfer) -> Option<f64> {
+        self.speed_ratio_to(k, x, Kind::Direct)
+    }
+
+    /// Throughput as a ratio to `base`'s (medians).
+    fn speed_ratio_to(&self, k: Kind, x: Xfer, base: Kind) -> Option<f64> {
         ratio(
             self.speed(k, x).map(|s| s.median),
-            self.speed(Kind::Direct, x).map(|s| s.median),
+            self.speed(base, x).map(|s| s.median),
         )
     }
 
@@ -246,7 +252,7 @@ pub fn render(run: &Outcome, s: &Settings) -> Result<String> {
     let _ = writeln!(
         o,
         "Contents: [on the wire](#on-the-wire) (throughput, machine CPU per GB, slow clients, \
-         session rate), then [on loopback](#on-loopback-secondary) (throughput, CPU, session \
+         session rate, FTPS), then [on loopback](#on-loopback-secondary) (throughput, CPU, session \
          rate, idle sessions, tracker, the targets of issue 6).\n"
     );
     machine_and_versions(&mut o, &any.env, any.results.tracker_built, &run.load);
@@ -471,7 +477,11 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
         "| path | RETR passive | × routed | RETR active | × routed | STOR passive | × routed |\n\
          |---|---|---|---|---|---|---|"
     );
-    for (k, avail) in r.paths.iter().filter(|(k, _)| !k.sessions_only()) {
+    for (k, avail) in r
+        .paths
+        .iter()
+        .filter(|(k, _)| !k.is_ftps() && !k.sessions_only())
+    {
         if let Err(e) = avail {
             unavailable_row(o, k.label_on(net), e, 6);
             continue;
@@ -509,7 +519,11 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
         "| path | RETR passive: machine | net | proxy | RETR active: machine | net | proxy | STOR passive: machine | net | proxy |\n\
          |---|---|---|---|---|---|---|---|---|---|"
     );
-    for (k, avail) in r.paths.iter().filter(|(k, _)| !k.sessions_only()) {
+    for (k, avail) in r
+        .paths
+        .iter()
+        .filter(|(k, _)| !k.is_ftps() && !k.sessions_only())
+    {
         if let Err(e) = avail {
             unavailable_row(o, k.label_on(net), e, 9);
             continue;
@@ -673,6 +687,72 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
     }
     if !any {
         let _ = writeln!(o, "| not measured | | | | | | | |");
+    }
+    o.push('\n');
+    ftps_section(o, r, s, env);
+}
+
+/// W5: FTPS on the wire, against direct FTPS measured in the same run.
+fn ftps_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
+    let v = View { r };
+    let net = Net::Wire;
+    let mib = s.file_bytes >> 20;
+    let _ = writeln!(
+        o,
+        "### W5. FTPS on the wire ({mib} MiB file), MB/s and machine CPU per GB, × routed FTPS\n"
+    );
+    produced_by(o, s);
+    let _ = writeln!(
+        o,
+        "Explicit FTPS (`AUTH`, `PBSZ 0`, `PROT P`: control and data encrypted), the same curl \
+         transfers as W1 plus `--ssl-reqd --cacert ca.pem` (an authority the harness makes; \
+         ECDSA P-256 certificates for every address). Routed FTPS: curl to a vsftpd with TLS on \
+         the server host ({}: `ssl_enable`, `force_anon_data_ssl`, `require_ssl_reuse=YES`, \
+         `ssl_ciphers=HIGH`). Through the gateway: TLS between curl and the gateway on both \
+         rows, and toward that vsftpd (`--server-tls explicit`, verified against the same \
+         authority) or in clear toward the plain one. curl and vsftpd use OpenSSL, the \
+         gateway rustls; the gateway offers the server TLS 1.2 only (its default \
+         `--server-tls-max-version auto`: data connections resume the control connection's \
+         session), the others negotiate TLS 1.3; every data connection resumes on both legs. \
+         Passive only: Debian 12's curl fails active FTPS. \"net\" CPU as in W2.\n",
+        env.ftps_server_addr()
+    );
+    let _ = writeln!(
+        o,
+        "| path | RETR passive MB/s | × routed FTPS | net CPU s/GB | × routed FTPS | proxy CPU s/GB | STOR passive MB/s | × routed FTPS | net CPU s/GB | × routed FTPS | proxy CPU s/GB |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    let net_cpu = |k: Kind, x: Xfer| v.per_gb(k, x, |t| t.machine_per_gb() - t.other_per_gb());
+    let mut any = false;
+    for (k, avail) in r.paths.iter().filter(|(k, _)| k.is_ftps()) {
+        any = true;
+        if let Err(e) = avail {
+            unavailable_row(o, k.label_on(net), e, 10);
+            continue;
+        }
+        let _ = write!(o, "| {} |", k.label_on(net));
+        for x in [Xfer::RetrPassive, Xfer::StorPassive] {
+            let proxy = if *k == Kind::DirectFtps {
+                "–".into()
+            } else {
+                fmt_summary(v.proxy_cpu(*k, x), 2)
+            };
+            let _ = write!(
+                o,
+                " {} | {} | {} | {} | {proxy} |",
+                transfer_cell(&v, *k, x),
+                fmt_ratio(v.speed_ratio_to(*k, x, Kind::DirectFtps)),
+                fmt_summary(net_cpu(*k, x), 2),
+                fmt_ratio(ratio(
+                    net_cpu(*k, x).map(|c| c.median),
+                    net_cpu(Kind::DirectFtps, x).map(|c| c.median)
+                )),
+            );
+        }
+        o.push('\n');
+    }
+    if !any {
+        let _ = writeln!(o, "| not measured | | | | | | | | | | |");
     }
     o.push('\n');
 }
