@@ -232,6 +232,7 @@ pub async fn run(
     let flows = Arc::new(FlowView::new(
         tracker,
         fixed_ports(&config, &control_addrs),
+        guard_config(&config),
         Arc::clone(&metrics),
     ));
     let background = CancellationToken::new();
@@ -256,6 +257,7 @@ pub async fn run(
     let refresh = tokio::spawn(Arc::clone(&flows).run(background.clone()));
     let pool_reloads = tokio::spawn(follow_reloads(
         pool.clone(),
+        Arc::clone(&flows),
         reloads.clone(),
         background.clone(),
     ));
@@ -281,10 +283,21 @@ pub async fn run(
     Ok(())
 }
 
+/// The kernel guard's settings of a configuration.
+fn guard_config(config: &Config) -> flows::GuardConfig {
+    flows::GuardConfig {
+        mode: config.ebpf_guard,
+        client_ports: config.passive_ports.map(|r| r.low()..=r.high()),
+        server_ports: config.active_ports.map(|r| r.low()..=r.high()),
+    }
+}
+
 /// Hands each reloaded configuration's servers to the pool, which keeps
-/// the state of the servers that did not change.
+/// the state of the servers that did not change, and its guard settings
+/// to the flow view.
 async fn follow_reloads(
     pool: upstream::Pool,
+    flows: Arc<FlowView>,
     mut reloads: watch::Receiver<Arc<Config>>,
     stop: CancellationToken,
 ) {
@@ -297,6 +310,7 @@ async fn follow_reloads(
                 }
                 let config = Arc::clone(&reloads.borrow_and_update());
                 pool.reconfigure(&config.pool, config.server_proxy_protocol);
+                flows.reconfigure_guard(guard_config(&config));
             }
         }
     }
