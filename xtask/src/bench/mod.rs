@@ -76,7 +76,9 @@ pub struct BenchArgs {
     /// Only these paths (direct, ftp-proxy, ftp-proxy-ebpf-off,
     /// ftp-proxy-splice, ftp-proxy-copy (wire), proftpd (loopback),
     /// proxy-suite, haproxy-splice, haproxy (loopback)); direct (routed,
-    /// on the wire) is always included.
+    /// on the wire) is always included. ftp-proxy-guard-enforce and
+    /// ftp-proxy-guard-off (the kernel guard's cost) run only when named
+    /// here.
     #[arg(long, value_delimiter = ',')]
     pub paths: Option<Vec<String>>,
     /// Only these measurements (transfers, rate, idle (loopback), slow
@@ -572,6 +574,13 @@ pub fn default_gateway(tracker_built: bool) -> Kind {
     }
 }
 
+/// The guard's comparison (opt-in): off first, so that the rotation of
+/// the paths starts them in either order.
+const GUARD_KINDS: [Kind; 2] = [
+    Kind::GatewayGuard { enforce: false },
+    Kind::GatewayGuard { enforce: true },
+];
+
 /// The paths on the wire, in report order.
 fn wire_kinds(tracker_built: bool) -> Vec<Kind> {
     let mut kinds = vec![Kind::Direct, default_gateway(tracker_built)];
@@ -584,6 +593,9 @@ fn wire_kinds(tracker_built: bool) -> Vec<Kind> {
         Kind::Suse,
         Kind::Haproxy { splice: true },
     ]);
+    if tracker_built {
+        kinds.extend(GUARD_KINDS);
+    }
     kinds
 }
 
@@ -600,6 +612,9 @@ fn loopback_kinds(tracker_built: bool) -> Vec<Kind> {
         Kind::Haproxy { splice: false },
         Kind::ModProxy,
     ]);
+    if tracker_built {
+        kinds.extend(GUARD_KINDS);
+    }
     kinds
 }
 
@@ -612,7 +627,10 @@ fn select(
 ) -> Vec<(Kind, Result<(), String>)> {
     kinds
         .into_iter()
-        .filter(|k| *k == Kind::Direct || wanted.is_none_or(|w| w.iter().any(|w| w == k.id())))
+        .filter(|k| {
+            let named = wanted.is_some_and(|w| w.iter().any(|w| w == k.id()));
+            *k == Kind::Direct || named || (wanted.is_none() && !k.opt_in())
+        })
         .map(|k| {
             let available = match k.package() {
                 None => Ok(()),

@@ -143,6 +143,12 @@ pub enum Kind {
     GatewaySplice,
     /// The gateway with `--relay-mode copy` (tracker as in the first row).
     GatewayCopy,
+    /// The gateway, tracker on, with `--ebpf-guard enforce` (`true`) or
+    /// `--ebpf-guard off`: the guard's cost. Opt-in (`--paths`).
+    GatewayGuard {
+        /// enforce, or off.
+        enforce: bool,
+    },
     /// ProFTPD with mod_proxy as a reverse proxy.
     ModProxy,
     /// The SuSE proxy-suite.
@@ -164,6 +170,8 @@ impl Kind {
             Kind::Gateway(Some(false)) => "ftp-proxy-ebpf-off",
             Kind::GatewaySplice => "ftp-proxy-splice",
             Kind::GatewayCopy => "ftp-proxy-copy",
+            Kind::GatewayGuard { enforce: true } => "ftp-proxy-guard-enforce",
+            Kind::GatewayGuard { enforce: false } => "ftp-proxy-guard-off",
             Kind::ModProxy => "proftpd",
             Kind::Suse => "proxy-suite",
             Kind::Haproxy { splice: true } => "haproxy-splice",
@@ -180,11 +188,19 @@ impl Kind {
             Kind::Gateway(Some(false)) => "ftp-proxy --ebpf off",
             Kind::GatewaySplice => "ftp-proxy --relay-mode splice",
             Kind::GatewayCopy => "ftp-proxy --relay-mode copy",
+            Kind::GatewayGuard { enforce: true } => "ftp-proxy --ebpf-guard enforce",
+            Kind::GatewayGuard { enforce: false } => "ftp-proxy --ebpf-guard off",
             Kind::ModProxy => "ProFTPD mod_proxy",
             Kind::Suse => "proxy-suite ftp-proxy",
             Kind::Haproxy { splice: true } => "HAProxy TCP, splice",
             Kind::Haproxy { splice: false } => "HAProxy TCP, no splice",
         }
+    }
+
+    /// Whether the path runs only when `--paths` names it (not in a full
+    /// run, whose report is BENCHMARKS.md).
+    pub fn opt_in(self) -> bool {
+        matches!(self, Kind::GatewayGuard { .. })
     }
 
     /// Whether the path is a peer (not the gateway, not direct).
@@ -219,7 +235,10 @@ impl Kind {
                 Kind::ModProxy => b + 31,
                 Kind::Suse => b + 41,
                 Kind::Haproxy { .. } => b + 51,
-                Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy => b + 61,
+                Kind::Gateway(_)
+                | Kind::GatewaySplice
+                | Kind::GatewayCopy
+                | Kind::GatewayGuard { .. } => b + 61,
             };
             return SocketAddr::from((wire::GATEWAY, port));
         }
@@ -229,9 +248,10 @@ impl Kind {
             Kind::Suse => (Ipv4Addr::LOCALHOST, b + 41),
             Kind::Haproxy { splice: true } => (Ipv4Addr::new(127, 0, 0, 2), b + 51),
             Kind::Haproxy { splice: false } => (Ipv4Addr::new(127, 0, 0, 3), b + 51),
-            Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy => {
-                (Ipv4Addr::LOCALHOST, b + 61)
-            }
+            Kind::Gateway(_)
+            | Kind::GatewaySplice
+            | Kind::GatewayCopy
+            | Kind::GatewayGuard { .. } => (Ipv4Addr::LOCALHOST, b + 61),
         };
         SocketAddr::from((ip, port))
     }
@@ -606,6 +626,13 @@ fn relay_gateway_command(env: &Env, mode: &str) -> Command {
     cmd
 }
 
+/// The gateway with the tracker on and `--ebpf-guard enforce` or `off`.
+fn guard_gateway_command(env: &Env, enforce: bool) -> Command {
+    let mut cmd = gateway_command(env, Some(true));
+    cmd.args(["--ebpf-guard", if enforce { "enforce" } else { "off" }]);
+    cmd
+}
+
 /// Starts the daemon(s) of a path. `None` for direct (vsftpd is always on).
 pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
     let dir = env.run_dir.join(kind.id());
@@ -619,6 +646,7 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
         Kind::Gateway(tracker) => gateway_command(env, tracker),
         Kind::GatewaySplice => relay_gateway_command(env, "splice"),
         Kind::GatewayCopy => relay_gateway_command(env, "copy"),
+        Kind::GatewayGuard { enforce } => guard_gateway_command(env, enforce),
         Kind::ModProxy => {
             let root = env.peers_dir.join("proftpd");
             let conf = dir.join("proftpd.conf");
@@ -794,7 +822,9 @@ pub fn config_files(kind: Kind, env: &Env) -> Vec<PathBuf> {
     let dir = env.run_dir.join(kind.id());
     let name = match kind {
         Kind::Direct => return vec![env.run_dir.join("vsftpd.conf")],
-        Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy => return Vec::new(),
+        Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy | Kind::GatewayGuard { .. } => {
+            return Vec::new();
+        }
         Kind::ModProxy => "proftpd.conf",
         Kind::Suse => "ftp-proxy.conf",
         Kind::Haproxy { .. } if env.wire.is_some() => {
@@ -831,6 +861,7 @@ pub fn command_line(kind: Kind, env: &Env) -> String {
         Kind::Gateway(tracker) => gateway_command(env, tracker),
         Kind::GatewaySplice => relay_gateway_command(env, "splice"),
         Kind::GatewayCopy => relay_gateway_command(env, "copy"),
+        Kind::GatewayGuard { enforce } => guard_gateway_command(env, enforce),
         Kind::ModProxy => {
             let mut c = env.command(Host::Gateway, peers.join("proftpd/usr/sbin/proftpd"));
             c.args(["-n", "-q", "-c"]).arg(dir.join("proftpd.conf"));
