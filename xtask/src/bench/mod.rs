@@ -887,7 +887,8 @@ impl Bench {
     }
 
     /// Transfers on every path; slow downloads through routed and the
-    /// gateway; session rates routed, through the gateway and HAProxy.
+    /// gateway; session rates routed, through the gateway and HAProxy (and
+    /// the guard's two paths when they run).
     fn measure_wire(&mut self) -> Result<()> {
         let kinds = self.available();
         if self.s.transfers {
@@ -911,6 +912,7 @@ impl Bench {
         if self.s.rate {
             let rated: Vec<Kind> = [Kind::Direct, gateway, Kind::Haproxy { splice: true }]
                 .into_iter()
+                .chain(GUARD_KINDS)
                 .filter(|k| kinds.contains(k))
                 .collect();
             self.all_rates(&rated)?;
