@@ -22,9 +22,11 @@
 //!   toward servers, per-session resumption, handshakes.
 //! - [`flowtrack`]: the eBPF flow tracker (the only user of aya): TCP
 //!   flows on watched ports, seen from the kernel, with their handshake,
-//!   close order, bytes and timestamps.
+//!   close order, bytes and timestamps; and the guard, which admits a SYN
+//!   to a data port only from the peer a session expects, once.
 //! - [`flows`]: the kernel's flows joined with the sessions' connections
-//!   (`/flows`, the `tcp_*` metrics, which ports are watched).
+//!   (`/flows`, the `tcp_*` and `ebpf_guard_*` metrics, which ports are
+//!   watched and guarded, the expectations the sessions announce).
 //! - `metrics`: the Prometheus registry and the HTTP endpoint (`/metrics`,
 //!   `/healthz`, `/readyz`, `/flows`).
 //! - [`upstream`]: the servers behind the gateway: the pool (balancing,
