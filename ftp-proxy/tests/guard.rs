@@ -60,6 +60,9 @@ struct Topology {
 
 impl Topology {
     fn new() -> Topology {
+        // A fresh gateway host: its handshakes start at zero, and so do
+        // the test's requests to it (tests are serialized).
+        HTTP_REQUESTS.store(0, Ordering::SeqCst);
         let t = Topology {
             client: NetNs::new(),
             thief: NetNs::new(),
