@@ -116,12 +116,12 @@ impl FlowKey {
         dst_port: u16,
     ) -> (Self, u8) {
         // (src, sport) <= (dst, dport) lexicographically => src is endpoint a.
-        // Iterators over two fixed-size arrays: a bounded loop for the
-        // verifier, no bounds checks, no call into `core`'s slice compare.
-        let src_first = match src.iter().zip(dst.iter()).find(|(s, d)| s != d) {
-            Some((s, d)) => s < d,
-            None => src_port <= dst_port,
-        };
+        // Network-order bytes compare as big-endian numbers: two 64-bit
+        // compares, no loop. (A byte loop made LLVM keep each of the 32
+        // bytes in its own 8-byte stack slot: half of the programs'
+        // 512-byte stack.)
+        let (s, d) = (u128::from_be_bytes(src), u128::from_be_bytes(dst));
+        let src_first = if s == d { src_port <= dst_port } else { s < d };
         if src_first {
             (
                 Self {

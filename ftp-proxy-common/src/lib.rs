@@ -9,8 +9,10 @@
 //!
 //! - [`flow`]: the canonical flow key, the flow value, states, TCP flags.
 //! - [`mod@transition`]: what one TCP segment does to a flow (pure, host-tested).
-//! - [`maps`]: map names and sizes, the port map, the closed-flow event,
-//!   per-CPU counter indices.
+//! - [`maps`]: map names and sizes, the port map, the closed-flow and
+//!   live events, per-CPU counter indices.
+//! - [`guard`]: the data-port admission: expectations and the pure
+//!   verdict on a SYN.
 //!
 //! Feature `user` (daemon only) adds the `aya::Pod` impls.
 //!
@@ -19,6 +21,7 @@
 #![no_std]
 
 pub mod flow;
+pub mod guard;
 pub mod maps;
 pub mod transition;
 
@@ -26,5 +29,6 @@ pub mod transition;
 mod pod;
 
 pub use flow::{DirStats, FlowKey, FlowValue};
-pub use maps::ClosedFlowEvent;
+pub use guard::{ExpectKey, ExpectValue};
+pub use maps::{ClosedFlowEvent, FlowEvent};
 pub use transition::{Segment, transition};

@@ -6,7 +6,7 @@
     reason = "aya::Pod is an unsafe trait: the impl asserts the layout"
 )]
 
-use crate::{ClosedFlowEvent, DirStats, FlowKey, FlowValue};
+use crate::{ClosedFlowEvent, DirStats, ExpectKey, ExpectValue, FlowEvent, FlowKey, FlowValue};
 
 // SAFETY: `#[repr(C)]`, only integer fields and arrays of integers, padding
 // made explicit (the size assertions next to the types prove there is no
@@ -19,6 +19,12 @@ unsafe impl aya::Pod for FlowValue {}
 // SAFETY: as above; made of two Pod structs with no padding between them
 // (40 + 104 = 144, asserted).
 unsafe impl aya::Pod for ClosedFlowEvent {}
+// SAFETY: as above (20 bytes, padding explicit, asserted).
+unsafe impl aya::Pod for ExpectKey {}
+// SAFETY: as above (48 bytes, padding explicit, asserted).
+unsafe impl aya::Pod for ExpectValue {}
+// SAFETY: as above (64 bytes: a Pod key, integers, explicit padding).
+unsafe impl aya::Pod for FlowEvent {}
 
 impl ClosedFlowEvent {
     /// Decodes a record read from the `FTPX_CLOSED` ring buffer; `None` if
@@ -32,6 +38,20 @@ impl ClosedFlowEvent {
         // SAFETY: at least size_of::<Self>() readable bytes (checked above);
         // read_unaligned has no alignment requirement; every bit pattern is
         // a valid `ClosedFlowEvent` (see the Pod impl above).
+        Some(unsafe { bytes.as_ptr().cast::<Self>().read_unaligned() })
+    }
+}
+
+impl FlowEvent {
+    /// Decodes a record read from the `FTPX_EVENTS` ring buffer; `None` if
+    /// `bytes` is shorter than a record.
+    #[must_use]
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < core::mem::size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: as in `ClosedFlowEvent::from_bytes`: enough readable
+        // bytes, unaligned read, every bit pattern valid.
         Some(unsafe { bytes.as_ptr().cast::<Self>().read_unaligned() })
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-pub use crate::flowtrack::EbpfMode;
+pub use crate::flowtrack::{EbpfMode, GuardMode};
 pub use crate::protocol::policy::ServerPassivePolicy;
 pub use crate::relay::RelayMode;
 pub use crate::tls::{
@@ -131,6 +131,12 @@ setting_enum!(EbpfMode {
     Auto => "auto": "use the tracker when it loads; say once that it does not",
     Required => "required": "exit when the tracker cannot be loaded and attached",
     Off => "off": "never load it",
+});
+
+setting_enum!(GuardMode {
+    Off => "off": "no kernel admission: data ports behave as without eBPF",
+    Observe => "observe": "judge and count every SYN to a data port, drop none",
+    Enforce => "enforce": "drop SYNs to the data ports that no announced data connection expects",
 });
 
 setting_enum!(ClientTlsMode {
@@ -417,6 +423,10 @@ pub struct Settings {
     /// eBPF flow tracker: auto (use it when it loads), required (exit if it cannot), off [default: auto].
     #[arg(long, value_enum, value_name = "MODE")]
     pub ebpf: Option<EbpfMode>,
+
+    /// Kernel admission of data connections by the flow tracker's XDP program: a SYN to a data port passes only from the peer an announced data connection expects, once; observe counts what enforce would drop; needs the tracker [default: observe].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub ebpf_guard: Option<GuardMode>,
 
     /// Interface the flow tracker attaches to (repeatable) [default: the interfaces of the listen addresses, loopback included].
     #[arg(long = "interface", value_name = "NAME")]
@@ -755,6 +765,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Whether the flow tracker runs.
     pub ebpf: EbpfMode,
+    /// What the tracker's XDP program does with SYNs to the data ports.
+    pub ebpf_guard: GuardMode,
     /// Interfaces the flow tracker attaches to (resolved: never empty).
     pub interfaces: Vec<String>,
     /// Implicit FTPS listen addresses (TLS before the banner).
@@ -1081,6 +1093,7 @@ impl Settings {
             metrics,
             drain_timeout,
             ebpf,
+            ebpf_guard,
             tls_cert,
             tls_key,
             client_tls,
@@ -1360,6 +1373,7 @@ impl Settings {
                 })
                 .transpose()?,
             ebpf: self.ebpf.unwrap_or_default(),
+            ebpf_guard: self.ebpf_guard.unwrap_or_default(),
             interfaces,
             relay_mode: self.relay_mode.unwrap_or_default(),
             pipe_size,
@@ -1472,6 +1486,7 @@ mod tests {
             plain("pipe-size", defaults::PIPE_SIZE.to_string()),
             plain("copy-buffer", defaults::COPY_BUFFER.to_string()),
             quoted("ebpf", name::<EbpfMode>()),
+            quoted("ebpf-guard", name::<GuardMode>()),
             quoted("client-data-tls", name::<ClientDataTls>()),
             quoted("client-tls-reuse", name::<TlsReuse>()),
             quoted("server-tls", name::<ServerTlsMode>()),

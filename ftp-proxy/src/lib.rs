@@ -22,9 +22,11 @@
 //!   toward servers, per-session resumption, handshakes.
 //! - [`flowtrack`]: the eBPF flow tracker (the only user of aya): TCP
 //!   flows on watched ports, seen from the kernel, with their handshake,
-//!   close order, bytes and timestamps.
+//!   close order, bytes and timestamps; and the guard, which admits a SYN
+//!   to a data port only from the peer a session expects, once.
 //! - [`flows`]: the kernel's flows joined with the sessions' connections
-//!   (`/flows`, the `tcp_*` metrics, which ports are watched).
+//!   (`/flows`, the `tcp_*` and `ebpf_guard_*` metrics, which ports are
+//!   watched and guarded, the expectations the sessions announce).
 //! - `metrics`: the Prometheus registry and the HTTP endpoint (`/metrics`,
 //!   `/healthz`, `/readyz`, `/flows`).
 //! - [`upstream`]: the servers behind the gateway: the pool (balancing,
@@ -237,6 +239,7 @@ pub async fn run(
     let flows = Arc::new(FlowView::new(
         tracker,
         fixed_ports(&config, &control_addrs),
+        guard_config(&config),
         Arc::clone(&metrics),
     ));
     let background = CancellationToken::new();
@@ -261,6 +264,7 @@ pub async fn run(
     let refresh = tokio::spawn(Arc::clone(&flows).run(background.clone()));
     let pool_reloads = tokio::spawn(follow_reloads(
         pool.clone(),
+        Arc::clone(&flows),
         reloads.clone(),
         background.clone(),
     ));
@@ -286,10 +290,21 @@ pub async fn run(
     Ok(())
 }
 
+/// The kernel guard's settings of a configuration.
+fn guard_config(config: &Config) -> flows::GuardConfig {
+    flows::GuardConfig {
+        mode: config.ebpf_guard,
+        client_ports: config.passive_ports.map(|r| r.low()..=r.high()),
+        server_ports: config.active_ports.map(|r| r.low()..=r.high()),
+    }
+}
+
 /// Hands each reloaded configuration's servers to the pool, which keeps
-/// the state of the servers that did not change.
+/// the state of the servers that did not change, and its guard settings
+/// to the flow view.
 async fn follow_reloads(
     pool: upstream::Pool,
+    flows: Arc<FlowView>,
     mut reloads: watch::Receiver<Arc<Config>>,
     stop: CancellationToken,
 ) {
@@ -302,6 +317,7 @@ async fn follow_reloads(
                 }
                 let config = Arc::clone(&reloads.borrow_and_update());
                 pool.reconfigure(&config.pool, config.server_proxy_protocol);
+                flows.reconfigure_guard(guard_config(&config));
             }
         }
     }

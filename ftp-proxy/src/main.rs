@@ -201,6 +201,12 @@ fn start_tracker(config: &Config) -> anyhow::Result<Option<FlowTracker>> {
     let options = FlowtrackOptions {
         interfaces: config.interfaces.clone(),
         ports: Vec::new(),
+        // At most two data listeners a session (passive toward the client,
+        // active toward the server), and room for reloads that raise the
+        // limit: the map is not preallocated, entries cost only while used.
+        max_expectations: u32::try_from(config.limits.max_sessions.saturating_mul(2))
+            .unwrap_or(u32::MAX)
+            .clamp(1 << 16, 1 << 22),
         ..FlowtrackOptions::default()
     };
     let tracker = FlowTracker::start_with_mode(config.ebpf, &options)

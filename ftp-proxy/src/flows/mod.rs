@@ -1,28 +1,36 @@
 //! The kernel's view of the gateway's TCP flows, joined with FTP.
 //!
-//! Owns: which ports the flow tracker watches (fixed ones from the
-//! configuration, dynamic ones held by sessions while they use them), the
-//! join of the tracker's records with the sessions' legs, the bounded list
-//! of recently closed flows, the `/flows` document, and the `tcp_*` metrics.
+//! Owns: which ports the flow tracker watches and guards (fixed ones from
+//! the configuration, dynamic ones held by sessions while they use them:
+//! [`ports`]), the guard's expectations (sessions announce their data
+//! listeners through [`ConnectionObserver::expect`]), the join of the
+//! tracker's records and live events with the sessions' legs, the bounded
+//! list of recently closed flows, the `/flows` document, and the `tcp_*`
+//! and `ebpf_guard_*` metrics.
 //!
 //! Does not touch aya: it uses [`crate::flowtrack`]'s API. Works without a
 //! tracker (everything is then empty and `ebpf` says `off`).
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
 
 pub(crate) mod legs;
+pub(crate) mod ports;
 
-use crate::flowtrack::{EventCounters, FlowRecord, FlowState, FlowTracker, Side};
+use crate::flowtrack::{
+    EventCounters, Expectation, ExpectationRecord, FlowRecord, FlowState, FlowTracker, GuardLeg,
+    GuardOutcome, LiveEvent, Side, monotonic_now,
+};
 use crate::metrics::Metrics;
 use crate::session::{Connection, ConnectionObserver, Guard};
 use legs::{LegRegistry, Owner};
+use ports::{ExpectGuard, PortWatch, Ports, SharedPorts};
+pub use ports::{FailOpen, GuardConfig};
 
 /// Which TCP connection of a session a kernel-observed flow is: the label
 /// of the `tcp_*` metrics and of `/flows`.
@@ -117,7 +125,7 @@ pub enum MapErrorReason {
     Lookup,
     /// A packet's headers could not be parsed.
     Parse,
-    /// The closed-flow ring buffer was full: a closed flow was lost.
+    /// A ring buffer was full: a closed flow or a live event was lost.
     RingbufFull,
 }
 
@@ -141,11 +149,25 @@ impl MapErrorReason {
     }
 }
 
+/// The `leg` label of a guarded data port's listeners.
+pub(crate) fn guard_leg_label(leg: GuardLeg) -> &'static str {
+    match leg {
+        GuardLeg::Client => TcpLeg::ClientData.label(),
+        GuardLeg::Server => TcpLeg::ServerData.label(),
+    }
+}
+
 /// Closed flows kept for `/flows`.
 const MAX_CLOSED: usize = 1024;
 /// How long a dynamic port stays watched after its last user is gone, so
 /// that the last segments of its flows are still seen.
 const UNWATCH_DELAY: Duration = Duration::from_secs(10);
+/// How long a live event of a connection no session has registered yet
+/// waits for it (a data connection is registered once accepted, after its
+/// handshake) before it is counted as `unknown`.
+const JOIN_GRACE: Duration = Duration::from_secs(2);
+/// Live events waiting for their connection's registration, at most.
+const MAX_PENDING_EVENTS: usize = 65_536;
 /// How often the metrics are refreshed from the tracker.
 const REFRESH: Duration = Duration::from_secs(1);
 
@@ -173,16 +195,58 @@ pub struct JoinedFlow {
 #[derive(Serialize)]
 struct Document<'a> {
     ebpf: &'static str,
+    guard: GuardDocument,
     flows: Vec<JoinedFlow>,
     closed: Vec<&'a JoinedFlow>,
     counters: Option<EventCounters>,
 }
 
-#[derive(Debug, Default)]
-struct Watches {
-    users: HashMap<u16, usize>,
-    fixed: Vec<u16>,
-    idle_since: HashMap<u16, Instant>,
+/// The guard in `/flows`: its mode and the expectations in the kernel.
+#[derive(Serialize)]
+struct GuardDocument {
+    mode: &'static str,
+    expectations: Vec<PendingExpectation>,
+}
+
+/// An expectation as `/flows` shows it.
+#[derive(Serialize)]
+struct PendingExpectation {
+    /// The gateway's listener.
+    local: SocketAddr,
+    /// Who may connect.
+    peer: IpAddr,
+    /// `client_data` or `server_data`.
+    leg: &'static str,
+    session_id: u64,
+    /// `pending` or `claimed`.
+    state: &'static str,
+    /// The peer's source port of the connection that claimed it.
+    claimed_by: Option<u16>,
+    /// Milliseconds until it expires (negative: expired, not yet swept).
+    expires_in_ms: i64,
+}
+
+impl PendingExpectation {
+    fn of(r: &ExpectationRecord, now: Duration) -> PendingExpectation {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        PendingExpectation {
+            local: r.local,
+            peer: r.peer,
+            leg: guard_leg_label(r.leg),
+            session_id: r.session_id,
+            state: if r.claimed_by.is_some() {
+                "claimed"
+            } else {
+                "pending"
+            },
+            claimed_by: r.claimed_by,
+            expires_in_ms: if r.deadline >= now {
+                ms(r.deadline - now)
+            } else {
+                -ms(now - r.deadline)
+            },
+        }
+    }
 }
 
 /// The joined view; shared by the sessions, the HTTP endpoint and the
@@ -192,8 +256,10 @@ pub struct FlowView {
     legs: LegRegistry,
     metrics: Arc<Metrics>,
     closed: Mutex<VecDeque<JoinedFlow>>,
-    watches: Arc<Mutex<Watches>>,
+    ports: SharedPorts,
     last_counters: Mutex<EventCounters>,
+    /// Live events whose connection no session registered yet.
+    pending_events: Mutex<VecDeque<LiveEvent>>,
 }
 
 impl std::fmt::Debug for FlowView {
@@ -204,57 +270,42 @@ impl std::fmt::Debug for FlowView {
     }
 }
 
-/// A port watched while this value lives.
-#[derive(Debug)]
-pub(crate) struct PortWatch {
-    watches: Arc<Mutex<Watches>>,
-    port: u16,
-}
-
-impl Drop for PortWatch {
-    fn drop(&mut self) {
-        if let Ok(mut w) = self.watches.lock()
-            && let Some(n) = w.users.get_mut(&self.port)
-        {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                w.users.remove(&self.port);
-                w.idle_since.insert(self.port, Instant::now());
-            }
-        }
-    }
-}
-
 fn leg_of(owner: Option<Owner>) -> TcpLeg {
     owner.map_or(TcpLeg::Unknown, |o| TcpLeg::of(o.connection))
 }
 
 impl FlowView {
-    /// A view over `tracker` (None: no tracker), watching `fixed_ports` for good.
+    /// A view over `tracker` (None: no tracker), watching `fixed_ports` for
+    /// good, with the guard as `guard` says.
     pub fn new(
         tracker: Option<FlowTracker>,
         fixed_ports: Vec<u16>,
+        guard: GuardConfig,
         metrics: Arc<Metrics>,
     ) -> FlowView {
         metrics.set_ebpf_status(tracker.is_some());
-        if let Some(t) = &tracker {
-            for &port in &fixed_ports {
-                if let Err(e) = t.watch_port(port) {
-                    warn!(port, error = %e, "flow tracker: cannot watch port");
-                }
-            }
-        }
+        let ports = Ports::new(
+            tracker.as_ref().map(FlowTracker::handle),
+            fixed_ports,
+            guard,
+            Arc::clone(&metrics),
+        );
         FlowView {
             tracker,
             legs: LegRegistry::default(),
             metrics,
             closed: Mutex::new(VecDeque::new()),
-            watches: Arc::new(Mutex::new(Watches {
-                fixed: fixed_ports,
-                ..Watches::default()
-            })),
+            ports: Arc::new(Mutex::new(ports)),
             last_counters: Mutex::new(EventCounters::default()),
+            pending_events: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// Applies a reloaded configuration's guard: its mode (expectations
+    /// announced while it was off are inserted before anything is
+    /// guarded) and its port ranges.
+    pub fn reconfigure_guard(&self, guard: GuardConfig) {
+        ports::lock(&self.ports).reconfigure(guard);
     }
 
     /// Whether a tracker is attached.
@@ -265,30 +316,41 @@ impl FlowView {
     /// Watches `port` (a data port chosen at run time) while the returned
     /// value lives; None without a tracker.
     pub(crate) fn watch(&self, port: u16) -> Option<PortWatch> {
-        let tracker = self.tracker.as_ref()?;
-        let mut w = self.watches.lock().ok()?;
-        if w.fixed.contains(&port) {
-            return None;
-        }
-        let users = w.users.entry(port).or_insert(0);
-        *users += 1;
-        let first_user = *users == 1;
-        // A port whose last user left less than UNWATCH_DELAY ago is still
-        // in the kernel's set: a busy server hands out the same few passive
-        // ports over and over, one system call saved per transfer.
-        let still_watched = w.idle_since.remove(&port).is_some();
+        self.tracker.as_ref()?;
         // The kernel's set is changed under the lock, so that a concurrent
         // unwatch of the same port (in `refresh`) cannot undo this watch.
-        if first_user
-            && !still_watched
-            && let Err(e) = tracker.watch_port(port)
-        {
-            debug!(port, error = %e, "flow tracker: cannot watch port");
-        }
-        drop(w);
-        Some(PortWatch {
-            watches: Arc::clone(&self.watches),
+        ports::lock(&self.ports).watch(port).then(|| PortWatch {
+            ports: Arc::clone(&self.ports),
             port,
+        })
+    }
+
+    /// Expects a data connection to the gateway's listener at `local`
+    /// from `peer` until `deadline`, while the returned value lives (and
+    /// watches its port meanwhile); None without a tracker.
+    pub(crate) fn expect_connection(
+        &self,
+        session: u64,
+        leg: GuardLeg,
+        local: SocketAddr,
+        peer: IpAddr,
+        deadline: std::time::Instant,
+    ) -> Option<ExpectGuard> {
+        self.tracker.as_ref()?;
+        let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+        let expectation = Expectation {
+            local,
+            peer: peer.to_canonical(),
+            deadline: monotonic_now()
+                + deadline.saturating_duration_since(std::time::Instant::now()),
+            session_id: session,
+            leg,
+        };
+        let id = ports::lock(&self.ports).expect(expectation);
+        Some(ExpectGuard {
+            ports: Arc::clone(&self.ports),
+            local,
+            id,
         })
     }
 
@@ -330,10 +392,21 @@ impl FlowView {
         }
     }
 
-    /// The `/flows` document: live flows, recently closed flows, counters.
+    /// The `/flows` document: the guard and its expectations, live flows,
+    /// recently closed flows, counters.
     pub fn document(&self) -> String {
         let Some(tracker) = &self.tracker else {
-            return "{\"ebpf\":\"off\",\"flows\":[],\"closed\":[],\"counters\":null}".to_owned();
+            return "{\"ebpf\":\"off\",\"guard\":{\"mode\":\"off\",\"expectations\":[]},\"flows\":[],\"closed\":[],\"counters\":null}".to_owned();
+        };
+        let now = monotonic_now();
+        let guard = GuardDocument {
+            mode: ports::lock(&self.ports).mode().label(),
+            expectations: tracker
+                .expectations()
+                .unwrap_or_default()
+                .iter()
+                .map(|r| PendingExpectation::of(r, now))
+                .collect(),
         };
         self.collect_closed();
         let flows = tracker
@@ -349,6 +422,7 @@ impl FlowView {
             .unwrap_or_default();
         let doc = Document {
             ebpf: "on",
+            guard,
             flows,
             closed: closed.iter().collect(),
             counters: tracker.counters().ok(),
@@ -356,8 +430,9 @@ impl FlowView {
         serde_json::to_string(&doc).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
 
-    /// Takes the flows closed since the last look: joins them, counts
-    /// their events, keeps them for `/flows`.
+    /// Takes the flows closed since the last look: joins them, keeps them
+    /// for `/flows`. (Their events were counted as they happened:
+    /// [`FlowView::count_events`].)
     fn collect_closed(&self) {
         let Some(tracker) = &self.tracker else { return };
         let fresh = tracker.take_closed();
@@ -368,27 +443,7 @@ impl FlowView {
             return;
         };
         for record in fresh {
-            let joined = self.join(record);
-            let leg = leg_of(self.legs.owner(record.client, record.server));
-            let times = &record.times;
-            for (seen, event) in [
-                (times.first_syn.is_some(), TcpEvent::Syn),
-                (times.syn_ack.is_some(), TcpEvent::SynAck),
-                (times.established.is_some(), TcpEvent::Established),
-                (record.reset_by.is_some(), TcpEvent::Rst),
-            ] {
-                if seen {
-                    self.metrics.tcp_events(leg, event, 1);
-                }
-            }
-            let fins = u64::from(record.from_client.fin) + u64::from(record.from_server.fin);
-            if fins > 0 {
-                self.metrics.tcp_events(leg, TcpEvent::Fin, fins);
-            }
-            if let (Some(syn), Some(est)) = (times.first_syn, times.established) {
-                self.metrics.tcp_handshake(leg, est.saturating_sub(syn));
-            }
-            closed.push_back(joined);
+            closed.push_back(self.join(record));
             while closed.len() > MAX_CLOSED {
                 closed.pop_front();
             }
@@ -416,10 +471,51 @@ impl FlowView {
         }
     }
 
-    /// The cheap part, every second: closed flows (from the ring buffer),
-    /// the error counters, and ports to stop watching.
+    /// Counts the live events since the last look by leg, as they
+    /// happened (so a long transfer's handshake is counted when it is
+    /// done, not when the transfer ends). An event of a connection not yet
+    /// registered by its session waits up to [`JOIN_GRACE`] for it.
+    fn count_events(&self) {
+        let Some(tracker) = &self.tracker else { return };
+        let fresh = tracker.take_events();
+        let Ok(mut pending) = self.pending_events.lock() else {
+            return;
+        };
+        pending.extend(fresh);
+        let now = monotonic_now();
+        let mut waiting = VecDeque::new();
+        let overflow = pending.len().saturating_sub(MAX_PENDING_EVENTS);
+        for (i, event) in pending.drain(..).enumerate() {
+            let owner = self.legs.owner(event.from, event.to);
+            if owner.is_none() && i >= overflow && now.saturating_sub(event.at) < JOIN_GRACE {
+                waiting.push_back(event);
+                continue;
+            }
+            let leg = leg_of(owner);
+            for (seen, kind) in [
+                (event.syn, TcpEvent::Syn),
+                (event.syn_ack, TcpEvent::SynAck),
+                (event.established, TcpEvent::Established),
+                (event.fin, TcpEvent::Fin),
+                (event.rst, TcpEvent::Rst),
+            ] {
+                if seen {
+                    self.metrics.tcp_events(leg, kind, 1);
+                }
+            }
+            if let Some(took) = event.handshake {
+                self.metrics.tcp_handshake(leg, took);
+            }
+        }
+        *pending = waiting;
+    }
+
+    /// The cheap part, every second: live events and closed flows (from
+    /// the ring buffers), the error and guard counters, and ports to stop
+    /// watching.
     fn refresh(&self) {
         let Some(tracker) = &self.tracker else { return };
+        self.count_events();
         self.collect_closed();
         if let (Ok(now), Ok(mut last)) = (tracker.counters(), self.last_counters.lock()) {
             let inserts: fn(&EventCounters) -> u64 =
@@ -432,12 +528,23 @@ impl FlowView {
                 }),
                 (MapErrorReason::Parse, |c: &EventCounters| c.parse_errors),
                 (MapErrorReason::RingbufFull, |c: &EventCounters| {
-                    c.ringbuf_full
+                    c.ringbuf_full + c.events_full + c.events_overflow
                 }),
             ];
             for (reason, count) in counts {
                 self.metrics
                     .flowtrack_map_errors(reason, count(&now).saturating_sub(count(&last)));
+            }
+            for leg in GuardLeg::ALL {
+                for outcome in GuardOutcome::ALL {
+                    let n = now
+                        .guard
+                        .get(outcome, leg)
+                        .saturating_sub(last.guard.get(outcome, leg));
+                    if n > 0 {
+                        self.metrics.guard_verdicts(leg, outcome, n);
+                    }
+                }
             }
             *last = now;
         }
@@ -446,22 +553,10 @@ impl FlowView {
 
     /// Dynamic ports nobody used for `delay` stop being watched.
     fn unwatch_idle_ports(&self, delay: Duration) {
-        let Some(tracker) = &self.tracker else { return };
-        let Ok(mut w) = self.watches.lock() else {
+        if self.tracker.is_none() {
             return;
-        };
-        let due: Vec<u16> = w
-            .idle_since
-            .iter()
-            .filter(|(_, at)| at.elapsed() >= delay)
-            .map(|(p, _)| *p)
-            .collect();
-        for port in due {
-            w.idle_since.remove(&port);
-            if let Err(e) = tracker.unwatch_port(port) {
-                debug!(port, error = %e, "flow tracker: cannot unwatch port");
-            }
         }
+        ports::lock(&self.ports).unwatch_idle(delay);
     }
 
     /// Refreshes the closed-flow metrics every second until `shutdown`.
@@ -501,6 +596,27 @@ impl ConnectionObserver for FlowView {
         }
     }
 
+    fn expect(
+        &self,
+        session: u64,
+        connection: Connection,
+        local: SocketAddr,
+        peer: IpAddr,
+        deadline: std::time::Instant,
+    ) -> Guard {
+        let leg = match connection {
+            Connection::ClientData => GuardLeg::Client,
+            Connection::ServerData => GuardLeg::Server,
+            Connection::ClientControl | Connection::ServerControl => {
+                return self.watch_port(local.port());
+            }
+        };
+        match self.expect_connection(session, leg, local, peer, deadline) {
+            Some(guard) => Box::new(guard),
+            None => Box::new(()),
+        }
+    }
+
     fn register(
         &self,
         session: u64,
@@ -527,6 +643,41 @@ pub fn render_table(document: &str) -> Result<String, String> {
     let mut out = String::new();
     let ebpf = doc.get("ebpf").and_then(|v| v.as_str()).unwrap_or("?");
     let _ = writeln!(out, "eBPF flow tracker: {ebpf}");
+    let guard = doc.get("guard");
+    let mode = guard
+        .and_then(|g| g.get("mode"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("?");
+    let expectations = guard
+        .and_then(|g| g.get("expectations"))
+        .and_then(|v| v.as_array())
+        .cloned()
+        .unwrap_or_default();
+    let _ = writeln!(out, "guard: {mode}, {} expectation(s)", expectations.len());
+    if !expectations.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<8} {:<12} {:<47} {:<40} {:<8} {:>10}",
+            "SESSION", "LEG", "GATEWAY LISTENER", "EXPECTED PEER", "STATE", "EXPIRES MS"
+        );
+        for e in &expectations {
+            let text = |k: &str| {
+                e.get(k)
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                    .unwrap_or_default()
+            };
+            let _ = writeln!(
+                out,
+                "{:<8} {:<12} {:<47} {:<40} {:<8} {:>10}",
+                text("session_id"),
+                text("leg"),
+                text("local"),
+                text("peer"),
+                text("state"),
+                text("expires_in_ms")
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "{:<8} {:<15} {:<47} {:<12} {:>12} {:>12} {:>10} {:<8}",
@@ -603,6 +754,7 @@ mod tests {
         let view = Arc::new(FlowView::new(
             Some(tracker),
             vec![2121],
+            GuardConfig::default(),
             Arc::new(Metrics::new().unwrap()),
         ));
         let kernel = |port| view.tracker.as_ref().unwrap().is_watched(port).unwrap();
@@ -626,6 +778,101 @@ mod tests {
         assert!(kernel(2121));
     }
 
+    /// The guard through the view: expectations reach the kernel before
+    /// the session announces anything and leave it with their listener;
+    /// a full map makes the port fail open (counted) while that listener
+    /// lives; a reload from off inserts what was announced before it.
+    #[tokio::test]
+    #[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
+    async fn expectations_fail_open_and_follow_reloads() {
+        use crate::flowtrack::tests::{Frame, require};
+        use ftp_proxy_common::maps::port;
+        require();
+        let tracker = FlowTracker::start(&crate::flowtrack::FlowtrackOptions {
+            max_expectations: 1,
+            ..crate::flowtrack::FlowtrackOptions::default()
+        })
+        .unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let view = FlowView::new(
+            Some(tracker),
+            vec![21],
+            GuardConfig {
+                mode: crate::flowtrack::GuardMode::Enforce,
+                client_ports: Some(50_000..=50_009),
+                server_ports: None,
+            },
+            Arc::clone(&metrics),
+        );
+        let t = view.tracker.as_ref().unwrap();
+        let written = |p| ports::lock(&view.ports).written(p);
+        assert_eq!(written(21), port::WATCHED);
+        assert_eq!(written(50_009), port::WATCHED | port::GUARD_CLIENT);
+        let later = std::time::Instant::now() + Duration::from_secs(60);
+        let local: SocketAddr = "10.0.0.1:50001".parse().unwrap();
+        let client: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = view.expect(1, Connection::ClientData, local, client, later);
+        assert_eq!(t.expectations().unwrap().len(), 1);
+        assert_eq!(ports::lock(&view.ports).held().len(), 1);
+        // The map holds one: the next listener fails open.
+        let other: SocketAddr = "10.0.0.1:50002".parse().unwrap();
+        let second = view.expect(2, Connection::ClientData, other, client, later);
+        assert_eq!(written(50_002), port::WATCHED, "no guard bit: fails open");
+        let thief = Frame::syn("10.0.0.66:41000", "10.0.0.1:50002").bytes();
+        assert_eq!(t.test_run_ingress(&thief), 2, "XDP_PASS");
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "ftp_proxy_ebpf_guard_fail_open_total{leg=\"client_data\",reason=\"map_full\"} 1"
+            ),
+            "{text}"
+        );
+        // The guarded one still refuses the thief.
+        let thief = Frame::syn("10.0.0.66:41000", "10.0.0.1:50001").bytes();
+        assert_eq!(t.test_run_ingress(&thief), 1, "XDP_DROP");
+        drop(second);
+        assert_eq!(written(50_002), port::WATCHED | port::GUARD_CLIENT);
+        drop(first);
+        assert!(t.expectations().unwrap().is_empty());
+        // An ephemeral listener (outside the range) is guarded while its
+        // expectation lives.
+        let ephemeral: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let server: IpAddr = "10.0.0.3".parse().unwrap();
+        let g = view.expect(3, Connection::ServerData, ephemeral, server, later);
+        assert_eq!(written(40_000), port::WATCHED | port::GUARD_SERVER);
+        let doc: serde_json::Value = serde_json::from_str(&view.document()).unwrap();
+        assert_eq!(doc["guard"]["mode"], "enforce");
+        assert_eq!(doc["guard"]["expectations"][0]["leg"], "server_data");
+        assert_eq!(doc["guard"]["expectations"][0]["state"], "pending");
+        assert_eq!(doc["guard"]["expectations"][0]["peer"], "10.0.0.3");
+        drop(g);
+        assert_eq!(written(40_000), port::WATCHED);
+        // Off, an announcement, then a reload to enforce: the expectation
+        // is in the kernel before its port is guarded.
+        view.reconfigure_guard(GuardConfig::default_off());
+        assert_eq!(written(50_009), port::WATCHED);
+        let g = view.expect(4, Connection::ClientData, local, client, later);
+        assert!(t.expectations().unwrap().is_empty());
+        view.reconfigure_guard(GuardConfig {
+            mode: crate::flowtrack::GuardMode::Enforce,
+            client_ports: Some(50_000..=50_009),
+            server_ports: None,
+        });
+        assert_eq!(t.expectations().unwrap().len(), 1);
+        let client_syn = Frame::syn("10.0.0.2:42000", "10.0.0.1:50001").bytes();
+        assert_eq!(t.test_run_ingress(&client_syn), 2, "XDP_PASS");
+        drop(g);
+        let text = metrics.encode();
+        assert!(
+            text.contains("ftp_proxy_ebpf_guard_mode{mode=\"enforce\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ftp_proxy_ebpf_guard_expectations 0"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn renders_a_document() {
         let doc = r#"{"ebpf":"on","flows":[{"session_id":3,"leg":"client_data","closed_first_by":"gateway","handshake_ms":0.05,
@@ -640,7 +887,13 @@ mod tests {
         assert!(render_table("nope").is_err());
         assert!(
             render_table(
-                &FlowView::new(None, Vec::new(), Arc::new(Metrics::new().unwrap())).document()
+                &FlowView::new(
+                    None,
+                    Vec::new(),
+                    GuardConfig::default(),
+                    Arc::new(Metrics::new().unwrap())
+                )
+                .document()
             )
             .unwrap()
             .contains("off")

@@ -6,34 +6,44 @@
 //!
 //! What the kernel side does: every TCP segment whose source or destination
 //! port is watched updates one entry of an LRU flow table (both directions
-//! share it), through the pure transition in `ftp-proxy-common`. Closed flows
-//! (both FINs acknowledged, or RST) are pushed to a ring buffer and leave
-//! the table, which therefore holds live flows only.
+//! share it), through the pure transition in `ftp-proxy-common`. Each TCP
+//! event goes to a ring buffer as it happens ([`FlowTracker::take_events`]);
+//! closed flows (both FINs acknowledged, or RST) are pushed to another and
+//! leave the table, which therefore holds live flows only.
+//!
+//! The guard ([`guard`]): the XDP program judges every SYN to a port the
+//! caller flagged as guarded ([`FlowTracker::set_port`]) against the
+//! expectations the caller inserted ([`FlowTracker::expect`]), and under
+//! [`GuardMode::Enforce`] drops the refused ones. It is the only packet the
+//! programs ever drop.
 //!
 //! Hooks: XDP (generic mode) for ingress and a TC classifier on a tcx link
 //! for egress. On `lo` only the egress program is attached: on loopback
 //! every packet crosses egress and then ingress of the same interface, and
 //! egress alone sees both directions of every local connection, once each.
 //!
-//! What it does not do: anything to packets (the programs always pass
-//! them), pinning (nothing survives the process), or FTP: the caller
-//! decides which ports are watched ([`FlowTracker::watch_port`]).
+//! What it does not do: anything else to packets (the programs pass them
+//! all but refused SYNs), pinning (nothing survives the process), or FTP:
+//! the caller decides which ports are watched and guarded and what is
+//! expected.
 //!
 //! If the binary was built without the eBPF toolchain (see `build.rs`), the
 //! embedded object is empty and [`FlowTracker::start`] returns
 //! [`FlowtrackError::Unavailable`]; [`FlowTracker::available`] tells in
 //! advance.
 
+mod guard;
 mod record;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use aya::maps::{HashMap as AyaHashMap, MapData, MapError, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap as AyaHashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{
     LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, tc::SchedClassifierLinkId,
     tc::TcAttachOptions, xdp::XdpLinkId, xdp::XdpMode,
@@ -41,8 +51,8 @@ use aya::programs::{
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use ftp_proxy_common::flow::state;
-use ftp_proxy_common::maps::{self as names, PORT_WATCHED, counter};
-use ftp_proxy_common::{ClosedFlowEvent, FlowKey, FlowValue};
+use ftp_proxy_common::maps::{self as names, ADDR_LOCAL, PORT_WATCHED, counter};
+use ftp_proxy_common::{ClosedFlowEvent, ExpectKey, ExpectValue, FlowEvent, FlowKey, FlowValue};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -53,7 +63,14 @@ use tracing::{debug, info, warn};
 /// in [`EventCounters::ringbuf_full`]).
 const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 
+pub use guard::{
+    Expectation, ExpectationRecord, GuardCounters, GuardLeg, GuardMode, GuardOutcome, LiveEvent,
+};
 pub use record::{DirectionStats, FlowRecord, FlowState, FlowTimes, Side, monotonic_now};
+
+/// How many live events [`FlowTracker::take_events`] keeps between two
+/// takes (oldest dropped first): ten seconds of a busy gateway.
+const LIVE_CAPACITY: usize = 65_536;
 
 /// The eBPF object built by `build.rs`; empty when built without the
 /// eBPF toolchain.
@@ -90,8 +107,12 @@ pub struct FlowtrackOptions {
     /// An established (or closing) flow is removed after this long without
     /// a segment. Default 1 h.
     pub established_timeout: Duration,
-    /// How often the sweeper runs. Default 5 s.
+    /// How often the sweeper runs. Default 5 s. It also removes the
+    /// guard's expectations past their deadline.
     pub sweep_interval: Duration,
+    /// Capacity of the guard's expectation map (entries cost memory only
+    /// while they exist). Default 65,536.
+    pub max_expectations: u32,
 }
 
 impl Default for FlowtrackOptions {
@@ -105,6 +126,7 @@ impl Default for FlowtrackOptions {
             closed_timeout: Duration::from_secs(10),
             established_timeout: Duration::from_secs(3600),
             sweep_interval: Duration::from_secs(5),
+            max_expectations: names::EXPECT_MAX_ENTRIES,
         }
     }
 }
@@ -185,6 +207,25 @@ pub enum FlowtrackError {
         #[source]
         source: MapError,
     },
+    /// Inserting or removing an expectation failed; see
+    /// [`FlowtrackError::is_map_full`].
+    #[error("expectation for {local}")]
+    Expect {
+        /// The gateway's listener it was for.
+        local: SocketAddr,
+        /// The map error.
+        #[source]
+        source: MapError,
+    },
+    /// Writing the guard's mode or one of the gateway's addresses failed.
+    #[error("eBPF map {name}")]
+    Guard {
+        /// Map name.
+        name: &'static str,
+        /// The map error.
+        #[source]
+        source: MapError,
+    },
     /// Reading the flow table or the counters failed.
     #[error("reading eBPF map {name}")]
     Read {
@@ -234,10 +275,19 @@ pub struct EventCounters {
     pub lookup_after_insert: u64,
     /// Closed-flow events lost because the ring buffer was full.
     pub ringbuf_full: u64,
+    /// Live events lost because their ring buffer was full.
+    pub events_full: u64,
+    /// Live events dropped from the bounded list of
+    /// [`FlowTracker::take_events`] (not taken in time).
+    pub events_overflow: u64,
     /// Entries removed by the sweeper.
     pub swept: u64,
     /// Closed flows dropped from the bounded list of [`FlowTracker::closed`].
     pub closed_overflow: u64,
+    /// Expectations removed by the sweeper (past their deadline).
+    pub expectations_swept: u64,
+    /// The guard's verdicts by outcome and leg.
+    pub guard: GuardCounters,
 }
 
 /// The expiry limits the sweeper applies.
@@ -261,11 +311,34 @@ impl Timeouts {
     }
 }
 
-/// Closed flows drained from the ring buffer, oldest first, bounded.
-struct ClosedRing {
-    records: VecDeque<FlowRecord>,
+/// Records drained from a ring buffer, oldest first, bounded.
+struct Bounded<T> {
+    records: VecDeque<T>,
     capacity: usize,
     dropped: u64,
+}
+
+impl<T> Bounded<T> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            records: VecDeque::new(),
+            capacity,
+            dropped: 0,
+        }
+    }
+
+    fn extend(&mut self, batch: Vec<T>) {
+        for record in batch {
+            if self.records.len() >= self.capacity && self.records.pop_front().is_some() {
+                self.dropped += 1;
+            }
+            if self.capacity > 0 {
+                self.records.push_back(record);
+            } else {
+                self.dropped += 1;
+            }
+        }
+    }
 }
 
 /// What the background tasks and the caller share.
@@ -273,12 +346,20 @@ struct Shared {
     flows: Mutex<AyaHashMap<MapData, FlowKey, FlowValue>>,
     ports: Mutex<AyaHashMap<MapData, u16, u8>>,
     counters: PerCpuArray<MapData, u64>,
-    closed: Mutex<ClosedRing>,
+    closed: Mutex<Bounded<FlowRecord>>,
     /// The kernel's closed-flow ring buffer (None if unusable).
     closed_events: Mutex<Option<RingBuf<MapData>>>,
+    /// Live events drained from the kernel, until taken.
+    live: Mutex<Bounded<LiveEvent>>,
+    /// The kernel's live-event ring buffer (None if unusable).
+    live_events: Mutex<Option<RingBuf<MapData>>>,
+    expect: Mutex<AyaHashMap<MapData, ExpectKey, ExpectValue>>,
+    addrs: Mutex<AyaHashMap<MapData, [u8; 16], u8>>,
+    guard: Mutex<Array<MapData, u32>>,
     /// aya-log's buffer (None if the object logs nothing).
     logs: Mutex<Option<aya_log::EbpfLogger<TracingLog>>>,
     swept: AtomicU64,
+    expectations_swept: AtomicU64,
 }
 
 /// A poisoned lock only means a panic elsewhere; the maps are still fine.
@@ -290,6 +371,27 @@ fn is_not_found(err: &MapError) -> bool {
     matches!(err, MapError::KeyNotFound | MapError::ElementNotFound)
         || matches!(err, MapError::SyscallError(SyscallError { io_error, .. })
             if io_error.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// Whether a map error says the map is full (E2BIG) or the kernel is out
+/// of memory for a new element (ENOMEM).
+fn is_full(err: &MapError) -> bool {
+    matches!(err, MapError::SyscallError(SyscallError { io_error, .. })
+        if matches!(io_error.raw_os_error(), Some(code) if code == rustix::io::Errno::TOOBIG.raw_os_error() || code == rustix::io::Errno::NOMEM.raw_os_error()))
+}
+
+impl FlowtrackError {
+    /// Whether an insert failed for want of room (the map is full, or the
+    /// kernel could not allocate the element): the caller fails open.
+    #[must_use]
+    pub fn is_map_full(&self) -> bool {
+        match self {
+            FlowtrackError::Expect { source, .. }
+            | FlowtrackError::Guard { source, .. }
+            | FlowtrackError::Port { source, .. } => is_full(source),
+            _ => false,
+        }
+    }
 }
 
 impl Shared {
@@ -305,20 +407,102 @@ impl Shared {
                 }
             }
         }
-        if batch.is_empty() {
-            return;
+        if !batch.is_empty() {
+            lock(&self.closed).extend(batch);
         }
-        let mut ring = lock(&self.closed);
-        for record in batch {
-            if ring.records.len() >= ring.capacity && ring.records.pop_front().is_some() {
-                ring.dropped += 1;
-            }
-            if ring.capacity > 0 {
-                ring.records.push_back(record);
-            } else {
-                ring.dropped += 1;
+    }
+
+    /// Moves the live events from the kernel ring buffer into the bounded
+    /// list.
+    fn drain_live(&self) {
+        let mut batch = Vec::new();
+        if let Some(events) = lock(&self.live_events).as_mut() {
+            while let Some(item) = events.next() {
+                match FlowEvent::from_bytes(&item) {
+                    Some(event) => batch.extend(LiveEvent::decode(&event)),
+                    None => warn!(len = item.len(), "short live-event record"),
+                }
             }
         }
+        if !batch.is_empty() {
+            lock(&self.live).extend(batch);
+        }
+    }
+
+    fn set_port(&self, port: u16, flags: u8) -> Result<(), FlowtrackError> {
+        let mut ports = lock(&self.ports);
+        let result = if flags == 0 {
+            match ports.remove(&port) {
+                Err(err) if is_not_found(&err) => Ok(()),
+                other => other,
+            }
+        } else {
+            ports.insert(port, flags, 0)
+        };
+        result.map_err(|source| FlowtrackError::Port { port, source })
+    }
+
+    fn expect(&self, expectation: &Expectation) -> Result<(), FlowtrackError> {
+        let (key, value) = expectation.encode();
+        lock(&self.expect)
+            .insert(key, value, 0)
+            .map_err(|source| FlowtrackError::Expect {
+                local: expectation.local,
+                source,
+            })
+    }
+
+    fn unexpect(&self, local: SocketAddr) -> Result<(), FlowtrackError> {
+        match lock(&self.expect).remove(&guard::expect_key(local)) {
+            Err(err) if !is_not_found(&err) => Err(FlowtrackError::Expect { local, source: err }),
+            _ => Ok(()),
+        }
+    }
+
+    fn add_local_address(&self, ip: IpAddr) -> Result<(), FlowtrackError> {
+        lock(&self.addrs)
+            .insert(guard::address_bytes(ip), ADDR_LOCAL, 0)
+            .map_err(|source| FlowtrackError::Guard {
+                name: names::ADDRS,
+                source,
+            })
+    }
+
+    fn set_guard_mode(&self, mode: GuardMode) -> Result<(), FlowtrackError> {
+        lock(&self.guard)
+            .set(0, mode.raw(), 0)
+            .map_err(|source| FlowtrackError::Guard {
+                name: names::GUARD,
+                source,
+            })
+    }
+
+    /// Removes the expectations whose deadline is before `now`; returns
+    /// how many.
+    fn sweep_expectations(&self, now: Duration) -> Result<usize, MapError> {
+        let mut map = lock(&self.expect);
+        let mut expired = Vec::new();
+        for item in map.iter() {
+            match item {
+                Ok((key, value)) if Duration::from_nanos(value.deadline_ns) < now => {
+                    expired.push(key);
+                }
+                Ok(_) => {}
+                Err(err) if is_not_found(&err) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        let mut removed = 0;
+        for key in &expired {
+            match map.remove(key) {
+                Ok(()) => removed += 1,
+                Err(err) if is_not_found(&err) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        self.expectations_swept
+            .fetch_add(removed as u64, Ordering::Relaxed);
+        Ok(removed)
     }
 
     /// Removes expired entries; returns how many.
@@ -344,6 +528,60 @@ impl Shared {
         }
         self.swept.fetch_add(removed as u64, Ordering::Relaxed);
         Ok(removed)
+    }
+}
+
+/// Changes the port map and the expectations of a running tracker from
+/// wherever (a guard's `Drop`); each call does nothing once the tracker is
+/// gone. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct TrackerHandle(Weak<Shared>);
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl TrackerHandle {
+    /// [`FlowTracker::set_port`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn set_port(&self, port: u16, flags: u8) -> Result<(), FlowtrackError> {
+        self.0.upgrade().map_or(Ok(()), |s| s.set_port(port, flags))
+    }
+
+    /// [`FlowTracker::expect`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn expect(&self, expectation: &Expectation) -> Result<(), FlowtrackError> {
+        self.0.upgrade().map_or(Ok(()), |s| s.expect(expectation))
+    }
+
+    /// [`FlowTracker::unexpect`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn unexpect(&self, local: SocketAddr) -> Result<(), FlowtrackError> {
+        self.0.upgrade().map_or(Ok(()), |s| s.unexpect(local))
+    }
+
+    /// [`FlowTracker::add_local_address`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn add_local_address(&self, ip: IpAddr) -> Result<(), FlowtrackError> {
+        self.0.upgrade().map_or(Ok(()), |s| s.add_local_address(ip))
+    }
+
+    /// [`FlowTracker::set_guard_mode`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn set_guard_mode(&self, mode: GuardMode) -> Result<(), FlowtrackError> {
+        self.0.upgrade().map_or(Ok(()), |s| s.set_guard_mode(mode))
     }
 }
 
@@ -437,6 +675,7 @@ impl FlowTracker {
         for interface in &opts.interfaces {
             tracker.attach(interface)?;
         }
+        tracker.add_interface_addresses(&opts.interfaces);
         tracker.spawn_tasks(&runtime, opts);
         info!(
             interfaces = ?opts.interfaces,
@@ -479,6 +718,7 @@ impl FlowTracker {
         let level = ebpf_log_level();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::FLOWS, opts.max_flows)
+            .map_max_entries(names::EXPECT, opts.max_expectations.max(1))
             .override_global(aya_log::LEVEL, &level, false)
             .load(EBPF_OBJECT)
             .map_err(FlowtrackError::Load)?;
@@ -489,18 +729,26 @@ impl FlowTracker {
             .map_err(map_err(names::PORTS))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)
             .map_err(map_err(names::COUNTERS))?;
+        let expect = AyaHashMap::try_from(take_map(&mut ebpf, names::EXPECT)?)
+            .map_err(map_err(names::EXPECT))?;
+        let addrs = AyaHashMap::try_from(take_map(&mut ebpf, names::ADDRS)?)
+            .map_err(map_err(names::ADDRS))?;
+        let guard =
+            Array::try_from(take_map(&mut ebpf, names::GUARD)?).map_err(map_err(names::GUARD))?;
         let shared = Arc::new(Shared {
             flows: Mutex::new(flows),
             ports: Mutex::new(ports),
             counters,
-            closed: Mutex::new(ClosedRing {
-                records: VecDeque::new(),
-                capacity: opts.closed_capacity,
-                dropped: 0,
-            }),
+            closed: Mutex::new(Bounded::new(opts.closed_capacity)),
             closed_events: Mutex::new(None),
+            live: Mutex::new(Bounded::new(LIVE_CAPACITY)),
+            live_events: Mutex::new(None),
+            expect: Mutex::new(expect),
+            addrs: Mutex::new(addrs),
+            guard: Mutex::new(guard),
             logs: Mutex::new(None),
             swept: AtomicU64::new(0),
+            expectations_swept: AtomicU64::new(0),
         });
         program::<Xdp>(&mut ebpf, names::PROG_INGRESS)?
             .load()
@@ -579,6 +827,11 @@ impl FlowTracker {
             Some(Err(err)) => warn!(error = %err, "closed-flow ring buffer unusable"),
             None => warn!("closed-flow ring buffer missing"),
         }
+        match ebpf.take_map(names::EVENTS).map(RingBuf::try_from) {
+            Some(Ok(ring)) => *lock(&self.shared.live_events) = Some(ring),
+            Some(Err(err)) => warn!(error = %err, "live-event ring buffer unusable"),
+            None => warn!("live-event ring buffer missing"),
+        }
         drop(ebpf);
         let timeouts = Timeouts {
             syn: opts.syn_timeout,
@@ -598,14 +851,132 @@ impl FlowTracker {
         )));
     }
 
-    /// Starts tracking flows with `port` as source or destination port.
+    /// Starts tracking flows with `port` as source or destination port
+    /// (without guarding it: [`FlowTracker::set_port`] does both).
     ///
     /// # Errors
     /// [`FlowtrackError::Port`] if the map update fails.
     pub fn watch_port(&self, port: u16) -> Result<(), FlowtrackError> {
-        lock(&self.shared.ports)
-            .insert(port, PORT_WATCHED, 0)
-            .map_err(|source| FlowtrackError::Port { port, source })
+        self.shared.set_port(port, PORT_WATCHED)
+    }
+
+    /// Sets the port map's flags of `port` (`ftp_proxy_common::maps::port`:
+    /// watched, guarded for a leg); 0 removes it (not an error when it
+    /// was not there).
+    ///
+    /// # Errors
+    /// [`FlowtrackError::Port`] if the map update fails.
+    pub fn set_port(&self, port: u16, flags: u8) -> Result<(), FlowtrackError> {
+        self.shared.set_port(port, flags)
+    }
+
+    /// The port map's flags of `port` (0 when absent).
+    ///
+    /// # Errors
+    /// [`FlowtrackError::Port`] if the map cannot be read.
+    pub fn port_flags(&self, port: u16) -> Result<u8, FlowtrackError> {
+        match lock(&self.shared.ports).get(&port, 0) {
+            Ok(flags) => Ok(flags),
+            Err(err) if is_not_found(&err) => Ok(0),
+            Err(source) => Err(FlowtrackError::Port { port, source }),
+        }
+    }
+
+    /// Sets what the XDP program does with SYNs to guarded ports.
+    ///
+    /// # Errors
+    /// [`FlowtrackError::Guard`] if the map update fails.
+    pub fn set_guard_mode(&self, mode: GuardMode) -> Result<(), FlowtrackError> {
+        self.shared.set_guard_mode(mode)
+    }
+
+    /// Inserts (or replaces) the expectation of `expectation.local`.
+    ///
+    /// # Errors
+    /// [`FlowtrackError::Expect`]; [`FlowtrackError::is_map_full`] tells a
+    /// full map from other failures.
+    pub fn expect(&self, expectation: &Expectation) -> Result<(), FlowtrackError> {
+        self.shared.expect(expectation)
+    }
+
+    /// Removes the expectation of the listener at `local` (not an error
+    /// when there is none).
+    ///
+    /// # Errors
+    /// [`FlowtrackError::Expect`] if the map update fails.
+    pub fn unexpect(&self, local: SocketAddr) -> Result<(), FlowtrackError> {
+        self.shared.unexpect(local)
+    }
+
+    /// Adds `ip` to the gateway's own addresses: a SYN to a guarded port of
+    /// another address is forwarded traffic and never refused for want of
+    /// an expectation. [`FlowTracker::start`] adds the addresses of the
+    /// interfaces it attaches to.
+    ///
+    /// # Errors
+    /// [`FlowtrackError::Guard`] if the map update fails.
+    pub fn add_local_address(&self, ip: IpAddr) -> Result<(), FlowtrackError> {
+        self.shared.add_local_address(ip)
+    }
+
+    fn add_interface_addresses(&self, interfaces: &[String]) {
+        let addrs = match if_addrs::get_if_addrs() {
+            Ok(addrs) => addrs,
+            Err(err) => {
+                warn!(error = %err, "cannot list the interfaces' addresses");
+                return;
+            }
+        };
+        for a in addrs.iter().filter(|a| interfaces.contains(&a.name)) {
+            if let Err(err) = self.add_local_address(a.ip()) {
+                warn!(address = %a.ip(), error = %ErrorChain(&err), "flow tracker: cannot record a local address");
+            }
+        }
+    }
+
+    /// A handle for changing the watched ports and the expectations from
+    /// elsewhere (a guard's `Drop`); it does nothing once the tracker is
+    /// gone.
+    #[must_use]
+    pub fn handle(&self) -> TrackerHandle {
+        TrackerHandle(Arc::downgrade(&self.shared))
+    }
+
+    /// The expectations in the kernel now, pending and claimed.
+    ///
+    /// # Errors
+    /// [`FlowtrackError::Read`] if the map cannot be read.
+    pub fn expectations(&self) -> Result<Vec<ExpectationRecord>, FlowtrackError> {
+        let map = lock(&self.shared.expect);
+        let mut seen = BTreeMap::new();
+        for item in map.iter() {
+            match item {
+                Ok((key, value)) => {
+                    seen.insert(key, value);
+                }
+                Err(err) if is_not_found(&err) => {}
+                Err(source) => {
+                    return Err(FlowtrackError::Read {
+                        name: names::EXPECT,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(seen
+            .iter()
+            .filter_map(|(key, value)| ExpectationRecord::decode(key, value))
+            .collect())
+    }
+
+    /// The live events since the last call (drained from the kernel now,
+    /// and every 100 ms by a background task), oldest first; at most
+    /// 65,536 are kept between two calls (the rest are counted in
+    /// [`EventCounters::events_overflow`]).
+    #[must_use]
+    pub fn take_events(&self) -> Vec<LiveEvent> {
+        self.shared.drain_live();
+        lock(&self.shared.live).records.drain(..).collect()
     }
 
     /// Stops opening flows on `port`. Flows already tracked on it stop
@@ -716,9 +1087,35 @@ impl FlowTracker {
             insert_other: sum(counter::INSERT_OTHER)?,
             lookup_after_insert: sum(counter::LOOKUP_AFTER_INSERT)?,
             ringbuf_full: sum(counter::RINGBUF_FULL)?,
+            events_full: sum(counter::EVENTS_FULL)?,
+            events_overflow: lock(&self.shared.live).dropped,
             swept: self.shared.swept.load(Ordering::Relaxed),
             closed_overflow: lock(&self.shared.closed).dropped,
+            expectations_swept: self.shared.expectations_swept.load(Ordering::Relaxed),
+            guard: {
+                let mut guard = GuardCounters::default();
+                for outcome in GuardOutcome::ALL {
+                    for leg in GuardLeg::ALL {
+                        guard.set(outcome, leg, sum(outcome.counter(leg))?);
+                    }
+                }
+                guard
+            },
         })
+    }
+
+    /// Removes the expectations past their deadline now (the sweeper does
+    /// it every [`FlowtrackOptions::sweep_interval`]); returns how many.
+    ///
+    /// # Errors
+    /// [`FlowtrackError::Read`] if the map cannot be read or updated.
+    pub fn sweep_expectations_now(&self) -> Result<usize, FlowtrackError> {
+        self.shared
+            .sweep_expectations(monotonic_now())
+            .map_err(|source| FlowtrackError::Read {
+                name: names::EXPECT,
+                source,
+            })
     }
 
     /// Runs the sweeper once now (it also runs every
@@ -812,6 +1209,7 @@ async fn drain(shared: Weak<Shared>, cancel: CancellationToken) {
             return;
         };
         shared.drain_closed();
+        shared.drain_live();
         if let Some(logs) = lock(&shared.logs).as_mut() {
             logs.flush();
         }
@@ -839,6 +1237,11 @@ async fn sweep(
             Ok(0) => {}
             Ok(removed) => debug!(removed, "flow tracker swept expired flows"),
             Err(err) => warn!(error = %err, "flow tracker sweep failed"),
+        }
+        match shared.sweep_expectations(monotonic_now()) {
+            Ok(0) => {}
+            Ok(removed) => debug!(removed, "flow tracker swept expired expectations"),
+            Err(err) => warn!(error = %err, "flow tracker expectation sweep failed"),
         }
     }
 }

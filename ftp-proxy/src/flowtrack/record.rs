@@ -149,7 +149,7 @@ fn ts(ns: u64) -> Option<Duration> {
     (ns != 0).then(|| Duration::from_nanos(ns))
 }
 
-fn addr(family: u8, bytes: [u8; 16], port: u16) -> Option<SocketAddr> {
+pub(super) fn addr(family: u8, bytes: [u8; 16], port: u16) -> Option<SocketAddr> {
     let ip = match family {
         FAMILY_IPV4 => IpAddr::V4(Ipv6Addr::from(bytes).to_ipv4_mapped()?),
         FAMILY_IPV6 => IpAddr::V6(Ipv6Addr::from(bytes)),

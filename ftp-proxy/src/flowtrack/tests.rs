@@ -1,6 +1,8 @@
 //! The real programs and maps, driven with `BPF_PROG_TEST_RUN` on hand-built
 //! frames: every transition of `ftp_proxy_common::transition` observed
-//! through the kernel, both hooks, IPv4 and IPv6, and the parser's edges.
+//! through the kernel, both hooks, IPv4 and IPv6, and the parser's edges;
+//! and the guard's verdicts (match, wrong peer, expired, one-shot, also
+//! under concurrent SYNs, IPv6, observe and off, forwarded traffic).
 //! Needs root and the embedded eBPF object: the privileged tier
 //! (`cargo xtask test`), ignored by a plain `cargo test`.
 
@@ -13,7 +15,7 @@ use ftp_proxy_common::flow::tcp_flags::{ACK, FIN, PSH, RST, SYN};
 use super::*;
 
 /// The privileged tier's prerequisites: a missing one fails the test.
-fn require() {
+pub(crate) fn require() {
     assert!(
         FlowTracker::available(),
         "the eBPF object is not built into this binary (FTPX_EBPF_BUILD=require)"
@@ -22,17 +24,29 @@ fn require() {
 }
 
 /// An Ethernet frame with an IPv4 or IPv6 header and a TCP header.
-struct Frame {
-    src: SocketAddr,
-    dst: SocketAddr,
-    flags: u8,
-    seq: u32,
-    ack: u32,
-    payload: usize,
+pub(crate) struct Frame {
+    pub(crate) src: SocketAddr,
+    pub(crate) dst: SocketAddr,
+    pub(crate) flags: u8,
+    pub(crate) seq: u32,
+    pub(crate) ack: u32,
+    pub(crate) payload: usize,
 }
 
 impl Frame {
-    fn bytes(&self) -> Vec<u8> {
+    /// A bare SYN from `src` to `dst`.
+    pub(crate) fn syn(src: &str, dst: &str) -> Frame {
+        Frame {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            flags: SYN,
+            seq: 1,
+            ack: 0,
+            payload: 0,
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> Vec<u8> {
         let mut f = vec![0u8; 12]; // zero MACs, as on lo
         let tcp_len = 20 + self.payload;
         match (self.src.ip(), self.dst.ip()) {
@@ -591,4 +605,299 @@ fn ebpf_logs_reach_tracing() {
         out.contains("ftp_proxy::flowtrack::ebpf") && out.contains("flow opened: port 21 -> 40000"),
         "{out}"
     );
+}
+
+/// XDP verdicts.
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+impl FlowTracker {
+    /// Runs the XDP program on `frame` (`BPF_PROG_TEST_RUN`); its verdict.
+    pub(crate) fn test_run_ingress(&self, frame: &[u8]) -> u32 {
+        let mut ebpf = lock(&self.ebpf);
+        program::<Xdp>(&mut ebpf, names::PROG_INGRESS)
+            .unwrap()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ..TestRunOptions::default()
+            })
+            .unwrap()
+            .return_value
+    }
+}
+
+/// The guard through the real XDP program: one data port of the client
+/// leg guarded, an expectation, and SYNs from everyone.
+mod guard {
+    use super::*;
+    use ftp_proxy_common::maps::port;
+
+    const GATEWAY: &str = "10.0.0.1";
+    const CLIENT: &str = "10.0.0.2";
+    const THIEF: &str = "10.0.0.66";
+
+    fn tracker(mode: GuardMode) -> FlowTracker {
+        require();
+        let t = FlowTracker::start(&FlowtrackOptions::default()).unwrap();
+        t.set_guard_mode(mode).unwrap();
+        t
+    }
+
+    fn expect(t: &FlowTracker, local: &str, peer: &str, ttl: Duration, leg: GuardLeg) {
+        let local: SocketAddr = local.parse().unwrap();
+        t.set_port(local.port(), port::WATCHED | leg.port_flag())
+            .unwrap();
+        t.add_local_address(local.ip()).unwrap();
+        t.expect(&Expectation {
+            local,
+            peer: peer.parse().unwrap(),
+            deadline: monotonic_now() + ttl,
+            session_id: 9,
+            leg,
+        })
+        .unwrap();
+    }
+
+    fn syn(t: &FlowTracker, src: &str, dst: &str) -> u32 {
+        t.test_run_ingress(&Frame::syn(src, dst).bytes())
+    }
+
+    fn count(t: &FlowTracker, outcome: GuardOutcome, leg: GuardLeg) -> u64 {
+        t.counters().unwrap().guard.get(outcome, leg)
+    }
+
+    #[tokio::test]
+    #[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
+    async fn the_expected_peer_is_admitted_once() {
+        let t = tracker(GuardMode::Enforce);
+        let data = format!("{GATEWAY}:50000");
+        expect(&t, &data, CLIENT, Duration::from_secs(30), GuardLeg::Client);
+        // A thief first: dropped, and it opens no flow.
+        assert_eq!(syn(&t, &format!("{THIEF}:41000"), &data), XDP_DROP);
+        assert!(t.snapshot().unwrap().is_empty());
+        assert_eq!(count(&t, GuardOutcome::WrongPeer, GuardLeg::Client), 1);
+        // The client: admitted, claims the expectation, opens its flow.
+        assert_eq!(syn(&t, &format!("{CLIENT}:42000"), &data), XDP_PASS);
+        assert_eq!(count(&t, GuardOutcome::Admitted, GuardLeg::Client), 1);
+        let e = t.expectations().unwrap();
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].claimed_by, e[0].session_id), (Some(42_000), 9));
+        assert_eq!(t.snapshot().unwrap().len(), 1);
+        // Its retransmitted SYN passes; a second connection does not.
+        assert_eq!(syn(&t, &format!("{CLIENT}:42000"), &data), XDP_PASS);
+        assert_eq!(count(&t, GuardOutcome::Retransmit, GuardLeg::Client), 1);
+        assert_eq!(syn(&t, &format!("{CLIENT}:42001"), &data), XDP_DROP);
+        assert_eq!(count(&t, GuardOutcome::Consumed, GuardLeg::Client), 1);
+        // The thief again, after the claim: still the wrong peer.
+        assert_eq!(syn(&t, &format!("{THIEF}:41001"), &data), XDP_DROP);
+        assert_eq!(count(&t, GuardOutcome::WrongPeer, GuardLeg::Client), 2);
+        // Segments that are not a bare SYN are never judged.
+        let ack = Frame {
+            flags: ACK,
+            ..Frame::syn(&format!("{THIEF}:41000"), &data)
+        };
+        assert_eq!(t.test_run_ingress(&ack.bytes()), XDP_PASS);
+        let synack = Frame {
+            flags: SYN | ACK,
+            ..Frame::syn(&format!("{THIEF}:41000"), &data)
+        };
+        assert_eq!(t.test_run_ingress(&synack.bytes()), XDP_PASS);
+        // Removed: nothing expected any more on the guarded port.
+        t.unexpect(data.parse().unwrap()).unwrap();
+        t.unexpect(data.parse().unwrap()).unwrap(); // not an error
+        assert_eq!(syn(&t, &format!("{CLIENT}:42002"), &data), XDP_DROP);
+        assert_eq!(count(&t, GuardOutcome::NoExpectation, GuardLeg::Client), 1);
+        assert_eq!(count(&t, GuardOutcome::Admitted, GuardLeg::Server), 0);
+    }
+
+    #[tokio::test]
+    #[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
+    async fn expired_expectations_are_refused_and_swept() {
+        let t = tracker(GuardMode::Enforce);
+        let data = format!("{GATEWAY}:50001");
+        expect(&t, &data, CLIENT, Duration::ZERO, GuardLeg::Server);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(syn(&t, &format!("{CLIENT}:42000"), &data), XDP_DROP);
+        assert_eq!(count(&t, GuardOutcome::Expired, GuardLeg::Server), 1);
+        assert_eq!(t.expectations().unwrap()[0].claimed_by, None);
+        assert_eq!(t.sweep_expectations_now().unwrap(), 1);
+        assert!(t.expectations().unwrap().is_empty());
+        assert_eq!(t.counters().unwrap().expectations_swept, 1);
+        assert_eq!(syn(&t, &format!("{CLIENT}:42000"), &data), XDP_DROP);
+        assert_eq!(count(&t, GuardOutcome::NoExpectation, GuardLeg::Server), 1);
+    }
+
+    #[tokio::test]
+    #[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
+    async fn ipv6() {
+        let t = tracker(GuardMode::Enforce);
+        let data = "[2001:db8::1]:50002";
+        expect(
+            &t,
+            data,
+            "2001:db8::2",
+            Duration::from_secs(30),
+            GuardLeg::Client,
+        );
+        assert_eq!(syn(&t, "[2001:db8::66]:41000", data), XDP_DROP);
+        assert_eq!(syn(&t, "[2001:db8::2]:42000", data), XDP_PASS);
+        assert_eq!(syn(&t, "[2001:db8::2]:42001", data), XDP_DROP);
+        // The same address as IPv4-mapped on an IPv4 listener is another
+        // key: an IPv4 SYN to the same port has no expectation.
+        t.add_local_address("10.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(syn(&t, "10.0.0.2:42000", "10.0.0.1:50002"), XDP_DROP);
+        let g = t.counters().unwrap().guard;
+        assert_eq!(g.get(GuardOutcome::WrongPeer, GuardLeg::Client), 1);
+        assert_eq!(g.get(GuardOutcome::Admitted, GuardLeg::Client), 1);
+        assert_eq!(g.get(GuardOutcome::Consumed, GuardLeg::Client), 1);
+        assert_eq!(g.get(GuardOutcome::NoExpectation, GuardLeg::Client), 1);
+        let e = t.expectations().unwrap();
+        assert_eq!(e[0].local, data.parse().unwrap());
+        assert_eq!(e[0].peer, "2001:db8::2".parse::<IpAddr>().unwrap());
+    }
+
+    #[tokio::test]
+    #[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
+    async fn observe_counts_off_ignores_and_forwarded_traffic_passes() {
+        let t = tracker(GuardMode::Observe);
+        let data = format!("{GATEWAY}:50003");
+        expect(&t, &data, CLIENT, Duration::from_secs(30), GuardLeg::Client);
+        // Observe: counted, passed, and the thief's flow is tracked.
+        assert_eq!(syn(&t, &format!("{THIEF}:41000"), &data), XDP_PASS);
+        assert_eq!(count(&t, GuardOutcome::WrongPeer, GuardLeg::Client), 1);
+        assert_eq!(t.snapshot().unwrap().len(), 1);
+        assert_eq!(syn(&t, &format!("{CLIENT}:42000"), &data), XDP_PASS);
+        assert_eq!(count(&t, GuardOutcome::Admitted, GuardLeg::Client), 1);
+        // A guarded port of an address that is not the gateway's:
+        // forwarded traffic, never judged.
+        assert_eq!(
+            syn(&t, &format!("{THIEF}:41000"), "192.0.2.9:50003"),
+            XDP_PASS
+        );
+        t.set_guard_mode(GuardMode::Enforce).unwrap();
+        assert_eq!(
+            syn(&t, &format!("{THIEF}:41001"), "192.0.2.9:50003"),
+            XDP_PASS
+        );
+        assert_eq!(syn(&t, &format!("{THIEF}:41002"), &data), XDP_DROP);
+        // Off: nothing judged, nothing counted.
+        t.set_guard_mode(GuardMode::Off).unwrap();
+        let before = t.counters().unwrap().guard;
+        assert_eq!(syn(&t, &format!("{THIEF}:41003"), &data), XDP_PASS);
+        assert_eq!(t.counters().unwrap().guard, before);
+        // A port without a guard bit is not judged either.
+        t.set_guard_mode(GuardMode::Enforce).unwrap();
+        t.set_port(50_003, port::WATCHED).unwrap();
+        assert_eq!(syn(&t, &format!("{THIEF}:41004"), &data), XDP_PASS);
+        assert_eq!(t.port_flags(50_003).unwrap(), port::WATCHED);
+        t.set_port(50_003, 0).unwrap();
+        assert_eq!(t.port_flags(50_003).unwrap(), 0);
+    }
+
+    /// One-shot under concurrent SYNs: every round, a fresh expectation
+    /// and as many threads as CPUs (at least 4) released at once, each
+    /// sending a SYN of its own source port through the real program.
+    /// Exactly one is admitted per round.
+    #[tokio::test]
+    #[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
+    async fn one_shot_under_concurrent_syns() {
+        let t = tracker(GuardMode::Enforce);
+        let data = format!("{GATEWAY}:50004");
+        let local: SocketAddr = data.parse().unwrap();
+        let threads = std::thread::available_parallelism()
+            .map_or(4, usize::from)
+            .max(4);
+        let rounds = 500;
+        let frames: Vec<Vec<u8>> = (0..threads)
+            .map(|i| Frame::syn(&format!("{CLIENT}:{}", 43_000 + i), &data).bytes())
+            .collect();
+        let ebpf = lock(&t.ebpf);
+        let prog: &Xdp = ebpf
+            .program(names::PROG_INGRESS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let barrier = std::sync::Barrier::new(threads);
+        let mut claimants = Vec::new();
+        for _ in 0..rounds {
+            expect(&t, &data, CLIENT, Duration::from_secs(30), GuardLeg::Client);
+            let passed: usize = std::thread::scope(|s| {
+                let handles: Vec<_> = frames
+                    .iter()
+                    .map(|frame| {
+                        let barrier = &barrier;
+                        s.spawn(move || {
+                            barrier.wait();
+                            let r = prog
+                                .test_run(TestRunOptions {
+                                    data_in: Some(frame),
+                                    ..TestRunOptions::default()
+                                })
+                                .unwrap();
+                            usize::from(r.return_value == XDP_PASS)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            assert_eq!(passed, 1, "exactly one SYN admitted per expectation");
+            let e = t.expectations().unwrap();
+            let e = e.iter().find(|e| e.local == local).unwrap();
+            claimants.push(e.claimed_by.unwrap());
+        }
+        drop(ebpf);
+        let g = t.counters().unwrap().guard;
+        assert_eq!(g.get(GuardOutcome::Admitted, GuardLeg::Client), rounds);
+        assert_eq!(
+            g.get(GuardOutcome::Consumed, GuardLeg::Client),
+            rounds * (threads as u64 - 1)
+        );
+        // Different threads won: the race was real.
+        claimants.sort_unstable();
+        claimants.dedup();
+        assert!(
+            claimants.len() > 1,
+            "one thread won every round: {claimants:?}"
+        );
+    }
+
+    #[tokio::test]
+    #[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
+    async fn a_full_map_is_an_error_the_caller_can_tell() {
+        require();
+        let t = FlowTracker::start(&FlowtrackOptions {
+            max_expectations: 1,
+            ..FlowtrackOptions::default()
+        })
+        .unwrap();
+        expect(
+            &t,
+            "10.0.0.1:50005",
+            CLIENT,
+            Duration::from_secs(30),
+            GuardLeg::Client,
+        );
+        let err = t
+            .expect(&Expectation {
+                local: "10.0.0.1:50006".parse().unwrap(),
+                peer: CLIENT.parse().unwrap(),
+                deadline: monotonic_now() + Duration::from_secs(30),
+                session_id: 1,
+                leg: GuardLeg::Client,
+            })
+            .unwrap_err();
+        assert!(err.is_map_full(), "{err:?}");
+        // Replacing the existing key still works.
+        expect(
+            &t,
+            "10.0.0.1:50005",
+            THIEF,
+            Duration::from_secs(30),
+            GuardLeg::Client,
+        );
+        assert_eq!(
+            t.expectations().unwrap()[0].peer,
+            THIEF.parse::<IpAddr>().unwrap()
+        );
+    }
 }

@@ -13,8 +13,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::flows::{MapErrorReason, TcpEvent, TcpLeg};
-use crate::flowtrack::FlowState;
+use crate::flows::{FailOpen, MapErrorReason, TcpEvent, TcpLeg, guard_leg_label};
+use crate::flowtrack::{FlowState, GuardLeg, GuardMode, GuardOutcome};
 use crate::protocol::policy::Reject;
 use crate::protocol::{Side, Verb};
 use crate::relay::Method;
@@ -117,6 +117,11 @@ pub struct Metrics {
     ebpf_status: IntGauge,
     tcp_flows: IntGaugeVec,
     tcp_events_total: IntCounterVec,
+    ebpf_guard_admissions_total: IntCounterVec,
+    ebpf_guard_drops_total: IntCounterVec,
+    ebpf_guard_fail_open_total: IntCounterVec,
+    ebpf_guard_expectations: IntGauge,
+    ebpf_guard_mode: IntGaugeVec,
     tcp_handshake: HistogramVec,
     flowtrack_map_errors_total: IntCounterVec,
     upstream_up: IntGaugeVec,
@@ -254,6 +259,16 @@ impl Metrics {
             "1 when the eBPF flow tracker is attached, 0 when not",
         )?;
         registry.register(Box::new(ebpf_status.clone()))?;
+        let ebpf_guard_expectations = IntGauge::new(
+            "ebpf_guard_expectations",
+            "Data connections the gateway announced and expects now (listeners open), as told to the kernel's guard",
+        )?;
+        registry.register(Box::new(ebpf_guard_expectations.clone()))?;
+        let ebpf_guard_mode = gauge_vec(
+            "ebpf_guard_mode",
+            "1 for the guard's mode (off, observe, enforce), 0 for the others",
+            &["mode"],
+        )?;
         let metrics = Metrics {
             sessions_active,
             sessions_total: counter_vec(
@@ -344,9 +359,26 @@ impl Metrics {
             ebpf_status,
             tcp_events_total: counter_vec(
                 "tcp_events_total",
-                "TCP events seen by the kernel tracker, by leg",
+                "TCP events seen by the kernel tracker as they happen, by leg",
                 &["leg", "event"],
             )?,
+            ebpf_guard_admissions_total: counter_vec(
+                "ebpf_guard_admissions_total",
+                "SYNs to a data port the kernel's guard admitted (each claimed an expectation), by leg",
+                &["leg"],
+            )?,
+            ebpf_guard_drops_total: counter_vec(
+                "ebpf_guard_drops_total",
+                "SYNs to a data port the kernel's guard refused, by leg and reason; dropped under enforce, only counted under observe",
+                &["leg", "reason"],
+            )?,
+            ebpf_guard_fail_open_total: counter_vec(
+                "ebpf_guard_fail_open_total",
+                "Data connections the kernel's guard could not check and let through, by leg and reason",
+                &["leg", "reason"],
+            )?,
+            ebpf_guard_expectations,
+            ebpf_guard_mode,
             flowtrack_map_errors_total: counter_vec(
                 "flowtrack_map_errors_total",
                 "Flow tracker map failures, by reason",
@@ -389,6 +421,23 @@ impl Metrics {
                     .with_label_values(&[leg.label(), event.label()]);
             }
             self.tcp_handshake.with_label_values(&[leg.label()]);
+        }
+        for leg in GuardLeg::ALL {
+            let leg = guard_leg_label(leg);
+            self.ebpf_guard_admissions_total.with_label_values(&[leg]);
+            for reason in GuardOutcome::REFUSALS {
+                self.ebpf_guard_drops_total
+                    .with_label_values(&[leg, reason.label()]);
+            }
+            for reason in FailOpen::ALL {
+                self.ebpf_guard_fail_open_total
+                    .with_label_values(&[leg, reason.label()]);
+            }
+        }
+        for mode in GuardMode::ALL {
+            self.ebpf_guard_mode
+                .with_label_values(&[mode.label()])
+                .set(0);
         }
         for kind in TransferKind::ALL {
             for result in TransferResult::ALL {
@@ -534,6 +583,53 @@ impl Metrics {
         self.tcp_handshake
             .with_label_values(&[leg.label()])
             .observe(took.as_secs_f64());
+    }
+
+    /// The kernel guard's verdicts on SYNs to a leg's data ports: `n` of
+    /// `outcome` (a retransmission of an admitted SYN is not counted).
+    pub(crate) fn guard_verdicts(&self, leg: GuardLeg, outcome: GuardOutcome, n: u64) {
+        let leg = guard_leg_label(leg);
+        match outcome {
+            GuardOutcome::Admitted => self
+                .ebpf_guard_admissions_total
+                .with_label_values(&[leg])
+                .inc_by(n),
+            GuardOutcome::Retransmit => {}
+            GuardOutcome::FailOpen => self
+                .ebpf_guard_fail_open_total
+                .with_label_values(&[leg, FailOpen::Program.label()])
+                .inc_by(n),
+            GuardOutcome::NoExpectation
+            | GuardOutcome::WrongPeer
+            | GuardOutcome::Expired
+            | GuardOutcome::Consumed => self
+                .ebpf_guard_drops_total
+                .with_label_values(&[leg, outcome.label()])
+                .inc_by(n),
+        }
+    }
+
+    /// An expectation could not be given to the kernel: its port is not
+    /// guarded while its listener lives.
+    pub(crate) fn guard_fail_open(&self, leg: GuardLeg, reason: FailOpen) {
+        self.ebpf_guard_fail_open_total
+            .with_label_values(&[guard_leg_label(leg), reason.label()])
+            .inc();
+    }
+
+    /// How many data connections are expected now.
+    pub(crate) fn set_guard_expectations(&self, n: usize) {
+        self.ebpf_guard_expectations
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The guard's mode.
+    pub(crate) fn set_guard_mode(&self, mode: GuardMode) {
+        for m in GuardMode::ALL {
+            self.ebpf_guard_mode
+                .with_label_values(&[m.label()])
+                .set(i64::from(m == mode));
+        }
     }
 
     /// Flow tracker map failures.

@@ -106,12 +106,31 @@ pub(crate) enum Connection {
 pub(crate) type Guard = Box<dyn std::any::Any + Send + Sync>;
 
 /// What a session tells the rest of the gateway about its connections, so
-/// that the kernel's view of the flows can be joined with sessions.
+/// that the kernel's view of the flows can be joined with sessions and the
+/// kernel can admit the data connections the session expects.
 /// Implemented by [`crate::flows::FlowView`]; the session never depends on
 /// it.
 pub(crate) trait ConnectionObserver: Send + Sync {
     /// Watches a data port chosen at run time while the guard lives.
     fn watch_port(&self, port: u16) -> Guard;
+
+    /// The session is about to announce its listener at `local` (the
+    /// `connection` leg's data port) and expects one connection to it,
+    /// from `peer` (the unspecified address `::`: from anywhere), before
+    /// `deadline`; while the guard lives. Called before
+    /// the announcement (227/229, PORT/EPRT), so the kernel knows first.
+    /// Watches the port too. Without a kernel guard: just the watch.
+    fn expect(
+        &self,
+        session: u64,
+        connection: Connection,
+        local: SocketAddr,
+        peer: IpAddr,
+        deadline: std::time::Instant,
+    ) -> Guard {
+        let _ = (session, connection, peer, deadline);
+        self.watch_port(local.port())
+    }
 
     /// Registers one of a session's connections while the guard lives;
     /// `client`: the session's client when a load balancer's PROXY header
@@ -1116,7 +1135,25 @@ impl<'a> Session<'a> {
                 match self.shared.passive_ports.listen(self.client_local.ip()) {
                     Ok(listener) => {
                         let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
-                        let watch = self.shared.observer.watch_port(port);
+                        // The client may connect until it has been idle too
+                        // long and then let a transfer wait its data timeout.
+                        let timeouts = &self.config.timeouts;
+                        let watch = self.shared.observer.expect(
+                            self.id,
+                            Connection::ClientData,
+                            SocketAddr::new(self.client_local.ip(), port),
+                            // Through a PROXY-protocol balancer the data
+                            // connection comes from the client or from the
+                            // balancer (the header inside says whom for, too
+                            // late for the kernel): one connection, from
+                            // anywhere; the port-theft check reads the header.
+                            if self.proxied {
+                                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                            } else {
+                                self.client_ip
+                            },
+                            (Instant::now() + timeouts.idle + timeouts.data_connect).into_std(),
+                        );
                         self.passive = Some((listener, watch));
                         self.send(&answer.reply(port)).await?;
                     }
@@ -1474,7 +1511,17 @@ impl<'a> Session<'a> {
                     match self.shared.active_ports.listen(self.server_local.ip()) {
                         Ok(listener) => match listener.local_addr() {
                             Ok(addr) => {
-                                let watch = self.shared.observer.watch_port(addr.port());
+                                // The server connects after answering PORT
+                                // and the transfer command.
+                                let timeouts = &self.config.timeouts;
+                                let watch = self.shared.observer.expect(
+                                    self.id,
+                                    Connection::ServerData,
+                                    SocketAddr::new(self.server_local.ip(), addr.port()),
+                                    self.server_ip,
+                                    (Instant::now() + 2 * timeouts.reply + timeouts.data_connect)
+                                        .into_std(),
+                                );
                                 if let Some(active) = self.active.as_mut() {
                                     active.guards.push(watch);
                                     active.server_leg = Some(ServerLeg::Listening(listener));

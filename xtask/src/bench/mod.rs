@@ -79,6 +79,8 @@ pub struct BenchArgs {
     /// haproxy (loopback), and the FTPS rows: direct-ftps, ftp-proxy-ftps,
     /// ftp-proxy-ftps-client (wire)); direct (routed, on the wire) is
     /// always included, direct-ftps with any FTPS path.
+    /// ftp-proxy-guard-enforce and ftp-proxy-guard-off (the kernel guard's
+    /// cost) run only when named here.
     #[arg(long, value_delimiter = ',')]
     pub paths: Option<Vec<String>>,
     /// Only these measurements (transfers, rate, idle (loopback), slow
@@ -577,6 +579,13 @@ pub fn default_gateway(tracker_built: bool) -> Kind {
     }
 }
 
+/// The guard's comparison (opt-in): off first, so that the rotation of
+/// the paths starts them in either order.
+const GUARD_KINDS: [Kind; 2] = [
+    Kind::GatewayGuard { enforce: false },
+    Kind::GatewayGuard { enforce: true },
+];
+
 /// The paths on the wire, in report order (the FTPS rows last).
 fn wire_kinds(tracker_built: bool) -> Vec<Kind> {
     let mut kinds = vec![Kind::Direct, default_gateway(tracker_built)];
@@ -593,6 +602,9 @@ fn wire_kinds(tracker_built: bool) -> Vec<Kind> {
         Kind::GatewayFtps { server_tls: true },
         Kind::GatewayFtps { server_tls: false },
     ]);
+    if tracker_built {
+        kinds.extend(GUARD_KINDS);
+    }
     kinds
 }
 
@@ -609,6 +621,9 @@ fn loopback_kinds(tracker_built: bool) -> Vec<Kind> {
         Kind::Haproxy { splice: false },
         Kind::ModProxy,
     ]);
+    if tracker_built {
+        kinds.extend(GUARD_KINDS);
+    }
     kinds
 }
 
@@ -620,7 +635,11 @@ fn select(
     wanted: Option<&[String]>,
     status: &str,
 ) -> Vec<(Kind, Result<(), String>)> {
-    let named = |k: &Kind| wanted.is_none_or(|w| w.iter().any(|w| w == k.id()));
+    // Opt-in paths run only when named.
+    let named = |k: &Kind| match wanted {
+        Some(w) => w.iter().any(|w| w == k.id()),
+        None => !k.opt_in(),
+    };
     let any_ftps = kinds.iter().any(|k| k.is_ftps() && named(k));
     kinds
         .into_iter()
@@ -929,6 +948,7 @@ impl Bench {
                 Kind::Haproxy { splice: true },
             ]
             .into_iter()
+            .chain(GUARD_KINDS)
             .filter(|k| kinds.contains(k))
             .collect();
             self.all_rates(&rated)?;

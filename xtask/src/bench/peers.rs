@@ -211,6 +211,12 @@ pub enum Kind {
     GatewaySplice,
     /// The gateway with `--relay-mode copy` (tracker as in the first row).
     GatewayCopy,
+    /// The gateway, tracker on, with `--ebpf-guard enforce` (`true`) or
+    /// `--ebpf-guard off`: the guard's cost. Opt-in (`--paths`).
+    GatewayGuard {
+        /// enforce, or off.
+        enforce: bool,
+    },
     /// The gateway (tracker as in the first row) with a pool of three
     /// servers, all the same vsftpd: what balancing costs a session.
     GatewayPool,
@@ -245,6 +251,8 @@ impl Kind {
             Kind::GatewaySplice => "ftp-proxy-splice",
             Kind::GatewayCopy => "ftp-proxy-copy",
             Kind::GatewayPool => "ftp-proxy-pool3",
+            Kind::GatewayGuard { enforce: true } => "ftp-proxy-guard-enforce",
+            Kind::GatewayGuard { enforce: false } => "ftp-proxy-guard-off",
             Kind::ModProxy => "proftpd",
             Kind::Suse => "proxy-suite",
             Kind::Haproxy { splice: true } => "haproxy-splice",
@@ -265,6 +273,8 @@ impl Kind {
             Kind::GatewaySplice => "ftp-proxy --relay-mode splice",
             Kind::GatewayCopy => "ftp-proxy --relay-mode copy",
             Kind::GatewayPool => "ftp-proxy, pool of 3 servers",
+            Kind::GatewayGuard { enforce: true } => "ftp-proxy --ebpf-guard enforce",
+            Kind::GatewayGuard { enforce: false } => "ftp-proxy --ebpf-guard off",
             Kind::ModProxy => "ProFTPD mod_proxy",
             Kind::Suse => "proxy-suite ftp-proxy",
             Kind::Haproxy { splice: true } => "HAProxy TCP, splice",
@@ -273,6 +283,12 @@ impl Kind {
             Kind::GatewayFtps { server_tls: true } => "ftp-proxy, TLS on both legs",
             Kind::GatewayFtps { server_tls: false } => "ftp-proxy, TLS toward the client only",
         }
+    }
+
+    /// Whether the path runs only when `--paths` names it (not in a full
+    /// run, whose report is BENCHMARKS.md).
+    pub fn opt_in(self) -> bool {
+        matches!(self, Kind::GatewayGuard { .. })
     }
 
     /// Whether the path is measured for session rates only (its transfers
@@ -325,6 +341,7 @@ impl Kind {
                 | Kind::GatewaySplice
                 | Kind::GatewayCopy
                 | Kind::GatewayPool
+                | Kind::GatewayGuard { .. }
                 | Kind::GatewayFtps { .. } => b + 61,
             };
             return SocketAddr::from((wire::GATEWAY, port));
@@ -340,6 +357,7 @@ impl Kind {
             | Kind::GatewaySplice
             | Kind::GatewayCopy
             | Kind::GatewayPool
+            | Kind::GatewayGuard { .. }
             | Kind::GatewayFtps { .. } => (Ipv4Addr::LOCALHOST, b + 61),
         };
         SocketAddr::from((ip, port))
@@ -808,6 +826,13 @@ fn ftps_gateway_command(env: &Env, server_tls: bool) -> Command {
     cmd
 }
 
+/// The gateway with the tracker on and `--ebpf-guard enforce` or `off`.
+fn guard_gateway_command(env: &Env, enforce: bool) -> Command {
+    let mut cmd = gateway_command(env, Some(true));
+    cmd.args(["--ebpf-guard", if enforce { "enforce" } else { "off" }]);
+    cmd
+}
+
 /// Starts the daemon(s) of a path. `None` for direct (vsftpd is always on).
 pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
     let dir = env.run_dir.join(kind.id());
@@ -822,6 +847,7 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
         Kind::Gateway(tracker) => gateway_command(env, tracker),
         Kind::GatewaySplice => relay_gateway_command(env, "splice"),
         Kind::GatewayCopy => relay_gateway_command(env, "copy"),
+        Kind::GatewayGuard { enforce } => guard_gateway_command(env, enforce),
         Kind::GatewayPool => {
             let servers: String = ["a", "b", "c"]
                 .iter()
@@ -1020,7 +1046,11 @@ pub fn config_files(kind: Kind, env: &Env) -> Vec<PathBuf> {
         Kind::DirectFtps => {
             return vec![env.run_dir.join(format!("{}.conf", Vsftpd::ftps(env).name))];
         }
-        Kind::Gateway(_) | Kind::GatewaySplice | Kind::GatewayCopy | Kind::GatewayFtps { .. } => {
+        Kind::Gateway(_)
+        | Kind::GatewaySplice
+        | Kind::GatewayCopy
+        | Kind::GatewayGuard { .. }
+        | Kind::GatewayFtps { .. } => {
             return Vec::new();
         }
         Kind::GatewayPool => return vec![pool_file(env)],
@@ -1067,6 +1097,7 @@ pub fn command_line(kind: Kind, env: &Env) -> String {
         Kind::GatewaySplice => relay_gateway_command(env, "splice"),
         Kind::GatewayCopy => relay_gateway_command(env, "copy"),
         Kind::GatewayPool => pool_gateway_command(env),
+        Kind::GatewayGuard { enforce } => guard_gateway_command(env, enforce),
         Kind::ModProxy => {
             let mut c = env.command(Host::Gateway, peers.join("proftpd/usr/sbin/proftpd"));
             c.args(["-n", "-q", "-c"]).arg(dir.join("proftpd.conf"));

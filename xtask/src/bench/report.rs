@@ -690,6 +690,7 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
     }
     o.push('\n');
     ftps_section(o, r, s, env);
+    guard_section(o, r, s, net);
 }
 
 /// W5: FTPS on the wire, against direct FTPS measured in the same run.
@@ -753,6 +754,65 @@ fn ftps_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
     }
     if !any {
         let _ = writeln!(o, "| not measured | | | | | | | | | | |");
+    }
+    o.push('\n');
+}
+
+/// The kernel guard's cost, `--ebpf-guard enforce` against `off` (tracker
+/// on in both), when both opt-in paths ran: the target is enforce within
+/// 3 % of off on RETR and on the session rate.
+fn guard_section(o: &mut String, r: &Results, s: &Settings, net: Net) {
+    let v = View { r };
+    let off = Kind::GatewayGuard { enforce: false };
+    let on = Kind::GatewayGuard { enforce: true };
+    let ran = |k: Kind| r.paths.iter().any(|(p, a)| *p == k && a.is_ok());
+    if !ran(off) || !ran(on) {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\n### The kernel guard's cost on {} (`--ebpf-guard enforce` vs `off`, tracker on in both)\n",
+        net.name()
+    );
+    produced_by(o, s);
+    let _ = writeln!(
+        o,
+        "| measurement | off | enforce | enforce / off | within 3 % |\n|---|---|---|---|---|"
+    );
+    let within = |r: Option<f64>| match r {
+        Some(r) if r >= 0.97 => "yes",
+        Some(_) => "**no**",
+        None => "–",
+    };
+    for x in Xfer::ALL {
+        let (a, b) = (v.speed(off, x), v.speed(on, x));
+        if a.is_none() && b.is_none() {
+            continue;
+        }
+        let q = ratio(b.map(|s| s.median), a.map(|s| s.median));
+        let _ = writeln!(
+            o,
+            "| {x:?} MB/s | {} | {} | {} | {} |",
+            fmt_summary(a, 0),
+            fmt_summary(b, 0),
+            fmt_ratio(q),
+            within(q)
+        );
+    }
+    for (list, what) in [(false, "login + PWD + QUIT"), (true, "+ EPSV + LIST")] {
+        let (a, b) = (v.rate(off, list), v.rate(on, list));
+        if a.is_none() && b.is_none() {
+            continue;
+        }
+        let q = ratio(b.map(|s| s.median), a.map(|s| s.median));
+        let _ = writeln!(
+            o,
+            "| sessions/s, {what} | {} | {} | {} | {} |",
+            fmt_summary(a, 0),
+            fmt_summary(b, 0),
+            fmt_ratio(q),
+            within(q)
+        );
     }
     o.push('\n');
 }
@@ -1020,6 +1080,8 @@ fn loopback_section(o: &mut String, r: &Results, s: &Settings, env: &Env, cpus: 
         }
         o.push('\n');
     }
+
+    guard_section(o, r, s, Net::Loopback);
 
     // --- 5: idle sessions ---------------------------------------------
     let _ = writeln!(
