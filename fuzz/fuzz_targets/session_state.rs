@@ -96,7 +96,9 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             Decision::Answer { reply, .. } => assert!((200..600).contains(&reply.code)),
+            Decision::Close(reply) => assert_eq!(reply.code, 221),
             Decision::Forward
+            | Decision::Route
             | Decision::Quit
             | Decision::OpenPassive(PassiveAnswer::Epsv)
             | Decision::StartTls { .. }

@@ -205,29 +205,40 @@ fn ensure_cargo_fuzz() -> Result<()> {
     Ok(())
 }
 
-fn fuzz(seconds: u64, only: Option<&str>) -> Result<()> {
+/// `cargo fuzz` under the nightly toolchain (sanitizers need it), run in
+/// `fuzz/`.
+fn cargo_fuzz() -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(root().join("fuzz"))
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .args(["run", "nightly", "cargo", "fuzz"]);
+    cmd
+}
+
+/// Build every fuzz target, so a target that no longer compiles against the
+/// library fails the lint stage rather than the end of a long test run.
+fn fuzz_build() -> Result<()> {
     ensure_cargo_fuzz()?;
-    let fuzz_dir = root().join("fuzz");
+    let mut cmd = cargo_fuzz();
+    cmd.arg("build");
+    eprintln!("xtask: {cmd:?}");
+    let ok = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !ok.success() {
+        bail!("the fuzz targets do not build (see the compiler's errors above)");
+    }
+    Ok(())
+}
+
+fn fuzz(seconds: u64, only: Option<&str>) -> Result<()> {
+    fuzz_build()?;
     let mut summary = Vec::new();
     for target in FUZZ_TARGETS
         .iter()
         .filter(|t| only.is_none_or(|o| o == **t))
     {
-        // cargo-fuzz needs nightly (sanitizers); rustup picks it.
-        let mut cmd = Command::new("rustup");
-        cmd.current_dir(&fuzz_dir)
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .env_remove("CARGO")
-            .args([
-                "run",
-                "nightly",
-                "cargo",
-                "fuzz",
-                "run",
-                target,
-                "--",
-                &format!("-max_total_time={seconds}"),
-            ]);
+        let mut cmd = cargo_fuzz();
+        cmd.args(["run", target, "--", &format!("-max_total_time={seconds}")]);
         eprintln!("xtask: {cmd:?}");
         let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -269,6 +280,7 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         // The eBPF crate is not a workspace member: its own pass.
         status(ebpf_cargo()?.args(["fmt", "--", "--check"]))?;
         status(ebpf_cargo()?.args(["clippy", "--release", "--", "-D", "warnings"]))?;
+        fuzz_build()?;
     }
     // setup() installed the eBPF toolchain: a daemon without the flow
     // tracker would be a silent CI gap, so its absence is an error here.
