@@ -67,6 +67,8 @@ pub mod defaults {
     /// 0.78–0.92 × and a quarter less CPU in all, from fewer wakeups of the
     /// relay. A buffer reaches it only while reads keep filling it.
     pub const COPY_BUFFER: usize = 4 << 20;
+    /// `--send-lowat`: 256 KiB (issue 14, docs/bench-notes.md).
+    pub const SEND_LOWAT: usize = 256 << 10;
     /// `--nat-traversal`.
     pub const NAT_TRAVERSAL: bool = true;
     /// `--log-level` when neither it nor `FTP_PROXY_LOG` is set.
@@ -404,9 +406,13 @@ pub struct Settings {
     #[arg(long, value_name = "BYTES")]
     pub pipe_size: Option<usize>,
 
-    /// Largest copy buffer per relay direction in bytes; a buffer starts at 16 KiB and doubles while reads fill it [default: 4194304].
+    /// Largest copy buffer per relay direction in bytes; a buffer starts at 16 KiB, doubles while reads fill it and the receiver keeps up, and halves while the receiver is slow [default: 4194304].
     #[arg(long, value_name = "BYTES")]
     pub copy_buffer: Option<usize>,
+
+    /// Unsent bytes the kernel may queue on a data socket before the relay waits (TCP_NOTSENT_LOWAT), so a slow receiver holds back the sender instead of the gateway's memory; 0 leaves the kernel's default [default: 262144].
+    #[arg(long, value_name = "BYTES")]
+    pub send_lowat: Option<usize>,
 
     /// Threads that run sessions and relays [default: the CPUs this process may use]. Read at start only.
     #[arg(long, value_name = "N")]
@@ -759,6 +765,8 @@ pub struct Config {
     pub pipe_size: usize,
     /// Largest copy buffer per relay direction.
     pub copy_buffer: usize,
+    /// TCP_NOTSENT_LOWAT on data sockets; 0: the kernel's default.
+    pub send_lowat: u32,
     /// Runtime worker threads (used at start; a reload does not change it).
     pub worker_threads: usize,
     /// HTTP endpoint address.
@@ -1089,6 +1097,7 @@ impl Settings {
             relay_mode,
             pipe_size,
             copy_buffer,
+            send_lowat,
             worker_threads,
             metrics,
             drain_timeout,
@@ -1206,6 +1215,17 @@ impl Settings {
                 "must be from 4096 to 67108864",
             ));
         }
+        let send_lowat = self.send_lowat.unwrap_or(defaults::SEND_LOWAT);
+        let send_lowat = match u32::try_from(send_lowat) {
+            Ok(v) if v == 0 || (16384..=(64 << 20)).contains(&v) => v,
+            _ => {
+                return Err(invalid(
+                    "send-lowat",
+                    send_lowat,
+                    "must be 0 (the kernel's default) or from 16384 to 67108864",
+                ));
+            }
+        };
         // Explicit, so that tokio never reads (and panics on a malformed)
         // TOKIO_WORKER_THREADS: this module is the one reader of the
         // environment. The default follows CPU affinity and cgroup quotas.
@@ -1378,6 +1398,7 @@ impl Settings {
             relay_mode: self.relay_mode.unwrap_or_default(),
             pipe_size,
             copy_buffer,
+            send_lowat,
             worker_threads,
             listen_implicit,
             tls,
@@ -1485,6 +1506,7 @@ mod tests {
             quoted("relay-mode", name::<RelayMode>()),
             plain("pipe-size", defaults::PIPE_SIZE.to_string()),
             plain("copy-buffer", defaults::COPY_BUFFER.to_string()),
+            plain("send-lowat", defaults::SEND_LOWAT.to_string()),
             quoted("ebpf", name::<EbpfMode>()),
             quoted("ebpf-guard", name::<GuardMode>()),
             quoted("client-data-tls", name::<ClientDataTls>()),
@@ -1649,6 +1671,7 @@ mod tests {
                 &["--upstream", "h", "--copy-buffer", "1000000000"],
                 "copy-buffer",
             ),
+            (&["--upstream", "h", "--send-lowat", "100"], "send-lowat"),
             (&[], "upstream"),
         ];
         for (args, key) in cases {

@@ -5,7 +5,8 @@
 //! legs), or a TLS-aware loop when a leg is TLS (`stream`), the
 //! propagation of half-close (a peer's FIN is passed on after its last byte,
 //! in the order the peers used it), resets on failure, the idle watchdog and
-//! the byte counts.
+//! the byte counts, and how much a slow receiver may make the gateway hold
+//! (`TCP_NOTSENT_LOWAT` on both sockets, chunks that follow the receiver).
 //!
 //! Knows nothing of FTP: the session decides what the bytes mean and when a
 //! transfer is over. Both modes share one contract (same half-close, same
@@ -54,6 +55,9 @@ pub(crate) struct RelayOptions {
     pub pipe_size: usize,
     /// Largest copy buffer.
     pub copy_buffer: usize,
+    /// `TCP_NOTSENT_LOWAT` on both data sockets; 0 leaves the kernel's
+    /// default.
+    pub send_lowat: u32,
     /// The relay fails when no byte moves in either direction for this long.
     pub idle_timeout: Duration,
 }
@@ -265,11 +269,28 @@ pub(crate) fn spawn(client: Leg, server: Leg, options: RelayOptions) -> RelayHan
         client_to_server: Flow::Running,
         server_to_client: Flow::Running,
     });
-    let task = match (client, server) {
-        (Leg::Plain(client), Leg::Plain(server)) => tokio::spawn(run(client, server, options, tx)),
-        (client, server) => tokio::spawn(stream::run(client, server, options, tx)),
-    };
+    let task = tokio::spawn(start(client, server, options, tx));
     RelayHandle { task, progress: rx }
+}
+
+/// Bounds the unsent bytes the kernel queues on each leg, then relays with
+/// the method the legs allow.
+async fn start(client: Leg, server: Leg, options: RelayOptions, tx: watch::Sender<Progress>) {
+    if options.send_lowat > 0 {
+        for leg in [&client, &server] {
+            // Best effort: without it the kernel's autotuned send buffer
+            // holds more for a slow receiver, nothing breaks.
+            if let Err(e) =
+                socket2::SockRef::from(leg.tcp()).set_tcp_notsent_lowat(options.send_lowat)
+            {
+                tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not set on a data socket");
+            }
+        }
+    }
+    match (client, server) {
+        (Leg::Plain(client), Leg::Plain(server)) => run(client, server, options, tx).await,
+        (client, server) => stream::run(client, server, options, tx).await,
+    }
 }
 
 /// Starts relaying once `setup` has made the legs ready (TLS handshakes);
@@ -285,10 +306,7 @@ pub(crate) fn spawn_after<E: std::error::Error + Send + Sync + 'static>(
     let task = tokio::spawn(async move {
         let setup = tokio::time::timeout(options.idle_timeout, setup).await;
         match setup {
-            Ok(Ok((Leg::Plain(client), Leg::Plain(server)))) => {
-                run(client, server, options, tx).await;
-            }
-            Ok(Ok((client, server))) => stream::run(client, server, options, tx).await,
+            Ok(Ok((client, server))) => start(client, server, options, tx).await,
             Ok(Err(error)) => fail_unfinished(&tx, &RelayError::Setup(Arc::new(error))),
             Err(_) => fail_unfinished(&tx, &RelayError::Idle(options.idle_timeout)),
         }

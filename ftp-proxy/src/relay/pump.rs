@@ -1,9 +1,16 @@
 //! One direction of a relay: read from one socket, write to the other, pass
 //! the end of stream on with `shutdown(SHUT_WR)`.
+//!
+//! How much a direction holds at a time (the copy buffer, or what one
+//! splice moves into the pipe) follows the receiver ([`next_chunk`]): it
+//! doubles while reads fill it and the receiver takes it at once, and
+//! halves when the receiver makes the relay wait, so a slow client does not
+//! pin megabytes in the gateway while a fast one gets large chunks.
 
 use std::io;
 use std::net::Shutdown;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
 use tokio::io::Interest;
@@ -11,16 +18,28 @@ use tokio::net::TcpStream;
 
 use super::{Direction, Method, RelayError, RelayOptions};
 
-/// The first length of a copy buffer. Starting at the maximum would zero a
-/// megabyte per direction for every listing (issue 6's benchmark: 0.74 ms
-/// of CPU per session with a LIST instead of 0.41).
-const COPY_BUFFER_START: usize = 16 * 1024;
+/// The first length of a copy buffer, and the smallest chunk. Starting at
+/// the maximum would zero a megabyte per direction for every listing
+/// (issue 6's benchmark: 0.74 ms of CPU per session with a LIST instead of
+/// 0.41).
+pub(super) const CHUNK_MIN: usize = 16 * 1024;
+/// The first chunk a splice moves (no buffer to zero: it can start larger).
+const SPLICE_START: usize = 64 * 1024;
+/// A chunk whose delivery kept the relay waiting this long met a receiver
+/// slower than its sender: the next one is halved. So a direction holds
+/// about this long's worth of what its receiver takes (500 KB/s: the
+/// smallest chunk; 1 GB/s: the largest).
+pub(super) const SLOW_WAIT: Duration = Duration::from_millis(20);
 
-/// The buffer's length after a read of `n` bytes into `len`: doubled when
-/// the read filled it, up to `max`. Bulk transfers reach `max` within a
-/// few reads; small ones never grow.
-pub(super) fn grown(len: usize, n: usize, max: usize) -> usize {
-    if n >= len && len < max {
+/// The next chunk after one of `len` bytes, of which a read brought `n`,
+/// delivered in `waited`: halved (not under [`CHUNK_MIN`]) when the
+/// receiver was slow, doubled (up to `max`) when the read filled it and the
+/// receiver took it at once, else unchanged. Bulk transfers toward fast
+/// receivers reach `max` within a few reads; small ones never grow.
+pub(super) fn next_chunk(len: usize, n: usize, waited: Duration, max: usize) -> usize {
+    if waited >= SLOW_WAIT {
+        (len / 2).max(CHUNK_MIN.min(max))
+    } else if n >= len && len < max {
         len.saturating_mul(2).min(max)
     } else {
         len
@@ -99,8 +118,9 @@ async fn splice_pump(
     };
     // Larger pipes mean fewer system calls; the kernel may cap the size
     // (fs.pipe-max-size), in which case the default stays.
-    let chunk = fcntl_setpipe_size(&pipe_write, pipe_size).unwrap_or(64 * 1024);
+    let capacity = fcntl_setpipe_size(&pipe_write, pipe_size).unwrap_or(64 * 1024);
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    let mut chunk = SPLICE_START.min(capacity);
     let mut total: u64 = 0;
     loop {
         // The pipe is always empty here, so EAGAIN means the socket has no data.
@@ -109,12 +129,14 @@ async fn splice_pump(
                 splice(from, None, &pipe_write, None, chunk, flags).map_err(io::Error::from)
             })
             .await;
-        let mut in_pipe = match filled {
+        let read = match filled {
             Ok(0) => return SpliceOutcome::Done(total),
             Ok(n) => n,
             Err(e) if total == 0 && is_unsupported(&e) => return SpliceOutcome::Unsupported,
             Err(e) => return SpliceOutcome::Failed(total, e),
         };
+        let mut in_pipe = read;
+        let started = Instant::now();
         while in_pipe > 0 {
             let drained = to
                 .async_io(Interest::WRITABLE, || {
@@ -131,6 +153,7 @@ async fn splice_pump(
             }
         }
         touch();
+        chunk = next_chunk(chunk, read, started.elapsed(), capacity);
     }
 }
 
@@ -140,7 +163,7 @@ async fn copy_pump(
     max: usize,
     touch: &(dyn Fn() + Sync),
 ) -> Result<u64, (u64, io::Error)> {
-    let mut buffer = vec![0u8; COPY_BUFFER_START.min(max)];
+    let mut buffer = vec![0u8; CHUNK_MIN.min(max)];
     let mut total: u64 = 0;
     loop {
         let n = match from
@@ -154,6 +177,7 @@ async fn copy_pump(
             Err(e) => return Err((total, e)),
         };
         let mut written = 0;
+        let started = Instant::now();
         while let Some(rest) = buffer.get(written..n).filter(|r| !r.is_empty()) {
             match to
                 .async_io(Interest::WRITABLE, || {
@@ -170,7 +194,13 @@ async fn copy_pump(
             }
         }
         touch();
-        let next = grown(buffer.len(), n, max);
-        buffer.resize(next, 0);
+        let next = next_chunk(buffer.len(), n, started.elapsed(), max);
+        if next < buffer.len() {
+            // Give the memory back: a slow receiver holds it for long.
+            buffer.truncate(next);
+            buffer.shrink_to_fit();
+        } else {
+            buffer.resize(next, 0);
+        }
     }
 }

@@ -102,6 +102,7 @@ fn options(mode: Mode) -> RelayOptions {
         },
         pipe_size: 1 << 16,
         copy_buffer: 1 << 16,
+        send_lowat: 1 << 16,
         idle_timeout: Duration::from_secs(5),
     }
 }
@@ -267,6 +268,65 @@ async fn drop_cuts_both(mode: Mode) {
     assert!(matches!(a, Ok(0) | Err(_)) && matches!(b, Ok(0) | Err(_)));
 }
 
+/// Both of the gateway's sockets carry the bound on unsent bytes, so a
+/// slow receiver holds back its sender instead of the gateway's memory.
+async fn send_queues_are_bounded(mode: Mode) {
+    let (mut client, gw_client, gw_server, mut server) = pairs(mode).await;
+    let gateway = [sock_of(gw_client.tcp()), sock_of(gw_server.tcp())];
+    let mut relay = spawn(gw_client, gw_server, options(mode));
+    server.io.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    client.io.read_exact(&mut one).await.unwrap();
+    for sock in &gateway {
+        assert_eq!(sock.tcp_notsent_lowat().unwrap(), 1 << 16);
+    }
+    drop((client, server));
+    let _ = relay.wait_all().await;
+}
+
+/// A client that reads slowly (chunks shrink toward it) still gets every
+/// byte, in order, and the counts are exact.
+async fn a_slow_receiver_gets_everything(mode: Mode) {
+    let (mut client, gw_client, gw_server, mut server) = pairs(mode).await;
+    let mut relay = spawn(
+        gw_client,
+        gw_server,
+        RelayOptions {
+            pipe_size: 1 << 20,
+            copy_buffer: 1 << 20,
+            ..options(mode)
+        },
+    );
+    let down = pattern(3 << 20 | 5);
+    let sent = down.clone();
+    let writer = tokio::spawn(async move {
+        server.io.write_all(&sent).await.unwrap();
+        server.io.shutdown().await.unwrap();
+        server
+    });
+    // About 2.5 MB/s at first (chunks must shrink), then at full speed.
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    while got.len() < 1 << 20 {
+        let n = client.io.read(&mut buf).await.unwrap();
+        assert_ne!(n, 0, "end of stream after {} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    client.io.read_to_end(&mut got).await.unwrap();
+    assert!(
+        got == down,
+        "{} bytes received of {}",
+        got.len(),
+        down.len()
+    );
+    assert!(matches!(
+        relay.wait(Direction::ServerToClient).await,
+        Flow::Finished { bytes, .. } if bytes == down.len() as u64
+    ));
+    let _server = writer.await.unwrap();
+}
+
 macro_rules! suite {
     ($($name:ident),*) => {
         mod splice_mode { $( #[tokio::test] async fn $name() { super::$name(super::Mode::Plain(super::RelayMode::Splice)).await } )* }
@@ -309,21 +369,52 @@ fn auto_copies_toward_this_host_and_splices_toward_others() {
 }
 
 #[test]
-fn copy_buffer_grows_only_when_reads_fill_it() {
+fn chunks_grow_while_reads_fill_them_and_the_receiver_keeps_up() {
     let max = 1 << 20;
+    let quick = Duration::from_micros(300);
     // Small reads keep it small.
-    assert_eq!(pump::grown(16 << 10, 61, max), 16 << 10);
-    // Full reads double it, up to the maximum, in a few steps.
+    assert_eq!(pump::next_chunk(16 << 10, 61, quick, max), 16 << 10);
+    // Full reads taken at once double it, up to the maximum, in a few steps.
     let mut len = 16 << 10;
     let mut steps = 0;
     while len < max {
-        len = pump::grown(len, len, max);
+        len = pump::next_chunk(len, len, quick, max);
         steps += 1;
     }
     assert_eq!((len, steps), (max, 6));
-    assert_eq!(pump::grown(max, max, max), max);
+    assert_eq!(pump::next_chunk(max, max, quick, max), max);
     // A maximum that is not a power of two is reached exactly.
-    assert_eq!(pump::grown(16 << 10, 16 << 10, 20_000), 20_000);
+    assert_eq!(pump::next_chunk(16 << 10, 16 << 10, quick, 20_000), 20_000);
+}
+
+#[test]
+fn chunks_shrink_toward_a_slow_receiver() {
+    let max = 4 << 20;
+    let slow = pump::SLOW_WAIT;
+    // A receiver that kept the relay waiting halves the chunk, even when
+    // the read filled it, down to the smallest.
+    let mut len = max;
+    let mut steps = 0;
+    while len > pump::CHUNK_MIN {
+        len = pump::next_chunk(len, len, slow, max);
+        steps += 1;
+    }
+    assert_eq!((len, steps), (pump::CHUNK_MIN, 8));
+    assert_eq!(
+        pump::next_chunk(pump::CHUNK_MIN, pump::CHUNK_MIN, slow * 10, max),
+        pump::CHUNK_MIN
+    );
+    // Just under the threshold is not slow.
+    let under = slow - Duration::from_millis(1);
+    assert_eq!(pump::next_chunk(1 << 20, 1 << 20, under, max), 2 << 20);
+    // A maximum under the smallest chunk is kept.
+    assert_eq!(pump::next_chunk(4096, 4096, slow, 4096), 4096);
+    // 500 KB/s: a 16 KiB chunk takes 33 ms to deliver, so it stays there;
+    // 1 GB/s: a 4 MiB chunk takes 4 ms, so it stays there.
+    let at = |len: usize, rate: f64| Duration::from_secs_f64(len as f64 / rate);
+    let c = pump::CHUNK_MIN;
+    assert_eq!(pump::next_chunk(c, c, at(c, 500e3), max), c);
+    assert_eq!(pump::next_chunk(max, max, at(max, 1e9), max), max);
 }
 
 suite!(
@@ -332,5 +423,7 @@ suite!(
     half_close_in_order,
     reset_is_propagated,
     idle_timeout_fails_both,
-    drop_cuts_both
+    drop_cuts_both,
+    send_queues_are_bounded,
+    a_slow_receiver_gets_everything
 );

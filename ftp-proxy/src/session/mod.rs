@@ -1448,6 +1448,7 @@ impl<'a> Session<'a> {
             mode: self.config.relay_mode,
             pipe_size: self.config.pipe_size,
             copy_buffer: self.config.copy_buffer,
+            send_lowat: self.config.send_lowat,
             idle_timeout: self.config.timeouts.transfer_idle,
         }
     }
