@@ -67,8 +67,8 @@ pub mod defaults {
     /// 0.78–0.92 × and a quarter less CPU in all, from fewer wakeups of the
     /// relay. A buffer reaches it only while reads keep filling it.
     pub const COPY_BUFFER: usize = 4 << 20;
-    /// `--send-lowat`: 256 KiB (issue 14, docs/bench-notes.md).
-    pub const SEND_LOWAT: usize = 256 << 10;
+    /// `--send-lowat`: 128 KiB (issue 14, docs/bench-notes.md).
+    pub const SEND_LOWAT: usize = 128 << 10;
     /// `--nat-traversal`.
     pub const NAT_TRAVERSAL: bool = true;
     /// `--log-level` when neither it nor `FTP_PROXY_LOG` is set.
@@ -410,7 +410,7 @@ pub struct Settings {
     #[arg(long, value_name = "BYTES")]
     pub copy_buffer: Option<usize>,
 
-    /// Unsent bytes the kernel may queue on a data socket before the relay waits (TCP_NOTSENT_LOWAT), so a slow receiver holds back the sender instead of the gateway's memory; 0 leaves the kernel's default [default: 262144].
+    /// Unsent bytes the kernel may queue on a data socket before the relay waits (TCP_NOTSENT_LOWAT), so a slow receiver holds back the sender instead of the gateway's memory; 0 leaves the kernel's default [default: 131072].
     #[arg(long, value_name = "BYTES")]
     pub send_lowat: Option<usize>,
 

@@ -6,6 +6,14 @@
 //! doubles while reads fill it and the receiver takes it at once, and
 //! halves when the receiver makes the relay wait, so a slow client does not
 //! pin megabytes in the gateway while a fast one gets large chunks.
+//!
+//! The kernel's side is bounded too: the receive buffer of the socket a
+//! direction reads from is held at [`HELD_RCVBUF`] (receive autotuning
+//! would otherwise grow it to megabytes in the first milliseconds, while a
+//! slow client's socket still absorbs what it can) until the receiver has
+//! taken [`RELEASE_AFTER`] bytes without making the relay wait
+//! ([`ReceiveHold`]); then it is set large. The send side is bounded by
+//! `TCP_NOTSENT_LOWAT` (set by the caller).
 
 use std::io;
 use std::net::Shutdown;
@@ -43,6 +51,88 @@ pub(super) fn next_chunk(len: usize, n: usize, waited: Duration, max: usize) -> 
         len.saturating_mul(2).min(max)
     } else {
         len
+    }
+}
+
+/// The receive buffer a direction's source socket starts with (the kernel
+/// doubles it for its bookkeeping: 256 KiB, about what a 1 GB/s stream
+/// needs for 100 µs of round trip).
+pub(super) const HELD_RCVBUF: usize = 128 * 1024;
+/// Bytes the receiver must take without a slow wait before the source's
+/// receive buffer is released.
+pub(super) const RELEASE_AFTER: u64 = 4 << 20;
+/// The receive buffer asked for at the release (the kernel caps it at
+/// `net.core.rmem_max`): long fast paths need large windows.
+const RELEASED_RCVBUF: usize = 16 << 20;
+/// The smallest `net.core.rmem_max` under which receive buffers are not
+/// held (see [`holding_receive_buffers`]).
+const RELEASE_FLOOR: usize = 4 << 20;
+
+/// Whether a direction's receiver has shown it is fast: [`RELEASE_AFTER`]
+/// bytes delivered in a row without a slow wait ([`SLOW_WAIT`]). Once
+/// released, a direction stays released (lowering a receive buffer under
+/// its queue makes the kernel drop segments, and the sender's
+/// retransmission timer would stall the transfer).
+#[derive(Debug)]
+pub(super) struct ReceiveHold {
+    quick_run: u64,
+    released: bool,
+}
+
+impl ReceiveHold {
+    /// A hold, or (`false`) one already released: nothing to do.
+    pub(super) fn held(held: bool) -> ReceiveHold {
+        ReceiveHold {
+            quick_run: 0,
+            released: !held,
+        }
+    }
+
+    /// After a chunk of `moved` bytes delivered in `waited`: whether to
+    /// release the buffer now (true once).
+    pub(super) fn after_chunk(&mut self, moved: usize, waited: Duration) -> bool {
+        if self.released {
+            return false;
+        }
+        if waited >= SLOW_WAIT {
+            self.quick_run = 0;
+            return false;
+        }
+        self.quick_run = self.quick_run.saturating_add(moved as u64);
+        self.released = self.quick_run >= RELEASE_AFTER;
+        self.released
+    }
+}
+
+/// Whether source receive buffers are held: only when the release can
+/// give back at least what autotuning would reach on a LAN
+/// (`net.core.rmem_max` of 4 MiB or more; Debian's default is 208 KiB, and
+/// a buffer set once never autotunes again). Read once.
+fn holding_receive_buffers() -> bool {
+    static HOLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HOLD.get_or_init(|| {
+        let max = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        let hold = max >= RELEASE_FLOOR;
+        if !hold {
+            tracing::info!(
+                rmem_max = max,
+                "net.core.rmem_max is under 4 MiB: receive buffers of data sockets \
+                 are left to autotuning, so a slow client may hold megabytes of the \
+                 gateway's memory (raise net.core.rmem_max to bound it)"
+            );
+        }
+        hold
+    })
+}
+
+/// Sets the receive buffer of `from` (best effort: without it the kernel's
+/// autotuning decides, nothing breaks).
+fn set_receive_buffer(from: &TcpStream, bytes: usize) {
+    if let Err(e) = socket2::SockRef::from(from).set_recv_buffer_size(bytes) {
+        tracing::debug!(error = %e, bytes, "SO_RCVBUF not set on a data socket");
     }
 }
 
@@ -121,6 +211,10 @@ async fn splice_pump(
     let capacity = fcntl_setpipe_size(&pipe_write, pipe_size).unwrap_or(64 * 1024);
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut chunk = SPLICE_START.min(capacity);
+    let mut hold = ReceiveHold::held(holding_receive_buffers());
+    if !hold.released {
+        set_receive_buffer(from, HELD_RCVBUF);
+    }
     let mut total: u64 = 0;
     loop {
         // The pipe is always empty here, so EAGAIN means the socket has no data.
@@ -153,7 +247,11 @@ async fn splice_pump(
             }
         }
         touch();
-        chunk = next_chunk(chunk, read, started.elapsed(), capacity);
+        let waited = started.elapsed();
+        chunk = next_chunk(chunk, read, waited, capacity);
+        if hold.after_chunk(read, waited) {
+            set_receive_buffer(from, RELEASED_RCVBUF);
+        }
     }
 }
 
@@ -164,6 +262,10 @@ async fn copy_pump(
     touch: &(dyn Fn() + Sync),
 ) -> Result<u64, (u64, io::Error)> {
     let mut buffer = vec![0u8; CHUNK_MIN.min(max)];
+    let mut hold = ReceiveHold::held(holding_receive_buffers());
+    if !hold.released {
+        set_receive_buffer(from, HELD_RCVBUF);
+    }
     let mut total: u64 = 0;
     loop {
         let n = match from
@@ -194,7 +296,11 @@ async fn copy_pump(
             }
         }
         touch();
-        let next = next_chunk(buffer.len(), n, started.elapsed(), max);
+        let waited = started.elapsed();
+        let next = next_chunk(buffer.len(), n, waited, max);
+        if hold.after_chunk(n, waited) {
+            set_receive_buffer(from, RELEASED_RCVBUF);
+        }
         if next < buffer.len() {
             // Give the memory back: a slow receiver holds it for long.
             buffer.truncate(next);
