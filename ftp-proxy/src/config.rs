@@ -410,7 +410,7 @@ pub struct Settings {
     #[arg(long, value_name = "BYTES")]
     pub copy_buffer: Option<usize>,
 
-    /// Unsent bytes the kernel may queue on a data socket before the relay waits (TCP_NOTSENT_LOWAT), so a slow receiver holds back the sender instead of the gateway's memory; 0 leaves the kernel's default [default: 131072].
+    /// Unsent bytes the kernel may queue on a data socket toward another host before the relay waits (TCP_NOTSENT_LOWAT), so a slow receiver holds back the sender instead of the gateway's memory; 0 leaves the kernel's default [default: 131072].
     #[arg(long, value_name = "BYTES")]
     pub send_lowat: Option<usize>,
 

@@ -117,15 +117,23 @@ pub(crate) fn method_for(mode: RelayMode, peer: IpAddr, local: IpAddr) -> Method
     match mode {
         RelayMode::Splice => Method::Splice,
         RelayMode::Copy => Method::Copy,
-        RelayMode::Auto => {
-            let peer = peer.to_canonical();
-            if peer.is_loopback() || peer == local.to_canonical() {
-                Method::Copy
-            } else {
-                Method::Splice
-            }
-        }
+        RelayMode::Auto if on_this_host(peer, local) => Method::Copy,
+        RelayMode::Auto => Method::Splice,
     }
+}
+
+/// Whether a peer at `peer`, reached from `local`, is a process on this
+/// host: a loopback address, or the gateway's own.
+fn on_this_host(peer: IpAddr, local: IpAddr) -> bool {
+    let peer = peer.to_canonical();
+    peer.is_loopback() || peer == local.to_canonical()
+}
+
+/// The `TCP_NOTSENT_LOWAT` for a socket toward `peer` from `local`: the
+/// configured bound toward another host, none (`0` configured, or a
+/// process on this host) otherwise.
+pub(crate) fn send_lowat_for(lowat: u32, peer: IpAddr, local: IpAddr) -> Option<u32> {
+    (lowat > 0 && !on_this_host(peer, local)).then_some(lowat)
 }
 
 /// [`method_for`] on a connected socket; splice when its addresses are
@@ -273,16 +281,20 @@ pub(crate) fn spawn(client: Leg, server: Leg, options: RelayOptions) -> RelayHan
     RelayHandle { task, progress: rx }
 }
 
-/// Bounds the unsent bytes the kernel queues on each leg, then relays with
-/// the method the legs allow.
+/// Bounds the unsent bytes the kernel queues on each leg toward another
+/// host, then relays with the method the legs allow. Toward a process on
+/// this host the loopback path delivers as it sends, and the bound only
+/// cost throughput (10–20 % of a RETR on loopback, docs/bench-notes.md).
 async fn start(client: Leg, server: Leg, options: RelayOptions, tx: watch::Sender<Progress>) {
-    if options.send_lowat > 0 {
-        for leg in [&client, &server] {
+    for leg in [&client, &server] {
+        let tcp = leg.tcp();
+        let Ok((peer, local)) = tcp.peer_addr().and_then(|p| Ok((p, tcp.local_addr()?))) else {
+            continue;
+        };
+        if let Some(lowat) = send_lowat_for(options.send_lowat, peer.ip(), local.ip()) {
             // Best effort: without it the kernel's autotuned send buffer
             // holds more for a slow receiver, nothing breaks.
-            if let Err(e) =
-                socket2::SockRef::from(leg.tcp()).set_tcp_notsent_lowat(options.send_lowat)
-            {
+            if let Err(e) = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(lowat) {
                 tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not set on a data socket");
             }
         }

@@ -268,9 +268,9 @@ async fn drop_cuts_both(mode: Mode) {
     assert!(matches!(a, Ok(0) | Err(_)) && matches!(b, Ok(0) | Err(_)));
 }
 
-/// Both of the gateway's sockets carry the bound on unsent bytes, so a
-/// slow receiver holds back its sender instead of the gateway's memory.
-async fn send_queues_are_bounded(mode: Mode) {
+/// The bound on unsent bytes goes on sockets toward other hosts only
+/// (`send_lowat_for`): these legs are all on loopback, so none has it.
+async fn send_queues_toward_this_host_are_not_bounded(mode: Mode) {
     let (mut client, gw_client, gw_server, mut server) = pairs(mode).await;
     let gateway = [sock_of(gw_client.tcp()), sock_of(gw_server.tcp())];
     let mut relay = spawn(gw_client, gw_server, options(mode));
@@ -278,7 +278,7 @@ async fn send_queues_are_bounded(mode: Mode) {
     let mut one = [0u8; 1];
     client.io.read_exact(&mut one).await.unwrap();
     for sock in &gateway {
-        assert_eq!(sock.tcp_notsent_lowat().unwrap(), 1 << 16);
+        assert_eq!(sock.tcp_notsent_lowat().unwrap(), 0);
     }
     drop((client, server));
     let _ = relay.wait_all().await;
@@ -325,6 +325,32 @@ async fn a_slow_receiver_gets_everything(mode: Mode) {
         Flow::Finished { bytes, .. } if bytes == down.len() as u64
     ));
     let _server = writer.await.unwrap();
+}
+
+#[test]
+fn send_queues_are_bounded_toward_other_hosts() {
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let lowat = 128 << 10;
+    // Another host, either family: bounded, so a slow receiver holds back
+    // its sender instead of the gateway's memory.
+    assert_eq!(
+        send_lowat_for(lowat, ip("192.0.2.20"), ip("192.0.2.10")),
+        Some(lowat)
+    );
+    assert_eq!(
+        send_lowat_for(lowat, ip("2001:db8::2"), ip("2001:db8::1")),
+        Some(lowat)
+    );
+    // A process on this host, or the bound switched off: none.
+    for (peer, local) in [
+        ("127.0.0.1", "127.0.0.1"),
+        ("::1", "::1"),
+        ("192.0.2.10", "192.0.2.10"),
+        ("::ffff:192.0.2.10", "192.0.2.10"),
+    ] {
+        assert_eq!(send_lowat_for(lowat, ip(peer), ip(local)), None);
+    }
+    assert_eq!(send_lowat_for(0, ip("192.0.2.20"), ip("192.0.2.10")), None);
 }
 
 #[test]
@@ -484,7 +510,7 @@ suite!(
     reset_is_propagated,
     idle_timeout_fails_both,
     drop_cuts_both,
-    send_queues_are_bounded,
+    send_queues_toward_this_host_are_not_bounded,
     receive_buffers_start_held,
     a_slow_receiver_gets_everything
 );
