@@ -177,38 +177,7 @@ fn every_client_tls_mode_with_every_server_tls_mode() {
             }
             let results = lab.python(spec);
             let context = format!("client {client_mode}, server {server_mode}");
-            let transfers: Vec<&Value> = results
-                .iter()
-                .filter(|r| {
-                    matches!(
-                        r["op"].as_str(),
-                        Some("retr" | "stor" | "list" | "rest_retr")
-                    )
-                })
-                .collect();
-            assert_eq!(transfers.len(), 8, "{context}: {results:#?}");
-            for r in &transfers {
-                assert!(
-                    r["final"].as_str().unwrap_or("").starts_with("226"),
-                    "{context}: {r}\n{}",
-                    lab.logs()
-                );
-                if client_mode != "plain" {
-                    assert_eq!(
-                        r["reused"],
-                        json!(true),
-                        "{context}: data TLS not resumed: {r}"
-                    );
-                }
-            }
-            for r in transfers
-                .iter()
-                .filter(|r| matches!(r["op"].as_str(), Some("retr" | "stor")))
-            {
-                assert_eq!(r["sha256"], json!(digest), "{context}: {r}");
-            }
-            let rest = transfers.iter().find(|r| r["op"] == "rest_retr").unwrap();
-            assert_eq!(rest["size"], json!(1000), "{context}: {rest}");
+            checked_transfers(&results, 8, client_mode, &digest, &context, || lab.logs());
             let abort = results.iter().find(|r| r["op"] == "abort").unwrap();
             let replies = abort["abort_replies"].as_array().unwrap();
             // The transfer's reply (426 if it was cut; 226 if all of it had

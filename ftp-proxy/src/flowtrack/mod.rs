@@ -367,6 +367,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Every entry of a kernel hash map, each key once: iterating a map that
+/// changes underneath may restart from the first key, and an entry deleted
+/// meanwhile is skipped.
+fn entries<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &AyaHashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<BTreeMap<K, V>, FlowtrackError> {
+    let mut seen = BTreeMap::new();
+    for item in map.iter() {
+        match item {
+            Ok((key, value)) => {
+                seen.insert(key, value);
+            }
+            Err(err) if is_not_found(&err) => {}
+            Err(source) => return Err(FlowtrackError::Read { name, source }),
+        }
+    }
+    Ok(seen)
+}
+
 fn is_not_found(err: &MapError) -> bool {
     matches!(err, MapError::KeyNotFound | MapError::ElementNotFound)
         || matches!(err, MapError::SyscallError(SyscallError { io_error, .. })
@@ -947,22 +967,7 @@ impl FlowTracker {
     /// # Errors
     /// [`FlowtrackError::Read`] if the map cannot be read.
     pub fn expectations(&self) -> Result<Vec<ExpectationRecord>, FlowtrackError> {
-        let map = lock(&self.shared.expect);
-        let mut seen = BTreeMap::new();
-        for item in map.iter() {
-            match item {
-                Ok((key, value)) => {
-                    seen.insert(key, value);
-                }
-                Err(err) if is_not_found(&err) => {}
-                Err(source) => {
-                    return Err(FlowtrackError::Read {
-                        name: names::EXPECT,
-                        source,
-                    });
-                }
-            }
-        }
+        let seen = entries(&lock(&self.shared.expect), names::EXPECT)?;
         Ok(seen
             .iter()
             .filter_map(|(key, value)| ExpectationRecord::decode(key, value))
@@ -1012,24 +1017,7 @@ impl FlowTracker {
     /// # Errors
     /// [`FlowtrackError::Read`] if the table cannot be read.
     pub fn snapshot(&self) -> Result<Vec<FlowRecord>, FlowtrackError> {
-        let flows = lock(&self.shared.flows);
-        // Iterating a hash map that changes underneath may restart from the
-        // first key: collect by key to return each flow once.
-        let mut seen = BTreeMap::new();
-        for item in flows.iter() {
-            match item {
-                Ok((key, value)) => {
-                    seen.insert(key, value);
-                }
-                Err(err) if is_not_found(&err) => {}
-                Err(source) => {
-                    return Err(FlowtrackError::Read {
-                        name: names::FLOWS,
-                        source,
-                    });
-                }
-            }
-        }
+        let seen = entries(&lock(&self.shared.flows), names::FLOWS)?;
         Ok(seen
             .iter()
             .filter_map(|(key, value)| FlowRecord::decode(key, value))

@@ -819,3 +819,53 @@ pub fn http_get(ns: &NetNs, addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// The transfers in a python driver's results (`retr`, `stor`, `list`,
+/// `rest_retr`), after checking the ones every FTPS matrix test checks:
+/// `count` of them, each ended by `226`, each resumed the control
+/// connection's TLS session unless the client is plain, every `retr` and
+/// `stor` carried the file whose digest is `digest`, and the `REST` one
+/// its last 1,000 bytes. `logs` is printed when a reply is wrong.
+pub fn checked_transfers<'a>(
+    results: &'a [serde_json::Value],
+    count: usize,
+    client_mode: &str,
+    digest: &str,
+    context: &str,
+    logs: impl Fn() -> String,
+) -> Vec<&'a serde_json::Value> {
+    use serde_json::json;
+    let transfers: Vec<&serde_json::Value> = results
+        .iter()
+        .filter(|r| {
+            matches!(
+                r["op"].as_str(),
+                Some("retr" | "stor" | "list" | "rest_retr")
+            )
+        })
+        .collect();
+    assert_eq!(transfers.len(), count, "{context}: {results:#?}");
+    for r in &transfers {
+        assert!(
+            r["final"].as_str().unwrap_or("").starts_with("226"),
+            "{context}: {r}\n{}",
+            logs()
+        );
+        if client_mode != "plain" {
+            assert_eq!(
+                r["reused"],
+                json!(true),
+                "{context}: data TLS not resumed: {r}"
+            );
+        }
+    }
+    for r in transfers
+        .iter()
+        .filter(|r| matches!(r["op"].as_str(), Some("retr" | "stor")))
+    {
+        assert_eq!(r["sha256"], json!(digest), "{context}: {r}");
+    }
+    let rest = transfers.iter().find(|r| r["op"] == "rest_retr").unwrap();
+    assert_eq!(rest["size"], json!(1000), "{context}: {rest}");
+    transfers
+}
