@@ -103,6 +103,11 @@ pub struct BenchArgs {
     /// `--gateway-arg=--copy-buffer --gateway-arg=1048576`; for experiments.
     #[arg(long, allow_hyphen_values = true)]
     pub gateway_arg: Vec<String>,
+    /// Turn GRO on for every veth end of the wire: a veth then receives
+    /// through NAPI, as it does when an XDP program (the tracker) is
+    /// attached, and as real NICs do; for experiments.
+    #[arg(long)]
+    pub veth_gro: bool,
 }
 
 /// The settings of a run, after defaults.
@@ -763,7 +768,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if s.wire {
         // Dropped last: the daemons inside go first (Bench), then the
         // namespaces, also when a measurement failed.
-        let topology = wire::Topology::create(args.base_port)?;
+        let topology = wire::Topology::create(args.base_port, args.veth_gro)?;
         let wire_dir = run_dir.join("wire");
         std::fs::create_dir_all(&wire_dir)?;
         let env = Env {

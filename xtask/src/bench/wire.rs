@@ -244,7 +244,7 @@ impl Topology {
     /// Removes what an earlier run on `base` left, then creates the three
     /// namespaces, the veth pairs, addresses, routes and forwarding. On
     /// error, what was made is removed before returning.
-    pub fn create(base: u16) -> Result<Topology> {
+    pub fn create(base: u16, gro: bool) -> Result<Topology> {
         for name in leftovers(base) {
             eprintln!("xtask: bench: removing namespace {name} left by an earlier run");
             remove(&name);
@@ -257,12 +257,12 @@ impl Topology {
         LIVE.lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(t.names.all().iter().map(|n| (*n).to_owned()));
-        t.build()
+        t.build(gro)
             .context("setting up the wire (network namespaces)")?;
         Ok(t)
     }
 
-    fn build(&self) -> Result<()> {
+    fn build(&self, gro: bool) -> Result<()> {
         let n = &self.names;
         for name in n.all() {
             ip(&["netns", "add", name])?;
@@ -303,6 +303,21 @@ impl Topology {
                 let ns = n.of(host);
                 ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
                 ip(&["-n", ns, "link", "set", dev, "mtu", &mtu, "up"])?;
+                if gro {
+                    // A veth end with GRO on receives through NAPI, as one
+                    // with an XDP program attached does (`--veth-gro`).
+                    let out = n
+                        .command(host, "ethtool")
+                        .args(["-K", dev, "gro", "on"])
+                        .output()
+                        .with_context(|| format!("ethtool in {ns}"))?;
+                    if !out.status.success() {
+                        bail!(
+                            "ethtool -K {dev} gro on in {ns}: {}",
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        );
+                    }
+                }
             }
             ip(&[
                 "-n",
