@@ -689,8 +689,129 @@ fn wire_section(o: &mut String, r: &Results, s: &Settings, env: &Env) {
         let _ = writeln!(o, "| not measured | | | | | | | |");
     }
     o.push('\n');
+    wire_targets(o, r);
     ftps_section(o, r, s, env);
     guard_section(o, r, s, net);
+}
+
+/// "met", or by how much a measured figure missed its bar.
+fn against(measured: Option<f64>, bar: Option<f64>, higher_is_better: bool) -> String {
+    match (measured, bar) {
+        (Some(m), Some(b)) if (higher_is_better && m >= b) || (!higher_is_better && m <= b) => {
+            "met".into()
+        }
+        (Some(m), Some(b)) => format!("**missed by {:.2}**", (m - b).abs()),
+        _ => "not measured".into(),
+    }
+}
+
+/// The targets of issue 14, checked on the gateway's default row, each
+/// with the margin by which it is met or missed.
+fn wire_targets(o: &mut String, r: &Results) {
+    let v = View { r };
+    let ours = ours(r);
+    let haproxy = Kind::Haproxy { splice: true };
+    let _ = writeln!(o, "### Targets (issue 14, on the wire)\n");
+    let _ = writeln!(
+        o,
+        "Checked on the row \"{}\" (relay mode `auto`, which splices between hosts). \
+         Ratios are to routed, measured in the same run.\n",
+        ours.label_on(Net::Wire)
+    );
+    let _ = writeln!(o, "| target | measured | verdict |\n|---|---|---|");
+    for (x, name, bar) in [
+        (Xfer::RetrPassive, "RETR passive", 0.9),
+        (Xfer::RetrActive, "RETR active", 0.9),
+        (Xfer::StorPassive, "STOR passive", 0.85),
+    ] {
+        let ratio = v.speed_ratio(ours, x);
+        let _ = writeln!(
+            o,
+            "| {name} ≥ {bar} × routed | {} | {} |",
+            fmt_ratio(ratio),
+            against(ratio, Some(bar), true)
+        );
+        for peer in [haproxy, Kind::Suse] {
+            let theirs = v.speed_ratio(peer, x);
+            if theirs.is_none() {
+                continue;
+            }
+            let _ = writeln!(
+                o,
+                "| {name} ahead of {} | {} against {} | {} |",
+                peer.label_on(Net::Wire),
+                fmt_ratio(ratio),
+                fmt_ratio(theirs),
+                against(ratio, theirs, true)
+            );
+        }
+    }
+    let net_cpu = |k: Kind| {
+        v.per_gb(k, Xfer::RetrPassive, |t| {
+            t.machine_per_gb() - t.other_per_gb()
+        })
+        .map(|s| s.median)
+    };
+    let (mine, theirs) = (net_cpu(ours), net_cpu(haproxy));
+    let _ = writeln!(
+        o,
+        "| machine CPU per GB (RETR passive, net) ≤ HAProxy-splice's | {} against {} s/GB | {} |",
+        mine.map_or("–".into(), |x| format!("{x:.2}")),
+        theirs.map_or("–".into(), |x| format!("{x:.2}")),
+        against(mine, theirs, false)
+    );
+    for list in [false, true] {
+        let rate = |k: Kind| v.rate(k, list).map(|s| s.median);
+        let (mine, theirs) = (rate(ours), rate(haproxy));
+        // As a ratio to HAProxy's: the margin reads the same at any
+        // machine speed.
+        let relative = mine.zip(theirs).map(|(m, t)| m / t);
+        let _ = writeln!(
+            o,
+            "| sessions per second ≥ HAProxy's{} | {} against {} ({} × HAProxy's) | {} |",
+            if list { ", with LIST" } else { "" },
+            mine.map_or("–".into(), |x| format!("{x:.0}")),
+            theirs.map_or("–".into(), |x| format!("{x:.0}")),
+            fmt_ratio(relative),
+            against(relative, theirs.map(|_| 1.0), true)
+        );
+    }
+    let slow = |k: Kind| r.slow.get(&k).filter(|run| run.skipped.is_none());
+    match (slow(ours), slow(Kind::Direct)) {
+        (Some(mine), Some(routed)) => {
+            let _ = writeln!(
+                o,
+                "| {} slow downloads all complete and byte-exact | {} of {} | {} |",
+                mine.wanted,
+                mine.ok,
+                mine.wanted,
+                if mine.ok == mine.wanted {
+                    "met".to_owned()
+                } else {
+                    format!("**missed by {}**", mine.wanted - mine.ok)
+                }
+            );
+            let (m, d) = (mine.net_per_download(), routed.net_per_download());
+            let _ = writeln!(
+                o,
+                "| machine memory per slow download ≤ 2 × routed's | {} against {} KiB ({}) | {} |",
+                m.map_or("–".into(), |x| format!("{x:.0}")),
+                d.map_or("–".into(), |x| format!("{x:.0}")),
+                m.zip(d)
+                    .filter(|(_, d)| *d > 0.0)
+                    .map_or("–".into(), |(m, d)| format!("{:.1} ×", m / d)),
+                against(
+                    m.zip(d).filter(|(_, d)| *d > 0.0).map(|(m, d)| m / d),
+                    Some(2.0),
+                    false
+                )
+            );
+        }
+        _ => {
+            let _ = writeln!(o, "| slow downloads | not measured | not measured |");
+        }
+    }
+    o.push('\n');
 }
 
 /// W5: FTPS on the wire, against direct FTPS measured in the same run.
@@ -1377,5 +1498,22 @@ fn appendix(o: &mut String, net: &str, r: &Results, env: &Env) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::against;
+
+    #[test]
+    fn a_target_says_by_how_much_it_is_missed() {
+        assert_eq!(against(Some(0.95), Some(0.9), true), "met");
+        assert_eq!(against(Some(0.9), Some(0.9), true), "met");
+        assert_eq!(against(Some(0.66), Some(0.9), true), "**missed by 0.24**");
+        // Lower is better (CPU, memory).
+        assert_eq!(against(Some(1.15), Some(0.95), false), "**missed by 0.20**");
+        assert_eq!(against(Some(0.8), Some(0.95), false), "met");
+        assert_eq!(against(None, Some(0.9), true), "not measured");
+        assert_eq!(against(Some(0.9), None, true), "not measured");
     }
 }
