@@ -33,27 +33,6 @@ use serde_json::{Value, json};
 /// others).
 const REUSED: &str = "client reused TLS session for data connection";
 
-fn driver(ns: &NetNs, spec: &Value, logs: &dyn Fn() -> String) -> Vec<Value> {
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/ftpdriver.py");
-    let out = ns
-        .command("python3")
-        .arg(script)
-        .arg(spec.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "driver failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        logs()
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// The gateway's arguments toward a ProFTPD on `upstream` with TLS mode
 /// `server_tls`, listening in clear on `listen` and implicit on
 /// `implicit`, data ports from `ports`.
@@ -163,7 +142,7 @@ impl ProLab {
     }
 
     fn python(&self, spec: Value) -> Vec<Value> {
-        driver(&self.ns, &spec, &|| self.logs())
+        ftp_driver(&self.ns, &spec, &|| self.logs())
     }
 }
 
@@ -496,7 +475,7 @@ fn server_data_tls_policies_with_proftpd() {
                 steps.push(json!({"op": "cmd", "line": "NOOP"}));
                 steps.push(json!({"op": "quit"}));
                 let before = servers[s].tls_log_count(REUSED);
-                let results = driver(&ns, &spec(&ca, client_mode, 2100 + i, steps), &logs);
+                let results = ftp_driver(&ns, &spec(&ca, client_mode, 2100 + i, steps), &logs);
                 let transfers: Vec<&Value> = results
                     .iter()
                     .filter(|r| matches!(r["op"].as_str(), Some("retr" | "stor")))
@@ -714,7 +693,7 @@ fn server_tls_versions_with_proftpd() {
         }
         steps.push(json!({"op": "quit"}));
         let logs = || format!("{}\n{}", gateway.logs(), server.tls_log());
-        driver(&ns, &spec(&ca, "plain", 2100, steps), &logs)
+        ftp_driver(&ns, &spec(&ca, "plain", 2100, steps), &logs)
             .into_iter()
             .filter(|r| r["op"] == "stor")
             .map(|r| {

@@ -489,24 +489,7 @@ impl Lab {
 
     /// Runs the ftplib driver and returns one JSON value per step.
     pub fn python(&self, spec: serde_json::Value) -> Vec<serde_json::Value> {
-        let driver = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/ftpdriver.py");
-        let out = self
-            .ns
-            .command("python3")
-            .arg(driver)
-            .arg(spec.to_string())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "driver failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.gateway.logs()
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        ftp_driver(&self.ns, &spec, &|| self.gateway.logs())
     }
 
     pub fn curl(&self, args: &[&str]) -> Output {
@@ -868,4 +851,30 @@ pub fn checked_transfers<'a>(
     let rest = transfers.iter().find(|r| r["op"] == "rest_retr").unwrap();
     assert_eq!(rest["size"], json!(1000), "{context}: {rest}");
     transfers
+}
+
+/// Runs the ftplib driver (`tests/clients/ftpdriver.py`) in `ns` and
+/// returns one JSON value per step; `logs` is printed when it fails.
+pub fn ftp_driver(
+    ns: &NetNs,
+    spec: &serde_json::Value,
+    logs: &dyn Fn() -> String,
+) -> Vec<serde_json::Value> {
+    let driver = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/ftpdriver.py");
+    let out = ns
+        .command("python3")
+        .arg(driver)
+        .arg(spec.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "driver failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
