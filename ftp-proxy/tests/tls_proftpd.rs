@@ -734,13 +734,16 @@ fn server_tls_versions_with_proftpd() {
     );
     drop(gateway);
     // 1.3 with protected data: two uploads resume, the third finds no
-    // ticket left and ProFTPD refuses its data connection.
+    // ticket left and ProFTPD refuses its data connection: the client gets
+    // 425, or, when the gateway cut the data connection while the client
+    // was still sending, sees that first (ENOTCONN) and the 425 after.
     let gateway = start_gateway(&ns, &args, &["--server-tls-max-version", "1.3"]);
     let replies = uploads(&gateway);
     assert!(
         replies[0].starts_with("226")
             && replies[1].starts_with("226")
-            && replies[2].contains("425"),
+            && (replies[2].contains("425")
+                || replies[2].contains("Transport endpoint is not connected")),
         "{replies:?}\n{}",
         server.tls_log()
     );
