@@ -13,6 +13,7 @@
 //!   live events, per-CPU counter indices.
 //! - [`guard`]: the data-port admission: expectations and the pure
 //!   verdict on a SYN.
+//! - [`relay`]: the kernel data plane's maps (`--relay-mode sockmap`).
 //!
 //! Feature `user` (daemon only) adds the `aya::Pod` impls.
 //!
@@ -23,6 +24,7 @@
 pub mod flow;
 pub mod guard;
 pub mod maps;
+pub mod relay;
 pub mod transition;
 
 #[cfg(feature = "user")]
@@ -31,4 +33,5 @@ mod pod;
 pub use flow::{DirStats, FlowKey, FlowValue};
 pub use guard::{ExpectKey, ExpectValue};
 pub use maps::{ClosedFlowEvent, FlowEvent};
+pub use relay::RelayPeer;
 pub use transition::{Segment, transition};

@@ -6,7 +6,9 @@
     reason = "aya::Pod is an unsafe trait: the impl asserts the layout"
 )]
 
-use crate::{ClosedFlowEvent, DirStats, ExpectKey, ExpectValue, FlowEvent, FlowKey, FlowValue};
+use crate::{
+    ClosedFlowEvent, DirStats, ExpectKey, ExpectValue, FlowEvent, FlowKey, FlowValue, RelayPeer,
+};
 
 // SAFETY: `#[repr(C)]`, only integer fields and arrays of integers, padding
 // made explicit (the size assertions next to the types prove there is no
@@ -25,6 +27,8 @@ unsafe impl aya::Pod for ExpectKey {}
 unsafe impl aya::Pod for ExpectValue {}
 // SAFETY: as above (64 bytes: a Pod key, integers, explicit padding).
 unsafe impl aya::Pod for FlowEvent {}
+// SAFETY: as above (24 bytes, three u64, asserted).
+unsafe impl aya::Pod for RelayPeer {}
 
 impl ClosedFlowEvent {
     /// Decodes a record read from the `FTPX_CLOSED` ring buffer; `None` if

@@ -21,10 +21,13 @@
 //! `enforce` a refused SYN is dropped (and opens no flow), under `observe`
 //! it is only counted. That is the only packet these programs ever drop.
 //!
-//! What they do not do: modify or redirect a packet, drop anything but a
-//! refused SYN (they fail open: a map they cannot read passes the packet),
-//! walk IPv6 extension headers, parse VLAN tags, or look at anything but
-//! TCP.
+//! What the tracker's programs do not do: modify or redirect a packet, drop
+//! anything but a refused SYN (they fail open: a map they cannot read passes
+//! the packet), walk IPv6 extension headers, parse VLAN tags, or look at
+//! anything but TCP.
+//!
+//! The relay (`relay`, `--relay-mode sockmap`): a stream verdict that
+//! redirects each payload of a relayed data socket to its counterpart.
 //!
 //! The layouts, the transition and the guard's verdict live in
 //! `ftp-proxy-common`; this crate only reads packets and maps around them.
@@ -42,6 +45,7 @@
 #![feature(asm_experimental_arch)]
 
 mod parse;
+mod relay;
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, xdp_action},

@@ -127,6 +127,7 @@ setting_enum!(RelayMode {
     Auto => "auto": "copy toward a receiver on this host, splice toward other hosts",
     Splice => "splice": "zero-copy through a pipe; copy only where the kernel refuses",
     Copy => "copy": "always through user space",
+    Sockmap => "sockmap": "experimental: the kernel redirects between the two sockets (eBPF sockmap); no bound on what a slow receiver makes it hold",
 });
 
 setting_enum!(EbpfMode {

@@ -57,6 +57,8 @@ pub mod session;
 pub mod tls;
 pub mod upstream;
 
+pub use relay::sockmap::SockmapError;
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -85,6 +87,10 @@ pub enum StartError {
     /// The metrics registry could not be built (a programming error).
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// `--relay-mode sockmap` was asked for and the kernel relay did not
+    /// load.
+    #[error("--relay-mode sockmap: {0}")]
+    Sockmap(#[from] SockmapError),
 }
 
 /// The gateway's listening sockets, bound before anything runs: a bad
@@ -198,6 +204,13 @@ pub async fn run(
     reloads: watch::Receiver<Arc<Config>>,
 ) -> Result<(), StartError> {
     gateway::raise_open_file_limit(config.limits.max_sessions);
+    if config.relay_mode == relay::RelayMode::Sockmap {
+        relay::sockmap::install()?;
+        tracing::warn!(
+            "--relay-mode sockmap is an experiment: a slow receiver makes the kernel hold \
+             whatever the sender sends (docs/bench-notes.md)"
+        );
+    }
     if config.tls.server.insecure && config.tls.server.mode != tls::ServerTlsMode::Off {
         tracing::warn!(
             "--server-tls-insecure: the server's certificate is not verified; anyone between the gateway and the server can read and change the sessions"

@@ -8,11 +8,15 @@
 //! the byte counts, and how much a slow receiver may make the gateway hold
 //! (`TCP_NOTSENT_LOWAT` on both sockets, chunks that follow the receiver).
 //!
+//! With `--relay-mode sockmap` the kernel moves the bytes of plain legs
+//! (`sockmap`), under the same contract.
+//!
 //! Knows nothing of FTP: the session decides what the bytes mean and when a
 //! transfer is over. Both modes share one contract (same half-close, same
 //! counts, same cancellation), checked by one test suite run against both.
 
 mod pump;
+pub(crate) mod sockmap;
 mod stream;
 
 pub(crate) use stream::Leg;
@@ -44,6 +48,11 @@ pub enum RelayMode {
     Splice,
     /// Always copy through user space.
     Copy,
+    /// The kernel moves the bytes: both plain sockets in a sockmap, a
+    /// stream verdict redirecting each one's payload to the other
+    /// (`sockmap`); splice where a pair cannot be linked. An experiment
+    /// (issue 14, item 3): see docs/bench-notes.md for how it measures.
+    Sockmap,
 }
 
 /// How to relay.
@@ -90,11 +99,14 @@ pub(crate) enum Method {
     Copy,
     /// Through TLS on at least one leg (read, decrypt or encrypt, write).
     Tls,
+    /// Redirected by the kernel (`--relay-mode sockmap`).
+    Sockmap,
 }
 
 impl Method {
     /// Every method.
-    pub(crate) const ALL: [Method; 3] = [Method::Splice, Method::Copy, Method::Tls];
+    pub(crate) const ALL: [Method; 4] =
+        [Method::Splice, Method::Copy, Method::Tls, Method::Sockmap];
 
     /// A label for logs and metrics.
     pub(crate) fn label(self) -> &'static str {
@@ -102,6 +114,7 @@ impl Method {
             Method::Splice => "splice",
             Method::Copy => "copy",
             Method::Tls => "tls",
+            Method::Sockmap => "sockmap",
         }
     }
 }
@@ -115,7 +128,8 @@ impl Method {
 /// splice saves both copies and nobody downstream on this host pays.
 pub(crate) fn method_for(mode: RelayMode, peer: IpAddr, local: IpAddr) -> Method {
     match mode {
-        RelayMode::Splice => Method::Splice,
+        // Sockmap: what a pair the kernel would not link falls back to.
+        RelayMode::Splice | RelayMode::Sockmap => Method::Splice,
         RelayMode::Copy => Method::Copy,
         RelayMode::Auto if on_this_host(peer, local) => Method::Copy,
         RelayMode::Auto => Method::Splice,
@@ -300,7 +314,12 @@ async fn start(client: Leg, server: Leg, options: RelayOptions, tx: watch::Sende
         }
     }
     match (client, server) {
-        (Leg::Plain(client), Leg::Plain(server)) => run(client, server, options, tx).await,
+        (Leg::Plain(client), Leg::Plain(server)) => match sockmap::installed() {
+            Some(kernel) if options.mode == RelayMode::Sockmap => {
+                sockmap::run(kernel, client, server, options, tx).await;
+            }
+            _ => run(client, server, options, tx).await,
+        },
         (client, server) => stream::run(client, server, options, tx).await,
     }
 }

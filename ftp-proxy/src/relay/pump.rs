@@ -166,10 +166,12 @@ pub(super) async fn pump(
                 .map_err(|(bytes, e)| (bytes, io_error(direction, e))),
         },
         // Plain sockets are never "TLS": copy is the method that works for any.
-        Method::Copy | Method::Tls => copy_pump(from, to, options.copy_buffer, touch)
-            .await
-            .map(|bytes| (bytes, Method::Copy))
-            .map_err(|(bytes, e)| (bytes, io_error(direction, e))),
+        Method::Copy | Method::Tls | Method::Sockmap => {
+            copy_pump(from, to, options.copy_buffer, touch)
+                .await
+                .map(|bytes| (bytes, Method::Copy))
+                .map_err(|(bytes, e)| (bytes, io_error(direction, e)))
+        }
     };
     match outcome {
         Ok((bytes, method)) => match socket2::SockRef::from(to).shutdown(Shutdown::Write) {

@@ -1,6 +1,6 @@
-//! One suite, run against every relay mode: splice, copy, auto (plain
-//! legs), and TLS on the client leg, the server leg or both. The contract
-//! is the same.
+//! One suite, run against every relay mode: splice, copy, auto, sockmap
+//! (plain legs; sockmap in the privileged tier: it loads eBPF), and TLS on
+//! the client leg, the server leg or both. The contract is the same.
 
 use std::time::Duration;
 
@@ -165,6 +165,7 @@ async fn both_directions(mode: Mode, options: RelayOptions) {
     // Every pair is on loopback, where auto copies.
     let want_method = match mode {
         Mode::Plain(RelayMode::Splice) => Method::Splice,
+        Mode::Plain(RelayMode::Sockmap) => Method::Sockmap,
         Mode::Plain(_) => Method::Copy,
         Mode::Tls { .. } => Method::Tls,
     };
@@ -289,7 +290,10 @@ async fn socket_options_once_relaying(mode: Mode) {
         .unwrap();
     for sock in &gateway {
         assert_eq!(sock.tcp_notsent_lowat().unwrap(), 0);
-        if matches!(mode, Mode::Plain(_)) && rmem_max >= 4 << 20 {
+        // The kernel relay holds nothing of its own: its verdict empties the
+        // receive queue as payload arrives.
+        let held = matches!(mode, Mode::Plain(m) if m != RelayMode::Sockmap);
+        if held && rmem_max >= 4 << 20 {
             // The kernel doubles what it is given.
             assert_eq!(sock.recv_buffer_size().unwrap(), 2 * pump::HELD_RCVBUF);
         }
@@ -406,6 +410,14 @@ macro_rules! suite {
         mod splice_mode { $( #[tokio::test] async fn $name() { super::$name(super::Mode::Plain(super::RelayMode::Splice)).await } )* }
         mod copy_mode { $( #[tokio::test] async fn $name() { super::$name(super::Mode::Plain(super::RelayMode::Copy)).await } )* }
         mod auto_mode { $( #[tokio::test] async fn $name() { super::$name(super::Mode::Plain(super::RelayMode::Auto)).await } )* }
+        mod sockmap_mode { $(
+            #[tokio::test]
+            #[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
+            async fn $name() {
+                super::sockmap::install().unwrap();
+                super::$name(super::Mode::Plain(super::RelayMode::Sockmap)).await
+            }
+        )* }
         mod tls_client_mode { $( #[tokio::test] async fn $name() { super::$name(super::Mode::Tls { client: true, server: false }).await } )* }
         mod tls_server_mode { $( #[tokio::test] async fn $name() { super::$name(super::Mode::Tls { client: false, server: true }).await } )* }
         mod tls_both_mode { $( #[tokio::test] async fn $name() { super::$name(super::Mode::Tls { client: true, server: true }).await } )* }
@@ -501,3 +513,54 @@ suite!(
     socket_options_once_relaying,
     a_slow_receiver_gets_everything
 );
+
+/// The kernel relay: payload that reached the gateway before the pair was
+/// linked comes first and in order, then what follows, with exact counts.
+#[tokio::test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
+async fn sockmap_relays_what_arrived_before_the_link_first() {
+    sockmap::install().unwrap();
+    let mode = Mode::Plain(RelayMode::Sockmap);
+    let (mut client, gw_client, gw_server, mut server) = pairs(mode).await;
+    let early = pattern(200_000);
+    server.io.write_all(&early).await.unwrap();
+    // Let it land in the gateway's receive queue before the relay starts.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut relay = spawn(gw_client, gw_server, options(mode));
+    let late = pattern(1 << 20);
+    server.io.write_all(&late).await.unwrap();
+    server.io.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    client.io.read_to_end(&mut got).await.unwrap();
+    let mut want = early.clone();
+    want.extend_from_slice(&late);
+    assert!(got == want, "{} bytes of {}", got.len(), want.len());
+    assert!(matches!(
+        relay.wait(Direction::ServerToClient).await,
+        Flow::Finished { bytes, method: Method::Sockmap } if bytes == want.len() as u64
+    ));
+}
+
+/// A pair the kernel will not link (the server already closed its side:
+/// a short listing) goes through the user-space relay, whole.
+#[tokio::test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
+async fn sockmap_falls_back_to_splice_for_a_pair_it_cannot_link() {
+    sockmap::install().unwrap();
+    let mode = Mode::Plain(RelayMode::Sockmap);
+    let (mut client, gw_client, gw_server, mut server) = pairs(mode).await;
+    server.io.write_all(b"a short listing\r\n").await.unwrap();
+    server.io.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut relay = spawn(gw_client, gw_server, options(mode));
+    let mut got = Vec::new();
+    client.io.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"a short listing\r\n");
+    assert!(matches!(
+        relay.wait(Direction::ServerToClient).await,
+        Flow::Finished {
+            bytes: 17,
+            method: Method::Splice
+        }
+    ));
+}

@@ -74,7 +74,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
     /// Only these paths (direct, ftp-proxy, ftp-proxy-ebpf-off,
-    /// ftp-proxy-splice, ftp-proxy-copy (wire), ftp-proxy-pool3 (wire,
+    /// ftp-proxy-splice, ftp-proxy-copy (wire), ftp-proxy-sockmap (wire,
+    /// the kernel relay), ftp-proxy-pool3 (wire,
     /// session rates), proftpd (loopback), proxy-suite, haproxy-splice,
     /// haproxy (loopback), and the FTPS rows: direct-ftps, ftp-proxy-ftps,
     /// ftp-proxy-ftps-client (wire)); direct (routed, on the wire) is
@@ -597,9 +598,11 @@ fn wire_kinds(tracker_built: bool) -> Vec<Kind> {
     if tracker_built {
         kinds.push(Kind::Gateway(Some(false)));
     }
+    kinds.extend([Kind::GatewaySplice, Kind::GatewayCopy]);
+    if tracker_built {
+        kinds.push(Kind::GatewaySockmap);
+    }
     kinds.extend([
-        Kind::GatewaySplice,
-        Kind::GatewayCopy,
         Kind::GatewayPool,
         Kind::Suse,
         Kind::Haproxy { splice: true },
@@ -932,7 +935,12 @@ impl Bench {
         }
         let gateway = default_gateway(self.results.tracker_built);
         if self.s.slow {
-            for kind in [Kind::Direct, gateway, Kind::GatewayCopy] {
+            for kind in [
+                Kind::Direct,
+                gateway,
+                Kind::GatewayCopy,
+                Kind::GatewaySockmap,
+            ] {
                 if kinds.contains(&kind) {
                     eprintln!(
                         "xtask: bench: {}: {} slow downloads, {}",
@@ -1307,7 +1315,9 @@ impl Bench {
         // What a download could hold at worst: socket buffers on three
         // hosts, and a copying relay's buffer (4 MiB by default). At most
         // 40 % of what is available, since other jobs share the machine.
-        let per_download_kib: u64 = if kind == Kind::GatewayCopy {
+        let per_download_kib: u64 = if matches!(kind, Kind::GatewayCopy | Kind::GatewaySockmap) {
+            // The kernel relay holds whatever the server sends (no
+            // backpressure): up to the whole file per download.
             8 << 10
         } else {
             3 << 10

@@ -211,6 +211,9 @@ pub enum Kind {
     GatewaySplice,
     /// The gateway with `--relay-mode copy` (tracker as in the first row).
     GatewayCopy,
+    /// The gateway with `--relay-mode sockmap` (the kernel relays; tracker
+    /// as in the first row). On the wire, with the eBPF object only.
+    GatewaySockmap,
     /// The gateway, tracker on, with `--ebpf-guard enforce` (`true`) or
     /// `--ebpf-guard off`: the guard's cost. Opt-in (`--paths`).
     GatewayGuard {
@@ -250,6 +253,7 @@ impl Kind {
             Kind::Gateway(Some(false)) => "ftp-proxy-ebpf-off",
             Kind::GatewaySplice => "ftp-proxy-splice",
             Kind::GatewayCopy => "ftp-proxy-copy",
+            Kind::GatewaySockmap => "ftp-proxy-sockmap",
             Kind::GatewayPool => "ftp-proxy-pool3",
             Kind::GatewayGuard { enforce: true } => "ftp-proxy-guard-enforce",
             Kind::GatewayGuard { enforce: false } => "ftp-proxy-guard-off",
@@ -272,6 +276,7 @@ impl Kind {
             Kind::Gateway(Some(false)) => "ftp-proxy --ebpf off",
             Kind::GatewaySplice => "ftp-proxy --relay-mode splice",
             Kind::GatewayCopy => "ftp-proxy --relay-mode copy",
+            Kind::GatewaySockmap => "ftp-proxy --relay-mode sockmap",
             Kind::GatewayPool => "ftp-proxy, pool of 3 servers",
             Kind::GatewayGuard { enforce: true } => "ftp-proxy --ebpf-guard enforce",
             Kind::GatewayGuard { enforce: false } => "ftp-proxy --ebpf-guard off",
@@ -340,6 +345,7 @@ impl Kind {
                 Kind::Gateway(_)
                 | Kind::GatewaySplice
                 | Kind::GatewayCopy
+                | Kind::GatewaySockmap
                 | Kind::GatewayPool
                 | Kind::GatewayGuard { .. }
                 | Kind::GatewayFtps { .. } => b + 61,
@@ -356,6 +362,7 @@ impl Kind {
             Kind::Gateway(_)
             | Kind::GatewaySplice
             | Kind::GatewayCopy
+            | Kind::GatewaySockmap
             | Kind::GatewayPool
             | Kind::GatewayGuard { .. }
             | Kind::GatewayFtps { .. } => (Ipv4Addr::LOCALHOST, b + 61),
@@ -847,6 +854,7 @@ pub fn start(kind: Kind, env: &Env) -> Result<Option<Daemon>> {
         Kind::Gateway(tracker) => gateway_command(env, tracker),
         Kind::GatewaySplice => relay_gateway_command(env, "splice"),
         Kind::GatewayCopy => relay_gateway_command(env, "copy"),
+        Kind::GatewaySockmap => relay_gateway_command(env, "sockmap"),
         Kind::GatewayGuard { enforce } => guard_gateway_command(env, enforce),
         Kind::GatewayPool => {
             let servers: String = ["a", "b", "c"]
@@ -1049,6 +1057,7 @@ pub fn config_files(kind: Kind, env: &Env) -> Vec<PathBuf> {
         Kind::Gateway(_)
         | Kind::GatewaySplice
         | Kind::GatewayCopy
+        | Kind::GatewaySockmap
         | Kind::GatewayGuard { .. }
         | Kind::GatewayFtps { .. } => {
             return Vec::new();
@@ -1096,6 +1105,7 @@ pub fn command_line(kind: Kind, env: &Env) -> String {
         Kind::Gateway(tracker) => gateway_command(env, tracker),
         Kind::GatewaySplice => relay_gateway_command(env, "splice"),
         Kind::GatewayCopy => relay_gateway_command(env, "copy"),
+        Kind::GatewaySockmap => relay_gateway_command(env, "sockmap"),
         Kind::GatewayPool => pool_gateway_command(env),
         Kind::GatewayGuard { enforce } => guard_gateway_command(env, enforce),
         Kind::ModProxy => {
