@@ -402,16 +402,17 @@ async fn one_way(
     options: RelayOptions,
     tx: &watch::Sender<Progress>,
     activity: &Activity,
+    already: u64,
 ) -> Result<(), ()> {
     let method = method_toward(options.mode, to);
     let result = pump::pump(from, to, direction, method, options, &|| activity.touch()).await;
     let flow = match &result {
         Ok((bytes, method)) => Flow::Finished {
-            bytes: *bytes,
+            bytes: bytes.saturating_add(already),
             method: *method,
         },
         Err((bytes, error)) => Flow::Failed {
-            bytes: *bytes,
+            bytes: bytes.saturating_add(already),
             error: error.clone(),
         },
     };
@@ -425,6 +426,18 @@ async fn run(
     options: RelayOptions,
     tx: watch::Sender<Progress>,
 ) {
+    run_after(client, server, options, tx, [0, 0]).await;
+}
+
+/// [`run`] for a relay that already moved `already` bytes (client to
+/// server, server to client): they are added to the counts.
+async fn run_after(
+    client: TcpStream,
+    server: TcpStream,
+    options: RelayOptions,
+    tx: watch::Sender<Progress>,
+    already: [u64; 2],
+) {
     let activity = Activity::new();
     let both = async {
         tokio::try_join!(
@@ -434,7 +447,8 @@ async fn run(
                 &server,
                 options,
                 &tx,
-                &activity
+                &activity,
+                already[0]
             ),
             one_way(
                 Direction::ServerToClient,
@@ -442,7 +456,8 @@ async fn run(
                 &client,
                 options,
                 &tx,
-                &activity
+                &activity,
+                already[1]
             )
         )
     };

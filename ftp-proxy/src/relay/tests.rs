@@ -515,7 +515,8 @@ suite!(
 );
 
 /// The kernel relay: payload that reached the gateway before the pair was
-/// linked comes first and in order, then what follows, with exact counts.
+/// linked (moved in user space) comes first and in order, then what the
+/// kernel redirects, with exact counts.
 #[tokio::test]
 #[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
 async fn sockmap_relays_what_arrived_before_the_link_first() {
@@ -527,6 +528,8 @@ async fn sockmap_relays_what_arrived_before_the_link_first() {
     // Let it land in the gateway's receive queue before the relay starts.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let mut relay = spawn(gw_client, gw_server, options(mode));
+    // Linked before the server's FIN (a closed peer is not linked).
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let late = pattern(1 << 20);
     server.io.write_all(&late).await.unwrap();
     server.io.shutdown().await.unwrap();
@@ -535,10 +538,11 @@ async fn sockmap_relays_what_arrived_before_the_link_first() {
     let mut want = early.clone();
     want.extend_from_slice(&late);
     assert!(got == want, "{} bytes of {}", got.len(), want.len());
-    assert!(matches!(
-        relay.wait(Direction::ServerToClient).await,
-        Flow::Finished { bytes, method: Method::Sockmap } if bytes == want.len() as u64
-    ));
+    let flow = relay.wait(Direction::ServerToClient).await;
+    assert!(
+        matches!(flow, Flow::Finished { bytes, method: Method::Sockmap } if bytes == want.len() as u64),
+        "{flow:?}"
+    );
 }
 
 /// A pair the kernel will not link (the server already closed its side:
@@ -563,4 +567,42 @@ async fn sockmap_falls_back_to_splice_for_a_pair_it_cannot_link() {
             method: Method::Splice
         }
     ));
+}
+
+/// What the gateway already read from a data socket (a PROXY protocol
+/// header) is not sent again: the kernel relay starts where the reads
+/// stopped, also inside a segment.
+#[tokio::test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
+async fn sockmap_starts_where_the_gateway_stopped_reading() {
+    sockmap::install().unwrap();
+    let mode = Mode::Plain(RelayMode::Sockmap);
+    let (mut client, gw_client, gw_server, mut server) = pairs(mode).await;
+    server.io.write_all(b"HEADER:payload").await.unwrap();
+    let mut header = [0u8; 7];
+    let Leg::Plain(gw_server) = gw_server else {
+        unreachable!()
+    };
+    let mut gw_server = gw_server;
+    gw_server.read_exact(&mut header).await.unwrap();
+    assert_eq!(&header, b"HEADER:");
+    let mut relay = spawn(gw_client, Leg::Plain(gw_server), options(mode));
+    // Linked before the server's FIN (a closed peer is not linked).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.io.write_all(b" and more").await.unwrap();
+    server.io.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    client.io.read_to_end(&mut got).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), "payload and more");
+    let flow = relay.wait(Direction::ServerToClient).await;
+    assert!(
+        matches!(
+            flow,
+            Flow::Finished {
+                bytes: 16,
+                method: Method::Sockmap
+            }
+        ),
+        "{flow:?}"
+    );
 }

@@ -11,13 +11,18 @@
 //! send queue), resets and errors (both connections reset), the idle
 //! watchdog, and the byte counts (read from the peer map).
 //!
-//! How a pair is linked, so that no byte is lost or reordered: both
-//! sockets go into `FTPX_RTARGETS` (no program) before either goes into
-//! `FTPX_RSOCKS` (the verdict), so no payload is judged before its target
-//! can take it; then `SO_RCVLOWAT` is set on both, which makes the kernel
-//! judge, in order, what arrived before the insertion. A socket the kernel
-//! will not insert (its peer already sent FIN: a short listing) makes the
-//! whole transfer go through the user-space relay instead.
+//! How a pair is linked, so that no byte is lost, repeated or reordered:
+//! first what is already queued on each socket is moved in user space until
+//! the queue is empty (the kernel would replay a segment the gateway had
+//! begun reading, such as one carrying a PROXY protocol header, from its
+//! first byte: measured on 6.18); then both sockets go into
+//! `FTPX_RTARGETS` (no program) before either goes into `FTPX_RSOCKS` (the
+//! verdict), so no payload is judged before its target can take it; then
+//! `SO_RCVLOWAT` is set on both, which makes the kernel judge, in order,
+//! what arrived between the drain and the insertion. A socket whose peer
+//! already closed (a short listing: the kernel will not insert it) or whose
+//! queue would not empty makes the rest of the transfer go through the
+//! user-space relay, with the counts carried over.
 //!
 //! What it does not do: TLS legs (never offered here), bound what a slow
 //! receiver makes the kernel hold (redirected payload waits in the
@@ -266,7 +271,9 @@ struct Way<'a> {
     baseline: u64,
     /// End of stream seen on `from`.
     eof: bool,
-    /// Redirected so far.
+    /// Moved in user space before the link.
+    before: u64,
+    /// Moved so far (before the link, and redirected since).
     bytes: u64,
     done: bool,
 }
@@ -285,7 +292,7 @@ impl Way<'_> {
         let counts = kernel
             .counts(self.cookie)
             .map_err(|e| failed(self.direction, io::Error::other(e)))?;
-        self.bytes = counts.bytes;
+        self.bytes = self.before.saturating_add(counts.bytes);
         if counts.dropped > 0 {
             return Err(failed(
                 self.direction,
@@ -318,7 +325,7 @@ impl Way<'_> {
             let sent = sys::bytes_queued(self.to.as_fd())
                 .map_err(|e| failed(self.direction, e))?
                 .saturating_sub(self.baseline);
-            if sent >= self.bytes {
+            if sent >= counts.bytes {
                 match socket2::SockRef::from(self.to).shutdown(Shutdown::Write) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
@@ -331,8 +338,72 @@ impl Way<'_> {
     }
 }
 
+/// Largest read of the drain before the link.
+const DRAIN_CHUNK: usize = 64 * 1024;
+/// Reads of the drain after which a sender that keeps the queue full is
+/// left to the user-space relay (4 MiB).
+const DRAIN_READS: usize = 64;
+
+/// What [`drain`] left.
+#[derive(Debug, Clone, Copy)]
+enum Drained {
+    /// The receive queue is empty; this many bytes were moved.
+    Empty(u64),
+    /// End of stream, or a queue that did not empty: the user-space relay
+    /// goes on after this many bytes.
+    Busy(u64),
+}
+
+impl Drained {
+    fn bytes(self) -> u64 {
+        match self {
+            Drained::Empty(n) | Drained::Busy(n) => n,
+        }
+    }
+}
+
+/// Moves what is queued on `from` to `to` in user space, until the queue
+/// is empty (nothing half read is left for the kernel), the end of stream,
+/// or [`DRAIN_READS`] reads.
+async fn drain(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::Result<Drained> {
+    let mut moved = 0u64;
+    for _ in 0..DRAIN_READS {
+        let n = match from.try_read(buf) {
+            Ok(0) => return Ok(Drained::Busy(moved)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Drained::Empty(moved)),
+            Err(e) => return Err(e),
+        };
+        let mut rest = buf.get(..n).unwrap_or_default();
+        while !rest.is_empty() {
+            to.writable().await?;
+            match to.try_write(rest) {
+                Ok(w) => rest = rest.get(w..).unwrap_or_default(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        moved += n as u64;
+    }
+    Ok(Drained::Busy(moved))
+}
+
+/// Fails both directions before anything was linked, and resets both
+/// connections.
+fn fail_early(
+    tx: &watch::Sender<Progress>,
+    client: &TcpStream,
+    server: &TcpStream,
+    error: RelayError,
+) {
+    super::fail_unfinished(tx, &error);
+    for stream in [client, server] {
+        let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+    }
+}
+
 /// Relays two plain sockets through the kernel; the user-space relay
-/// (`super::run`) when they cannot be linked.
+/// (`super::run_after`) when they cannot be linked.
 pub(super) async fn run(
     kernel: Arc<Sockmap>,
     client: TcpStream,
@@ -340,24 +411,72 @@ pub(super) async fn run(
     options: RelayOptions,
     tx: watch::Sender<Progress>,
 ) {
+    // What is queued before the link goes through user space, to the
+    // last byte: the kernel would replay a segment the gateway had begun
+    // reading (a PROXY protocol header) from its first byte.
+    let drained = tokio::time::timeout(options.idle_timeout, async {
+        let mut buf = vec![0u8; DRAIN_CHUNK];
+        Ok::<_, (Direction, io::Error)>([
+            drain(&client, &server, &mut buf)
+                .await
+                .map_err(|e| (Direction::ClientToServer, e))?,
+            drain(&server, &client, &mut buf)
+                .await
+                .map_err(|e| (Direction::ServerToClient, e))?,
+        ])
+    })
+    .await;
+    let already = match drained {
+        Ok(Ok(moved)) => moved,
+        Ok(Err((direction, error))) => {
+            return fail_early(&tx, &client, &server, failed(direction, error));
+        }
+        Err(_) => {
+            return fail_early(
+                &tx,
+                &client,
+                &server,
+                RelayError::Idle(options.idle_timeout),
+            );
+        }
+    };
+    let [Drained::Empty(up), Drained::Empty(down)] = already else {
+        // A peer already closed, or a sender that kept the queue full:
+        // the user-space relay goes on from here.
+        return super::run_after(
+            client,
+            server,
+            options,
+            tx,
+            [already[0].bytes(), already[1].bytes()],
+        )
+        .await;
+    };
     let baselines = (
         sys::bytes_queued(client.as_fd()),
         sys::bytes_queued(server.as_fd()),
     );
     let (Ok(client_sent), Ok(server_sent)) = baselines else {
-        return super::run(client, server, options, tx).await;
+        return super::run_after(client, server, options, tx, [up, down]).await;
     };
     let pair = match kernel.link(&client, &server) {
         Ok(pair) => pair,
         Err(e) => {
             tracing::debug!(error = %e, "data sockets not linked in the kernel: relaying in user space");
-            return super::run(client, server, options, tx).await;
+            return super::run_after(client, server, options, tx, [up, down]).await;
         }
     };
     let linked = Linked {
         kernel: &kernel,
         pair,
     };
+    // No send bound: the kernel's sender (a worker that wakes when the
+    // socket has room) crawled under it (0.2-0.3 x routed against 0.6-0.8
+    // without, docs/bench-notes.md), and it bounds nothing here: the
+    // redirected payload waits in the receiver's queue, not in its socket.
+    for stream in [&client, &server] {
+        let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(0);
+    }
     let mut ways = [
         Way {
             direction: Direction::ClientToServer,
@@ -366,7 +485,8 @@ pub(super) async fn run(
             cookie: pair.a,
             baseline: server_sent,
             eof: false,
-            bytes: 0,
+            before: up,
+            bytes: up,
             done: false,
         },
         Way {
@@ -376,7 +496,8 @@ pub(super) async fn run(
             cookie: pair.b,
             baseline: client_sent,
             eof: false,
-            bytes: 0,
+            before: down,
+            bytes: down,
             done: false,
         },
     ];
