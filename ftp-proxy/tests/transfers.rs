@@ -158,3 +158,26 @@ fn large_transfers_ipv6_and_forced_modes() {
     matrix(&lab, "127.0.0.1", &["eprt"], &[BIG]);
     lab.gateway.expect_logs("\"relay\":\"copy\"", 2);
 }
+
+/// `--relay-mode sockmap` (the kernel relays; an experiment): every size,
+/// every client mode, byte-exact; the large ones redirected by the kernel
+/// (short ones whose server closed before the link go through splice).
+#[test]
+#[ignore = "privileged tier (root, network namespaces, real servers and clients): cargo xtask test runs it"]
+fn sockmap_relay_mode() {
+    let lab = Lab::new(&["--relay-mode", "sockmap"]);
+    matrix(&lab, "127.0.0.1", &V4_MODES, &SIZES);
+    matrix(&lab, "127.0.0.1", &["pasv", "port"], &[BIG]);
+    // The four large transfers at least (a short one may be linked too).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while lab.gateway.count_logs("\"relay\":\"sockmap\"") < 4
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        lab.gateway.count_logs("\"relay\":\"sockmap\"") >= 4,
+        "{}",
+        lab.gateway.logs()
+    );
+}
