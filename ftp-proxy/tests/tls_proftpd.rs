@@ -218,11 +218,20 @@ fn every_client_tls_mode_to_proftpd_with_tls() {
                 .map(|r| r.as_str().unwrap_or(""))
                 .collect();
             // The transfer's reply (426 if it was cut, 226 if all of it
-            // had reached the client's socket), then ABOR's own.
+            // had reached the client's socket), then ABOR's own; or 426
+            // twice: ProFTPD cannot see an early ABOR under TLS (no urgent
+            // data, and its peek for "ABOR" sees TLS records), so when it
+            // reads the ABOR before its next write fails it answers "226
+            // Abort successful" and then the transfer's 426, as it does
+            // to a client directly; the gateway relays the first as the
+            // transfer's reply, 426 since the data was cut (README).
+            let code = |i: usize| codes.get(i).map(|c| c.get(..3).unwrap_or(""));
             assert!(
                 codes.len() == 2
-                    && (codes[0].starts_with("426") || codes[0].starts_with("226"))
-                    && codes[1].starts_with("226"),
+                    && matches!(
+                        (code(0), code(1)),
+                        (Some("426" | "226"), Some("226")) | (Some("426"), Some("426"))
+                    ),
                 "{context}: {abort}\n{}",
                 lab.logs()
             );

@@ -24,7 +24,7 @@ pub(crate) use stream::Leg;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Shutdown};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -240,11 +240,15 @@ impl Progress {
     }
 }
 
-/// A running relay. Dropping it cuts both connections.
+/// A running relay. Dropping it stops the relay and closes both
+/// connections as the kernel closes a socket (what is queued is still
+/// sent, then FIN; a reset where unread bytes remain); [`RelayHandle::cut`]
+/// resets them.
 #[derive(Debug)]
 pub(crate) struct RelayHandle {
     task: JoinHandle<()>,
     progress: watch::Receiver<Progress>,
+    cut: Arc<AtomicBool>,
 }
 
 impl Drop for RelayHandle {
@@ -254,6 +258,19 @@ impl Drop for RelayHandle {
 }
 
 impl RelayHandle {
+    /// Stops the relay and resets both connections (`SO_LINGER` 0), as a
+    /// failure does: each peer learns at once that the transfer was cut.
+    /// A close would send FIN when the relay had read everything, and a
+    /// peer still writing would learn of it only from the reset its next
+    /// segment draws, in `CLOSE_WAIT`, where Linux reports `EPIPE`:
+    /// ProFTPD's mod_tls takes that on a data connection for a fatal
+    /// error and ends the whole session (it ignores `ECONNRESET`). Legs
+    /// still in their TLS handshakes (`spawn_after`) are closed, not reset.
+    pub(crate) fn cut(self) {
+        self.cut.store(true, Ordering::Release);
+        // Drop aborts the task; its legs see the flag as they drop.
+    }
+
     /// Waits until `direction` is over and returns its final state.
     /// Cancel-safe.
     pub(crate) async fn wait(&mut self, direction: Direction) -> Flow {
@@ -291,16 +308,54 @@ pub(crate) fn spawn(client: Leg, server: Leg, options: RelayOptions) -> RelayHan
         client_to_server: Flow::Running,
         server_to_client: Flow::Running,
     });
-    let task = tokio::spawn(start(client, server, options, tx));
-    RelayHandle { task, progress: rx }
+    let cut = Arc::new(AtomicBool::new(false));
+    let legs = Legs::new(client, server, Arc::clone(&cut));
+    let task = tokio::spawn(start(legs, options, tx));
+    RelayHandle {
+        task,
+        progress: rx,
+        cut,
+    }
+}
+
+/// Both legs of a running relay, owned by its task: when the task is
+/// aborted after [`RelayHandle::cut`], they are reset as they drop.
+struct Legs {
+    client: Leg,
+    server: Leg,
+    cut: Arc<AtomicBool>,
+    /// The relay ran to its end and closed or reset them itself: a clean
+    /// end's queued bytes must not be thrown away by a late cut.
+    ended: bool,
+}
+
+impl Legs {
+    fn new(client: Leg, server: Leg, cut: Arc<AtomicBool>) -> Legs {
+        Legs {
+            client,
+            server,
+            cut,
+            ended: false,
+        }
+    }
+}
+
+impl Drop for Legs {
+    fn drop(&mut self) {
+        if !self.ended && self.cut.load(Ordering::Acquire) {
+            for leg in [&self.client, &self.server] {
+                let _ = socket2::SockRef::from(leg.tcp()).set_linger(Some(Duration::ZERO));
+            }
+        }
+    }
 }
 
 /// Bounds the unsent bytes the kernel queues on each leg toward another
 /// host, then relays with the method the legs allow. Toward a process on
 /// this host the loopback path delivers as it sends, and the bound only
 /// cost throughput (10–20 % of a RETR on loopback, docs/bench-notes.md).
-async fn start(client: Leg, server: Leg, options: RelayOptions, tx: watch::Sender<Progress>) {
-    for leg in [&client, &server] {
+async fn start(mut legs: Legs, options: RelayOptions, tx: watch::Sender<Progress>) {
+    for leg in [&legs.client, &legs.server] {
         let tcp = leg.tcp();
         let Ok((peer, local)) = tcp.peer_addr().and_then(|p| Ok((p, tcp.local_addr()?))) else {
             continue;
@@ -313,7 +368,7 @@ async fn start(client: Leg, server: Leg, options: RelayOptions, tx: watch::Sende
             }
         }
     }
-    match (client, server) {
+    match (&mut legs.client, &mut legs.server) {
         (Leg::Plain(client), Leg::Plain(server)) => match sockmap::installed() {
             Some(kernel) if options.mode == RelayMode::Sockmap => {
                 sockmap::run(kernel, client, server, options, tx).await;
@@ -322,6 +377,7 @@ async fn start(client: Leg, server: Leg, options: RelayOptions, tx: watch::Sende
         },
         (client, server) => stream::run(client, server, options, tx).await,
     }
+    legs.ended = true;
 }
 
 /// Starts relaying once `setup` has made the legs ready (TLS handshakes);
@@ -334,15 +390,21 @@ pub(crate) fn spawn_after<E: std::error::Error + Send + Sync + 'static>(
         client_to_server: Flow::Running,
         server_to_client: Flow::Running,
     });
+    let cut = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&cut);
     let task = tokio::spawn(async move {
         let setup = tokio::time::timeout(options.idle_timeout, setup).await;
         match setup {
-            Ok(Ok((client, server))) => start(client, server, options, tx).await,
+            Ok(Ok((client, server))) => start(Legs::new(client, server, flag), options, tx).await,
             Ok(Err(error)) => fail_unfinished(&tx, &RelayError::Setup(Arc::new(error))),
             Err(_) => fail_unfinished(&tx, &RelayError::Idle(options.idle_timeout)),
         }
     });
-    RelayHandle { task, progress: rx }
+    RelayHandle {
+        task,
+        progress: rx,
+        cut,
+    }
 }
 
 /// Every direction still running fails with `error`.
@@ -421,8 +483,8 @@ async fn one_way(
 }
 
 async fn run(
-    client: TcpStream,
-    server: TcpStream,
+    client: &TcpStream,
+    server: &TcpStream,
     options: RelayOptions,
     tx: watch::Sender<Progress>,
 ) {
@@ -432,8 +494,8 @@ async fn run(
 /// [`run`] for a relay that already moved `already` bytes (client to
 /// server, server to client): they are added to the counts.
 async fn run_after(
-    client: TcpStream,
-    server: TcpStream,
+    client: &TcpStream,
+    server: &TcpStream,
     options: RelayOptions,
     tx: watch::Sender<Progress>,
     already: [u64; 2],
@@ -443,8 +505,8 @@ async fn run_after(
         tokio::try_join!(
             one_way(
                 Direction::ClientToServer,
-                &client,
-                &server,
+                client,
+                server,
                 options,
                 &tx,
                 &activity,
@@ -452,8 +514,8 @@ async fn run_after(
             ),
             one_way(
                 Direction::ServerToClient,
-                &server,
-                &client,
+                server,
+                client,
                 options,
                 &tx,
                 &activity,
@@ -469,12 +531,12 @@ async fn run_after(
         fail_unfinished(&tx, &error);
         // Reset both connections so that each peer learns the transfer failed
         // instead of seeing a clean end of file.
-        for stream in [&client, &server] {
+        for stream in [client, server] {
             let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
         }
     } else {
         // Both ends of file were passed on: close quietly.
-        for stream in [&client, &server] {
+        for stream in [client, server] {
             let _ = socket2::SockRef::from(stream).shutdown(Shutdown::Both);
         }
     }

@@ -193,8 +193,8 @@ fn io_error(direction: Direction, error: io::Error) -> RelayError {
 /// fails, or nothing moves for the idle timeout; reports each direction
 /// on `tx` as it ends.
 pub(super) async fn run(
-    mut client: Leg,
-    mut server: Leg,
+    client: &mut Leg,
+    server: &mut Leg,
     options: RelayOptions,
     tx: watch::Sender<Progress>,
 ) {
@@ -202,10 +202,10 @@ pub(super) async fn run(
     let mut up = Half::new();
     let mut down = Half::new();
     let failure = tokio::select! {
-        result = drive(&mut client, &mut server, &mut up, &mut down, &activity, &tx) => result.err(),
+        result = drive(client, server, &mut up, &mut down, &activity, &tx) => result.err(),
         () = activity.idle(options.idle_timeout) => Some(RelayError::Idle(options.idle_timeout)),
     };
-    finish(&client, &server, failure, &tx);
+    finish(client, server, failure, &tx);
 }
 
 async fn drive(

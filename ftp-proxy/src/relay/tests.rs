@@ -269,6 +269,28 @@ async fn drop_cuts_both(mode: Mode) {
     assert!(matches!(a, Ok(0) | Err(_)) && matches!(b, Ok(0) | Err(_)));
 }
 
+/// `cut` (ABOR) resets both connections even when the relay had read all
+/// it was sent: a peer still writing must not see FIN first (ProFTPD's
+/// mod_tls ends the session on the `EPIPE` that follows).
+async fn cut_resets_both(mode: Mode) {
+    let (mut client, gw_client, gw_server, mut server) = pairs(mode).await;
+    let relay = spawn(gw_client, gw_server, options(mode));
+    server.io.write_all(b"x").await.unwrap();
+    server.io.flush().await.unwrap();
+    let mut buf = [0u8; 1];
+    client.io.read_exact(&mut buf).await.unwrap();
+    relay.cut();
+    for app in [&mut client, &mut server] {
+        let got = tokio::time::timeout(Duration::from_secs(2), app.io.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{got:?}"
+        );
+    }
+}
+
 /// The gateway's data sockets once the relay runs: the bound on unsent
 /// bytes goes on sockets toward other hosts only (`send_lowat_for`; these
 /// legs are all on loopback, so none has it), and the socket each
@@ -510,6 +532,7 @@ suite!(
     reset_is_propagated,
     idle_timeout_fails_both,
     drop_cuts_both,
+    cut_resets_both,
     socket_options_once_relaying,
     a_slow_receiver_gets_everything
 );

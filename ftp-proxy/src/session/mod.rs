@@ -1650,9 +1650,20 @@ impl<'a> Session<'a> {
             Action::Cut => {
                 if let Some(active) = self.active.as_mut() {
                     active.pending = None;
-                    active.relay = None;
-                    active.legs = None;
-                    active.server_leg = None;
+                    if let Some(relay) = active.relay.take() {
+                        relay.cut();
+                    }
+                    // Reset, not closed: see `RelayHandle::cut`.
+                    let reset = |stream: &TcpStream| {
+                        let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+                    };
+                    if let Some((client, server)) = active.legs.take() {
+                        reset(&client);
+                        reset(&server);
+                    }
+                    if let Some(ServerLeg::Connected(server)) = active.server_leg.take() {
+                        reset(&server);
+                    }
                     active.client_leg = None;
                 }
             }

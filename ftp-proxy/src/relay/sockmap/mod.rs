@@ -406,8 +406,8 @@ fn fail_early(
 /// (`super::run_after`) when they cannot be linked.
 pub(super) async fn run(
     kernel: Arc<Sockmap>,
-    client: TcpStream,
-    server: TcpStream,
+    client: &TcpStream,
+    server: &TcpStream,
     options: RelayOptions,
     tx: watch::Sender<Progress>,
 ) {
@@ -417,10 +417,10 @@ pub(super) async fn run(
     let drained = tokio::time::timeout(options.idle_timeout, async {
         let mut buf = vec![0u8; DRAIN_CHUNK];
         Ok::<_, (Direction, io::Error)>([
-            drain(&client, &server, &mut buf)
+            drain(client, server, &mut buf)
                 .await
                 .map_err(|e| (Direction::ClientToServer, e))?,
-            drain(&server, &client, &mut buf)
+            drain(server, client, &mut buf)
                 .await
                 .map_err(|e| (Direction::ServerToClient, e))?,
         ])
@@ -429,15 +429,10 @@ pub(super) async fn run(
     let already = match drained {
         Ok(Ok(moved)) => moved,
         Ok(Err((direction, error))) => {
-            return fail_early(&tx, &client, &server, failed(direction, error));
+            return fail_early(&tx, client, server, failed(direction, error));
         }
         Err(_) => {
-            return fail_early(
-                &tx,
-                &client,
-                &server,
-                RelayError::Idle(options.idle_timeout),
-            );
+            return fail_early(&tx, client, server, RelayError::Idle(options.idle_timeout));
         }
     };
     let [Drained::Empty(up), Drained::Empty(down)] = already else {
@@ -459,7 +454,7 @@ pub(super) async fn run(
     let (Ok(client_sent), Ok(server_sent)) = baselines else {
         return super::run_after(client, server, options, tx, [up, down]).await;
     };
-    let pair = match kernel.link(&client, &server) {
+    let pair = match kernel.link(client, server) {
         Ok(pair) => pair,
         Err(e) => {
             tracing::debug!(error = %e, "data sockets not linked in the kernel: relaying in user space");
@@ -474,14 +469,14 @@ pub(super) async fn run(
     // socket has room) crawled under it (0.2-0.3 x routed against 0.6-0.8
     // without, docs/bench-notes.md), and it bounds nothing here: the
     // redirected payload waits in the receiver's queue, not in its socket.
-    for stream in [&client, &server] {
+    for stream in [client, server] {
         let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(0);
     }
     let mut ways = [
         Way {
             direction: Direction::ClientToServer,
-            from: &client,
-            to: &server,
+            from: client,
+            to: server,
             cookie: pair.a,
             baseline: server_sent,
             eof: false,
@@ -491,8 +486,8 @@ pub(super) async fn run(
         },
         Way {
             direction: Direction::ServerToClient,
-            from: &server,
-            to: &client,
+            from: server,
+            to: client,
             cookie: pair.b,
             baseline: client_sent,
             eof: false,
@@ -555,12 +550,12 @@ pub(super) async fn run(
                     });
                 }
             }
-            for stream in [&client, &server] {
+            for stream in [client, server] {
                 let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
             }
         }
         None => {
-            for stream in [&client, &server] {
+            for stream in [client, server] {
                 let _ = socket2::SockRef::from(stream).shutdown(Shutdown::Both);
             }
         }
