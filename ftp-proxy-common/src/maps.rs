@@ -39,8 +39,11 @@ pub const ADDRS: &str = "FTPX_ADDRS";
 /// The guard's mode: one `u32` at index 0.
 pub const GUARD: &str = "FTPX_GUARD";
 
-/// Name of the XDP program (ingress).
+/// Name of the XDP program (ingress, `--ebpf-ingress xdp`).
 pub const PROG_INGRESS: &str = "ftpx_ingress";
+/// Name of the TC classifier for ingress (through a tcx link; the
+/// default hook).
+pub const PROG_INGRESS_TC: &str = "ftpx_ingress_tc";
 /// Name of the TC classifier (egress, attached through a tcx link).
 pub const PROG_EGRESS: &str = "ftpx_egress";
 

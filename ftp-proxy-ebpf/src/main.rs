@@ -1,7 +1,9 @@
-//! The flow tracker's eBPF programs: `ftpx_ingress` (XDP) and `ftpx_egress`
-//! (TC classifier, attached through a tcx link).
+//! The flow tracker's eBPF programs: for ingress `ftpx_ingress_tc` (TC
+//! classifier on a tcx link, the default) or `ftpx_ingress` (XDP, generic
+//! mode: `--ebpf-ingress xdp`), the same work behind either hook; for
+//! egress `ftpx_egress` (TC classifier on a tcx link).
 //!
-//! Both parse Ethernet → IPv4/IPv6 → TCP with bounded reads, keep only
+//! All parse Ethernet → IPv4/IPv6 → TCP with bounded reads, keep only
 //! segments whose source or destination port is in `FTPX_PORTS`, and apply
 //! the pure [`transition`] to the flow's entry in `FTPX_FLOWS`. Each TCP
 //! event (SYN, SYN+ACK, handshake done, FIN, RST) goes to the `FTPX_EVENTS`
@@ -113,6 +115,8 @@ static FTPX_GUARD: Array<u32> = Array::with_max_entries(1, 0);
 /// tcx (and cls_bpf direct-action) "no verdict, run the next program":
 /// an observer must not end the chain for programs attached after it.
 const TCX_NEXT: i32 = -1;
+/// tcx verdict: drop the packet (`TCX_DROP`, the value of `TC_ACT_SHOT`).
+const TCX_DROP: i32 = 2;
 
 /// XDP entry point (ingress). Passes every packet but the SYNs the guard
 /// refuses under `enforce`.
@@ -125,6 +129,20 @@ pub fn ftpx_ingress(ctx: XdpContext) -> u32 {
     }
 }
 
+/// TC entry point for ingress (tcx link), the daemon's default hook: the
+/// same work as [`ftpx_ingress`] without generic XDP's cost (it copies
+/// every merged packet into one flat buffer before the program runs).
+/// Lets the packet continue but the SYNs the guard refuses under
+/// `enforce`, which it drops.
+#[classifier]
+pub fn ftpx_ingress_tc(ctx: TcContext) -> i32 {
+    if try_ingress(&ctx) {
+        TCX_NEXT
+    } else {
+        TCX_DROP
+    }
+}
+
 /// TC entry point (egress, tcx link). Always lets the packet continue.
 #[classifier]
 pub fn ftpx_egress(ctx: TcContext) -> i32 {
@@ -134,7 +152,7 @@ pub fn ftpx_egress(ctx: TcContext) -> i32 {
 
 /// Whether the packet passes.
 #[inline(always)]
-fn try_ingress(ctx: &XdpContext) -> bool {
+fn try_ingress<P: Packet>(ctx: &P) -> bool {
     let Some(parsed) = parse_counted(ctx) else {
         return true;
     };

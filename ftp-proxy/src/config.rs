@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-pub use crate::flowtrack::{EbpfMode, GuardMode};
+pub use crate::flowtrack::{EbpfMode, GuardMode, IngressHook};
 pub use crate::protocol::policy::ServerPassivePolicy;
 pub use crate::relay::RelayMode;
 pub use crate::tls::{
@@ -128,6 +128,11 @@ setting_enum!(RelayMode {
     Splice => "splice": "zero-copy through a pipe; copy only where the kernel refuses",
     Copy => "copy": "always through user space",
     Sockmap => "sockmap": "experimental: the kernel redirects between the two sockets (eBPF sockmap); no bound on what a slow receiver makes it hold",
+});
+
+setting_enum!(IngressHook {
+    Tc => "tc": "a TC classifier on a tcx link (only the headers are read)",
+    Xdp => "xdp": "XDP, generic mode (drops refused SYNs earliest, but copies every merged packet first: slower between hosts)",
 });
 
 setting_enum!(EbpfMode {
@@ -431,7 +436,11 @@ pub struct Settings {
     #[arg(long, value_enum, value_name = "MODE")]
     pub ebpf: Option<EbpfMode>,
 
-    /// Kernel admission of data connections by the flow tracker's XDP program: a SYN to a data port passes only from the peer an announced data connection expects, once; observe counts what enforce would drop; needs the tracker [default: observe].
+    /// Hook of the flow tracker's ingress program on interfaces other than loopback: tc (a tcx classifier) or xdp (generic XDP: copies every merged packet, measured slower between hosts) [default: tc].
+    #[arg(long, value_enum, value_name = "HOOK")]
+    pub ebpf_ingress: Option<IngressHook>,
+
+    /// Kernel admission of data connections by the flow tracker's ingress program: a SYN to a data port passes only from the peer an announced data connection expects, once; observe counts what enforce would drop; needs the tracker [default: observe].
     #[arg(long, value_enum, value_name = "MODE")]
     pub ebpf_guard: Option<GuardMode>,
 
@@ -774,8 +783,10 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Whether the flow tracker runs.
     pub ebpf: EbpfMode,
-    /// What the tracker's XDP program does with SYNs to the data ports.
+    /// What the tracker's ingress program does with SYNs to the data ports.
     pub ebpf_guard: GuardMode,
+    /// The hook of the tracker's ingress program.
+    pub ebpf_ingress: IngressHook,
     /// Interfaces the flow tracker attaches to (resolved: never empty).
     pub interfaces: Vec<String>,
     /// Implicit FTPS listen addresses (TLS before the banner).
@@ -1104,6 +1115,7 @@ impl Settings {
             drain_timeout,
             ebpf,
             ebpf_guard,
+            ebpf_ingress,
             tls_cert,
             tls_key,
             client_tls,
@@ -1395,6 +1407,7 @@ impl Settings {
                 .transpose()?,
             ebpf: self.ebpf.unwrap_or_default(),
             ebpf_guard: self.ebpf_guard.unwrap_or_default(),
+            ebpf_ingress: self.ebpf_ingress.unwrap_or_default(),
             interfaces,
             relay_mode: self.relay_mode.unwrap_or_default(),
             pipe_size,
@@ -1510,6 +1523,7 @@ mod tests {
             plain("send-lowat", defaults::SEND_LOWAT.to_string()),
             quoted("ebpf", name::<EbpfMode>()),
             quoted("ebpf-guard", name::<GuardMode>()),
+            quoted("ebpf-ingress", name::<IngressHook>()),
             quoted("client-data-tls", name::<ClientDataTls>()),
             quoted("client-tls-reuse", name::<TlsReuse>()),
             quoted("server-tls", name::<ServerTlsMode>()),

@@ -207,6 +207,7 @@ fn start_tracker(config: &Config) -> anyhow::Result<Option<FlowTracker>> {
         max_expectations: u32::try_from(config.limits.max_sessions.saturating_mul(2))
             .unwrap_or(u32::MAX)
             .clamp(1 << 16, 1 << 22),
+        ingress: config.ebpf_ingress,
         ..FlowtrackOptions::default()
     };
     let tracker = FlowTracker::start_with_mode(config.ebpf, &options)

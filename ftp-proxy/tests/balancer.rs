@@ -63,7 +63,7 @@ const G2: GatewaySpec = GatewaySpec {
 };
 
 /// A gateway; `pool` holds the servers and anything else (`ebpf` too:
-/// two flow trackers cannot share the namespace's loopback XDP hook).
+/// one flow tracker per namespace).
 fn start_gateway(ns: &NetNs, dir: &std::path::Path, spec: &GatewaySpec, pool: &str) -> Gateway {
     let path = dir.join(format!("{}.toml", spec.ip));
     std::fs::write(

@@ -26,7 +26,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{NetNs, run};
-use ftp_proxy::flowtrack::{FlowRecord, FlowState, FlowTracker, FlowtrackOptions, Side};
+use ftp_proxy::flowtrack::{
+    FlowRecord, FlowState, FlowTracker, FlowtrackOptions, IngressHook, Side,
+};
 
 /// One test at a time: the "nothing left in the kernel" checks look at
 /// every object named like ours.
@@ -243,7 +245,9 @@ fn loopback_in_a_namespace() {
         },
     );
     let objects = ours();
-    assert_eq!(objects.programs.len(), 2, "{objects:?}");
+    // Three programs loaded (both ingress hooks' and egress), only egress
+    // attached on lo.
+    assert_eq!(objects.programs.len(), 3, "{objects:?}");
     assert_eq!(objects.links.len(), 1, "lo: egress only: {objects:?}");
     // bpftool sees them too (so its "nothing left" check below means something).
     if let Ok(out) = Command::new("bpftool").args(["prog", "show"]).output() {
@@ -284,7 +288,8 @@ fn loopback_in_a_namespace() {
 }
 
 /// Two namespaces joined by veth; the tracker on the server side's end:
-/// the client's segments arrive through XDP, the server's leave through tcx.
+/// the client's segments arrive through the ingress hook (tcx, or XDP),
+/// the server's leave through tcx.
 struct VethPair {
     client: NetNs,
     server: NetNs,
@@ -324,6 +329,16 @@ impl VethPair {
 #[test]
 #[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
 fn veth_between_two_namespaces() {
+    veth_with(IngressHook::Tc);
+}
+
+#[test]
+#[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
+fn veth_between_two_namespaces_through_xdp() {
+    veth_with(IngressHook::Xdp);
+}
+
+fn veth_with(ingress: IngressHook) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     require();
     let rt = runtime();
@@ -340,11 +355,16 @@ fn veth_between_two_namespaces() {
         FlowtrackOptions {
             interfaces: vec!["vs".into()],
             ports,
+            ingress,
             ..FlowtrackOptions::default()
         },
     );
     let objects = ours();
-    assert_eq!(objects.links.len(), 2, "XDP + tcx: {objects:?}");
+    assert_eq!(
+        objects.links.len(),
+        2,
+        "{ingress:?} ingress + tcx egress: {objects:?}"
+    );
 
     let up = vec![7u8; 3000];
     let down = vec![9u8; 200_000];

@@ -17,8 +17,12 @@
 //! [`GuardMode::Enforce`] drops the refused ones. It is the only packet the
 //! programs ever drop.
 //!
-//! Hooks: XDP (generic mode) for ingress and a TC classifier on a tcx link
-//! for egress. On `lo` only the egress program is attached: on loopback
+//! Hooks: TC classifiers on tcx links for ingress and egress; or, with
+//! [`IngressHook::Xdp`] (`--ebpf-ingress xdp`), XDP in generic mode for
+//! ingress (the same program logic: the guard drops there, before the
+//! stack, but generic XDP first copies every merged packet into one flat
+//! buffer, which on the wire cost the relay a third of its throughput).
+//! On `lo` only the egress program is attached: on loopback
 //! every packet crosses egress and then ingress of the same interface, and
 //! egress alone sees both directions of every local connection, once each.
 //!
@@ -113,6 +117,22 @@ pub struct FlowtrackOptions {
     /// Capacity of the guard's expectation map (entries cost memory only
     /// while they exist). Default 65,536.
     pub max_expectations: u32,
+    /// The hook of the ingress program on interfaces other than loopback.
+    pub ingress: IngressHook,
+}
+
+/// Where the ingress program runs (`--ebpf-ingress`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IngressHook {
+    /// A TC classifier on a tcx link: sees the packet as the stack will
+    /// (merged segments stay as they are; only the headers are read).
+    #[default]
+    Tc,
+    /// XDP in generic mode: before the packet is an skb of the stack, but
+    /// the kernel first copies each merged packet into one flat buffer,
+    /// which between hosts cost a third of the relay's throughput (issue
+    /// 14's profile, docs/bench-notes.md).
+    Xdp,
 }
 
 impl Default for FlowtrackOptions {
@@ -127,6 +147,7 @@ impl Default for FlowtrackOptions {
             established_timeout: Duration::from_secs(3600),
             sweep_interval: Duration::from_secs(5),
             max_expectations: names::EXPECT_MAX_ENTRIES,
+            ingress: IngressHook::default(),
         }
     }
 }
@@ -608,6 +629,7 @@ impl TrackerHandle {
 /// An attached program, detached on drop of the tracker.
 enum Attachment {
     Ingress(XdpLinkId),
+    IngressTc(SchedClassifierLinkId),
     Egress(SchedClassifierLinkId),
 }
 
@@ -619,6 +641,8 @@ pub struct FlowTracker {
     /// nothing uses it after start but Drop and tests).
     ebpf: Mutex<Ebpf>,
     attachments: Vec<(String, Attachment)>,
+    /// The ingress hook [`FlowTracker::attach`] uses.
+    ingress: IngressHook,
     shared: Arc<Shared>,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -776,6 +800,12 @@ impl FlowTracker {
                 name: names::PROG_INGRESS,
                 source,
             })?;
+        program::<SchedClassifier>(&mut ebpf, names::PROG_INGRESS_TC)?
+            .load()
+            .map_err(|source| FlowtrackError::Program {
+                name: names::PROG_INGRESS_TC,
+                source,
+            })?;
         program::<SchedClassifier>(&mut ebpf, names::PROG_EGRESS)?
             .load()
             .map_err(|source| FlowtrackError::Program {
@@ -785,6 +815,7 @@ impl FlowTracker {
         let tracker = Self {
             ebpf: Mutex::new(ebpf),
             attachments: Vec::new(),
+            ingress: opts.ingress,
             shared,
             cancel: CancellationToken::new(),
             tasks: Vec::new(),
@@ -810,11 +841,25 @@ impl FlowTracker {
         let mut ebpf = lock(&self.ebpf);
         // Loopback: egress only (each packet would be seen twice otherwise).
         if ifindex != LOOPBACK_IFINDEX {
-            let id = program::<Xdp>(&mut ebpf, names::PROG_INGRESS)?
-                .attach_to_if_index(ifindex, XdpMode::Skb)
-                .map_err(attach_err(names::PROG_INGRESS))?;
-            self.attachments
-                .push((interface.to_owned(), Attachment::Ingress(id)));
+            let attachment = match self.ingress {
+                IngressHook::Xdp => Attachment::Ingress(
+                    program::<Xdp>(&mut ebpf, names::PROG_INGRESS)?
+                        .attach_to_if_index(ifindex, XdpMode::Skb)
+                        .map_err(attach_err(names::PROG_INGRESS))?,
+                ),
+                // First in the chain, as egress: a later program may
+                // redirect what it sees.
+                IngressHook::Tc => Attachment::IngressTc(
+                    program::<SchedClassifier>(&mut ebpf, names::PROG_INGRESS_TC)?
+                        .attach_with_options(
+                            interface,
+                            TcAttachType::Ingress,
+                            TcAttachOptions::TcxOrder(LinkOrder::first()),
+                        )
+                        .map_err(attach_err(names::PROG_INGRESS_TC))?,
+                ),
+            };
+            self.attachments.push((interface.to_owned(), attachment));
         }
         // First in the tcx chain: we only observe and return TCX_NEXT, so
         // being first lets us see packets a later program may redirect.
@@ -1150,6 +1195,14 @@ impl FlowTracker {
                     program::<Xdp>(&mut ebpf, names::PROG_INGRESS).and_then(|p| {
                         p.detach(id).map_err(|source| FlowtrackError::Program {
                             name: names::PROG_INGRESS,
+                            source,
+                        })
+                    })
+                }
+                Attachment::IngressTc(id) => {
+                    program::<SchedClassifier>(&mut ebpf, names::PROG_INGRESS_TC).and_then(|p| {
+                        p.detach(id).map_err(|source| FlowtrackError::Program {
+                            name: names::PROG_INGRESS_TC,
                             source,
                         })
                     })

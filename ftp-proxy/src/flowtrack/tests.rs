@@ -611,18 +611,42 @@ fn ebpf_logs_reach_tracing() {
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 
+/// tcx verdicts of the ingress classifier.
+const TCX_NEXT: u32 = u32::MAX; // -1
+const TCX_DROP: u32 = 2;
+
 impl FlowTracker {
-    /// Runs the XDP program on `frame` (`BPF_PROG_TEST_RUN`); its verdict.
+    /// Runs the ingress program of the tracker's hook on `frame`
+    /// (`BPF_PROG_TEST_RUN`); its verdict as XDP's (the classifier's
+    /// `TCX_NEXT` is `XDP_PASS`, its `TCX_DROP` `XDP_DROP`), so that the
+    /// same tests judge either hook.
     pub(crate) fn test_run_ingress(&self, frame: &[u8]) -> u32 {
         let mut ebpf = lock(&self.ebpf);
-        program::<Xdp>(&mut ebpf, names::PROG_INGRESS)
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                ..TestRunOptions::default()
-            })
-            .unwrap()
-            .return_value
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ..TestRunOptions::default()
+        };
+        match self.ingress {
+            IngressHook::Xdp => {
+                program::<Xdp>(&mut ebpf, names::PROG_INGRESS)
+                    .unwrap()
+                    .test_run(opts)
+                    .unwrap()
+                    .return_value
+            }
+            IngressHook::Tc => {
+                let verdict = program::<SchedClassifier>(&mut ebpf, names::PROG_INGRESS_TC)
+                    .unwrap()
+                    .test_run(opts)
+                    .unwrap()
+                    .return_value;
+                match verdict {
+                    TCX_NEXT => XDP_PASS,
+                    TCX_DROP => XDP_DROP,
+                    other => panic!("unexpected tcx verdict {other}"),
+                }
+            }
+        }
     }
 }
 
@@ -637,8 +661,16 @@ mod guard {
     const THIEF: &str = "10.0.0.66";
 
     fn tracker(mode: GuardMode) -> FlowTracker {
+        tracker_on(mode, IngressHook::default())
+    }
+
+    fn tracker_on(mode: GuardMode, ingress: IngressHook) -> FlowTracker {
         require();
-        let t = FlowTracker::start(&FlowtrackOptions::default()).unwrap();
+        let t = FlowTracker::start(&FlowtrackOptions {
+            ingress,
+            ..FlowtrackOptions::default()
+        })
+        .unwrap();
         t.set_guard_mode(mode).unwrap();
         t
     }
@@ -669,7 +701,18 @@ mod guard {
     #[tokio::test]
     #[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
     async fn the_expected_peer_is_admitted_once() {
-        let t = tracker(GuardMode::Enforce);
+        admitted_once(IngressHook::Tc);
+    }
+
+    /// The same verdicts from the XDP program (`--ebpf-ingress xdp`).
+    #[tokio::test]
+    #[ignore = "privileged tier (root, the eBPF object): cargo xtask test runs it"]
+    async fn the_expected_peer_is_admitted_once_through_xdp() {
+        admitted_once(IngressHook::Xdp);
+    }
+
+    fn admitted_once(hook: IngressHook) {
+        let t = tracker_on(GuardMode::Enforce, hook);
         let data = format!("{GATEWAY}:50000");
         expect(&t, &data, CLIENT, Duration::from_secs(30), GuardLeg::Client);
         // A thief first: dropped, and it opens no flow.

@@ -22,7 +22,7 @@ mod stream;
 pub(crate) use stream::Leg;
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, Shutdown};
+use std::net::{IpAddr, Shutdown};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -35,12 +35,14 @@ use tokio::time::Instant;
 /// How data bytes are moved (`--relay-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RelayMode {
-    /// Per direction: copy when the receiving peer is on this host (its
-    /// address is a loopback address or the gateway's own), splice
-    /// otherwise. A local receiver copies the bytes out of the socket
-    /// anyway; handing it freshly written, cache-warm buffers costs less in
-    /// all than passing on references to pages no CPU has read (issue 6's
-    /// benchmark, docs/bench-notes.md).
+    /// Copy, with chunks of at most [`WIRE_COPY_MAX`] toward another
+    /// host: what measured best both ways. A receiver on this host copies
+    /// the bytes out of its socket anyway, and cache-warm buffers written
+    /// by the relay cost it less than references to pages no CPU has read
+    /// (issue 6's benchmark); between hosts splice left the relay's thread
+    /// doing the TCP work of three stages where copying spread it (issue
+    /// 14's profile: 0.82-0.92 x routed against 0.44-0.51 with the tracker's
+    /// ingress off the XDP path; docs/bench-notes.md).
     #[default]
     Auto,
     /// Always splice(2) through a pipe, falling back to copying only where
@@ -119,20 +121,31 @@ impl Method {
     }
 }
 
-/// The method a direction starts with, for a receiver at `peer` reached
-/// from the local address `local`. In auto mode a receiver on this host (a
-/// loopback address, or the gateway's own address) gets copied bytes: it
-/// copies them out of its socket anyway, and cache-warm buffers written by
-/// the relay cost it less than page references no CPU has read, more than
-/// the relay's two copies cost (docs/bench-notes.md). Toward other hosts
-/// splice saves both copies and nobody downstream on this host pays.
-pub(crate) fn method_for(mode: RelayMode, peer: IpAddr, local: IpAddr) -> Method {
+/// The method a direction starts with. Auto copies everywhere (see
+/// [`RelayMode::Auto`]); what differs by receiver is the largest chunk
+/// ([`copy_max_for`]).
+pub(crate) fn method_for(mode: RelayMode) -> Method {
     match mode {
         // Sockmap: what a pair the kernel would not link falls back to.
         RelayMode::Splice | RelayMode::Sockmap => Method::Splice,
-        RelayMode::Copy => Method::Copy,
-        RelayMode::Auto if on_this_host(peer, local) => Method::Copy,
-        RelayMode::Auto => Method::Splice,
+        RelayMode::Copy | RelayMode::Auto => Method::Copy,
+    }
+}
+
+/// The largest copy chunk toward another host. Reads there return 2-4 MB
+/// at a time; a 4 MiB buffer no longer fits a core's L2 cache and measured
+/// 0.65 x routed against 0.82 at 1 MiB (512 KiB: 0.65, 2 MiB: 0.80), while
+/// on loopback the larger buffer wins (issue 6). docs/bench-notes.md.
+pub(crate) const WIRE_COPY_MAX: usize = 1 << 20;
+
+/// The largest copy chunk toward `peer` reached from `local`: the
+/// configured one toward a process on this host, at most
+/// [`WIRE_COPY_MAX`] toward another host.
+pub(crate) fn copy_max_for(copy_buffer: usize, peer: IpAddr, local: IpAddr) -> usize {
+    if on_this_host(peer, local) {
+        copy_buffer
+    } else {
+        copy_buffer.min(WIRE_COPY_MAX)
     }
 }
 
@@ -150,16 +163,12 @@ pub(crate) fn send_lowat_for(lowat: u32, peer: IpAddr, local: IpAddr) -> Option<
     (lowat > 0 && !on_this_host(peer, local)).then_some(lowat)
 }
 
-/// [`method_for`] on a connected socket; splice when its addresses are
-/// unknown (the socket is failing, the pump will say so).
-fn method_toward(mode: RelayMode, to: &TcpStream) -> Method {
+/// [`copy_max_for`] on a connected socket; the configured size when its
+/// addresses are unknown (the socket is failing, the pump will say so).
+fn copy_max_toward(copy_buffer: usize, to: &TcpStream) -> usize {
     match (to.peer_addr(), to.local_addr()) {
-        (Ok(peer), Ok(local)) => method_for(mode, peer.ip(), local.ip()),
-        _ => method_for(
-            mode,
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            IpAddr::V4(Ipv4Addr::BROADCAST),
-        ),
+        (Ok(peer), Ok(local)) => copy_max_for(copy_buffer, peer.ip(), local.ip()),
+        _ => copy_buffer,
     }
 }
 
@@ -466,7 +475,11 @@ async fn one_way(
     activity: &Activity,
     already: u64,
 ) -> Result<(), ()> {
-    let method = method_toward(options.mode, to);
+    let method = method_for(options.mode);
+    let options = RelayOptions {
+        copy_buffer: copy_max_toward(options.copy_buffer, to),
+        ..options
+    };
     let result = pump::pump(from, to, direction, method, options, &|| activity.touch()).await;
     let flow = match &result {
         Ok((bytes, method)) => Flow::Finished {

@@ -162,7 +162,7 @@ async fn both_directions(mode: Mode, options: RelayOptions) {
     assert_eq!(client_task.await.unwrap(), down);
     assert_eq!(server_task.await.unwrap(), up);
     let progress = relay.wait_all().await;
-    // Every pair is on loopback, where auto copies.
+    // Auto copies.
     let want_method = match mode {
         Mode::Plain(RelayMode::Splice) => Method::Splice,
         Mode::Plain(RelayMode::Sockmap) => Method::Sockmap,
@@ -447,33 +447,41 @@ macro_rules! suite {
 }
 
 #[test]
-fn auto_copies_toward_this_host_and_splices_toward_others() {
+fn auto_copies_with_smaller_chunks_toward_other_hosts() {
     let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
-    let auto = |peer: &str, local: &str| method_for(RelayMode::Auto, ip(peer), ip(local));
-    // Loopback, in either family and as a v4-mapped address.
-    assert_eq!(auto("127.0.0.1", "127.0.0.1"), Method::Copy);
-    assert_eq!(auto("127.0.0.3", "127.0.0.1"), Method::Copy);
-    assert_eq!(auto("::1", "::1"), Method::Copy);
-    assert_eq!(auto("::ffff:127.0.0.1", "::ffff:127.0.0.1"), Method::Copy);
-    // The gateway's own address: a process on this host.
-    assert_eq!(auto("192.0.2.10", "192.0.2.10"), Method::Copy);
-    assert_eq!(auto("::ffff:192.0.2.10", "192.0.2.10"), Method::Copy);
-    assert_eq!(auto("2001:db8::1", "2001:db8::1"), Method::Copy);
-    // Another host.
-    assert_eq!(auto("192.0.2.20", "192.0.2.10"), Method::Splice);
-    assert_eq!(auto("2001:db8::2", "2001:db8::1"), Method::Splice);
-    assert_eq!(auto("10.0.0.1", "127.0.0.1"), Method::Splice);
-    // The fixed modes ignore the addresses.
-    for (peer, local) in [("127.0.0.1", "127.0.0.1"), ("192.0.2.20", "192.0.2.10")] {
-        assert_eq!(
-            method_for(RelayMode::Splice, ip(peer), ip(local)),
-            Method::Splice
-        );
-        assert_eq!(
-            method_for(RelayMode::Copy, ip(peer), ip(local)),
-            Method::Copy
-        );
+    assert_eq!(method_for(RelayMode::Auto), Method::Copy);
+    assert_eq!(method_for(RelayMode::Copy), Method::Copy);
+    assert_eq!(method_for(RelayMode::Splice), Method::Splice);
+    // What sockmap falls back to where the kernel will not link a pair.
+    assert_eq!(method_for(RelayMode::Sockmap), Method::Splice);
+    let configured = 4 << 20;
+    let max = |peer: &str, local: &str| copy_max_for(configured, ip(peer), ip(local));
+    // Loopback, in either family and as a v4-mapped address, and the
+    // gateway's own address: a process on this host keeps the configured
+    // buffer.
+    for (peer, local) in [
+        ("127.0.0.1", "127.0.0.1"),
+        ("127.0.0.3", "127.0.0.1"),
+        ("::1", "::1"),
+        ("::ffff:127.0.0.1", "::ffff:127.0.0.1"),
+        ("192.0.2.10", "192.0.2.10"),
+        ("::ffff:192.0.2.10", "192.0.2.10"),
+        ("2001:db8::1", "2001:db8::1"),
+    ] {
+        assert_eq!(max(peer, local), configured, "{peer} from {local}");
     }
+    // Another host: at most WIRE_COPY_MAX, never more than configured.
+    for (peer, local) in [
+        ("192.0.2.20", "192.0.2.10"),
+        ("2001:db8::2", "2001:db8::1"),
+        ("10.0.0.1", "127.0.0.1"),
+    ] {
+        assert_eq!(max(peer, local), WIRE_COPY_MAX, "{peer} from {local}");
+    }
+    assert_eq!(
+        copy_max_for(64 << 10, ip("192.0.2.20"), ip("192.0.2.10")),
+        64 << 10
+    );
 }
 
 #[test]
