@@ -1,6 +1,7 @@
-//! The eBPF flow tracker: the only module that touches aya. It loads the
-//! programs built from `ftp-proxy-ebpf` (embedded at build time), attaches
-//! them to interfaces, keeps the set of watched ports, reads the flow table
+//! The eBPF flow tracker: the tracker's side of aya (the other user is
+//! `relay::sockmap`, which loads its own program from the same object). It
+//! loads the programs built from `ftp-proxy-ebpf` (embedded at build time),
+//! attaches them to interfaces, keeps the set of watched ports, reads the flow table
 //! and the counters, drains closed flows, expires old entries, and detaches
 //! everything when dropped.
 //!
