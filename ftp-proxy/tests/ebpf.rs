@@ -182,25 +182,13 @@ fn seed_session_across_veth_is_tracked_on_both_legs() {
             "127.0.0.1:9121",
         ],
     );
-    let driver =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/ftpdriver.py");
     let spec = json!({"host": "10.77.1.1", "port": 21, "steps": [
         {"op": "connect"}, {"op": "login"},
         {"op": "list", "mode": "port"},
         {"op": "cmd", "line": "CWD pub"},
         {"op": "retr", "path": "readme.txt", "mode": "port"},
         {"op": "quit"}]});
-    let out = t
-        .client
-        .command("python3")
-        .arg(driver)
-        .arg(spec.to_string())
-        .output()
-        .unwrap();
-    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let results = ftp_driver(&t.client, &spec, &|| gateway.logs());
     let listing_size = results[2]["size"].as_u64().unwrap();
     assert!(
         results[2]["final"].as_str().unwrap().starts_with("226"),

@@ -103,24 +103,7 @@ impl TlsLab {
     }
 
     fn python(&self, spec: Value) -> Vec<Value> {
-        let driver =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/ftpdriver.py");
-        let out = self
-            .ns
-            .command("python3")
-            .arg(driver)
-            .arg(spec.to_string())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "driver failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        ftp_driver(&self.ns, &spec, &|| self.logs())
     }
 
     fn logs(&self) -> String {
