@@ -124,7 +124,7 @@ macro_rules! setting_enum {
 }
 
 setting_enum!(RelayMode {
-    Auto => "auto": "copy; toward another host in chunks of at most 1 MiB",
+    Auto => "auto": "copy (toward another host in chunks of at most 1 MiB); splice toward a receiver that proves slow",
     Splice => "splice": "zero-copy through a pipe; copy only where the kernel refuses",
     Copy => "copy": "always through user space",
     Sockmap => "sockmap": "experimental: the kernel redirects between the two sockets (eBPF sockmap); no bound on what a slow receiver makes it hold",
@@ -404,7 +404,7 @@ pub struct Settings {
     #[arg(long, value_name = "SECS")]
     pub reply_timeout: Option<u64>,
 
-    /// Data relay: auto (copy; toward another host in chunks of at most 1 MiB), splice (zero-copy, falls back to copy only where the kernel refuses), copy, or sockmap (experimental: the kernel redirects) [default: auto].
+    /// Data relay: auto (copy, toward another host in chunks of at most 1 MiB; splice toward a receiver that proves slow), splice (zero-copy, falls back to copy only where the kernel refuses), copy, or sockmap (experimental: the kernel redirects) [default: auto].
     #[arg(long, value_enum, value_name = "MODE")]
     pub relay_mode: Option<RelayMode>,
 

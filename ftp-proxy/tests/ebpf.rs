@@ -196,7 +196,8 @@ fn seed_session_across_veth_is_tracked_on_both_legs() {
     );
     assert_eq!(results[4]["sha256"], sha256(&readme), "{results:?}");
     // Client and server are other hosts here: the default relay copies
-    // (in chunks of at most 1 MiB).
+    // (in chunks of at most 1 MiB; these small transfers never wait on
+    // their receiver, so never turn to splicing).
     gateway.expect_logs("\"relay\":\"copy\"", 2);
     // Wait until the four data flows (two per leg) are reported closed.
     let mut doc = Value::Null;

@@ -42,7 +42,10 @@ pub enum RelayMode {
     /// (issue 6's benchmark); between hosts splice left the relay's thread
     /// doing the TCP work of three stages where copying spread it (issue
     /// 14's profile: 0.82-0.92 x routed against 0.44-0.51 with the tracker's
-    /// ingress off the XDP path; docs/bench-notes.md).
+    /// ingress off the XDP path; docs/bench-notes.md). Toward a receiver
+    /// that proves slow before it proves fast, splice: no buffer of the
+    /// gateway's own for as long as a slow client takes (the pump's
+    /// docs).
     #[default]
     Auto,
     /// Always splice(2) through a pipe, falling back to copying only where

@@ -12,8 +12,17 @@
 //! would otherwise grow it to megabytes in the first milliseconds, while a
 //! slow client's socket still absorbs what it can) until the receiver has
 //! taken [`RELEASE_AFTER`] bytes without making the relay wait
-//! ([`ReceiveHold`]); then it is set large. The send side is bounded by
+//! ([`ReceiveHold`]); then it is set large. Until then chunks are capped
+//! too ([`ReceiveHold::chunk_max`]). The send side is bounded by
 //! `TCP_NOTSENT_LOWAT` (set by the caller).
+//!
+//! The method can change midway (`--relay-mode auto`): a copying direction
+//! whose receiver makes it wait before proving fast turns to splicing, so
+//! that a slow client costs no buffer in the gateway's memory and the
+//! pages the server's socket received go to the client's as they are;
+//! should the receiver prove fast after all (a stall, not a slow client),
+//! it turns back to copying, which measured faster between hosts. The
+//! hold and the byte count carry over ([`Moved`]).
 
 use std::io;
 use std::net::Shutdown;
@@ -24,7 +33,7 @@ use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::{Direction, Method, RelayError, RelayOptions};
+use super::{Direction, Method, RelayError, RelayMode, RelayOptions};
 
 /// The first length of a copy buffer, and the smallest chunk. Starting at
 /// the maximum would zero a megabyte per direction for every listing
@@ -41,26 +50,36 @@ pub(super) const SLOW_WAIT: Duration = Duration::from_millis(20);
 
 /// The next chunk after one of `len` bytes, of which a read brought `n`,
 /// delivered in `waited`: halved (not under [`CHUNK_MIN`]) when the
-/// receiver was slow, doubled (up to `max`) when the read filled it and the
-/// receiver took it at once, else unchanged. Bulk transfers toward fast
+/// receiver was slow, doubled when the read filled it and the receiver
+/// took it at once, else unchanged; never over `max`. Bulk transfers toward fast
 /// receivers reach `max` within a few reads; small ones never grow.
 pub(super) fn next_chunk(len: usize, n: usize, waited: Duration, max: usize) -> usize {
-    if waited >= SLOW_WAIT {
-        (len / 2).max(CHUNK_MIN.min(max))
-    } else if n >= len && len < max {
-        len.saturating_mul(2).min(max)
+    let next = if waited >= SLOW_WAIT {
+        (len / 2).max(CHUNK_MIN)
+    } else if n >= len {
+        len.saturating_mul(2)
     } else {
         len
-    }
+    };
+    // The largest may have come down (a hold's cap, [`ReceiveHold::chunk_max`]).
+    next.min(max)
 }
 
 /// The receive buffer a direction's source socket starts with (the kernel
-/// doubles it for its bookkeeping: 256 KiB, about what a 1 GB/s stream
-/// needs for 100 µs of round trip).
-pub(super) const HELD_RCVBUF: usize = 128 * 1024;
+/// doubles it for its bookkeeping: 128 KiB, a window of about 100 KB,
+/// which a relay reading every 100 µs turns into 1 GB/s). All that a
+/// slow receiver's source ever queues on the gateway.
+pub(super) const HELD_RCVBUF: usize = 64 * 1024;
 /// Bytes the receiver must take without a slow wait before the source's
 /// receive buffer is released.
 pub(super) const RELEASE_AFTER: u64 = 4 << 20;
+/// The largest chunk while a direction's receive buffer is held: about
+/// what the held buffer lets the kernel queue (so a read never has more),
+/// and all a slow receiver's direction ever holds in user space.
+pub(super) const HELD_CHUNK_MAX: usize = 2 * HELD_RCVBUF;
+/// The largest chunk toward a receiver that made the relay wait before it
+/// proved fast: 500 KB/s takes it in 64 ms.
+pub(super) const SLOW_CHUNK_MAX: usize = 2 * CHUNK_MIN;
 /// The receive buffer asked for at the release (the kernel caps it at
 /// `net.core.rmem_max`): long fast paths need large windows.
 const RELEASED_RCVBUF: usize = 16 << 20;
@@ -68,15 +87,31 @@ const RELEASED_RCVBUF: usize = 16 << 20;
 /// held (see [`holding_receive_buffers`]).
 const RELEASE_FLOOR: usize = 4 << 20;
 
+/// What a hold asks of its direction after a chunk ([`ReceiveHold::after_chunk`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HoldStep {
+    /// Nothing to change.
+    Keep,
+    /// The receiver made the relay wait before it ever proved fast (once):
+    /// chunks are capped at [`SLOW_CHUNK_MAX`] from now, and a copying
+    /// direction of `--relay-mode auto` turns to splicing.
+    Slowed,
+    /// The receiver has proved fast: release the source's receive buffer
+    /// (once).
+    Released,
+}
+
 /// Whether a direction's receiver has shown it is fast: [`RELEASE_AFTER`]
 /// bytes delivered in a row without a slow wait ([`SLOW_WAIT`]). Once
 /// released, a direction stays released (lowering a receive buffer under
 /// its queue makes the kernel drop segments, and the sender's
-/// retransmission timer would stall the transfer).
+/// retransmission timer would stall the transfer). While held, a chunk
+/// is at most [`HELD_CHUNK_MAX`] ([`ReceiveHold::chunk_max`]).
 #[derive(Debug)]
 pub(super) struct ReceiveHold {
     quick_run: u64,
     released: bool,
+    slowed: bool,
 }
 
 impl ReceiveHold {
@@ -85,22 +120,49 @@ impl ReceiveHold {
         ReceiveHold {
             quick_run: 0,
             released: !held,
+            slowed: false,
         }
     }
 
-    /// After a chunk of `moved` bytes delivered in `waited`: whether to
-    /// release the buffer now (true once).
-    pub(super) fn after_chunk(&mut self, moved: usize, waited: Duration) -> bool {
+    /// Whether the receiver proved fast (or nothing was held).
+    pub(super) fn released(&self) -> bool {
+        self.released
+    }
+
+    /// The largest chunk now, of a direction whose largest is `max`: a
+    /// held source never has more than its receive buffer to read
+    /// ([`HELD_CHUNK_MAX`]), and a slow receiver's chunk is memory the
+    /// gateway holds for long ([`SLOW_CHUNK_MAX`]).
+    pub(super) fn chunk_max(&self, max: usize) -> usize {
         if self.released {
-            return false;
+            max
+        } else if self.slowed {
+            max.min(SLOW_CHUNK_MAX)
+        } else {
+            max.min(HELD_CHUNK_MAX)
+        }
+    }
+
+    /// After a chunk of `moved` bytes delivered in `waited`: what to change.
+    pub(super) fn after_chunk(&mut self, moved: usize, waited: Duration) -> HoldStep {
+        if self.released {
+            return HoldStep::Keep;
         }
         if waited >= SLOW_WAIT {
             self.quick_run = 0;
-            return false;
+            if self.slowed {
+                return HoldStep::Keep;
+            }
+            self.slowed = true;
+            return HoldStep::Slowed;
         }
         self.quick_run = self.quick_run.saturating_add(moved as u64);
         self.released = self.quick_run >= RELEASE_AFTER;
-        self.released
+        if self.released {
+            HoldStep::Released
+        } else {
+            HoldStep::Keep
+        }
     }
 }
 
@@ -136,6 +198,33 @@ fn set_receive_buffer(from: &TcpStream, bytes: usize) {
     }
 }
 
+/// Releases the receive buffer of `from` when the hold says so.
+fn apply(step: HoldStep, from: &TcpStream) {
+    if step == HoldStep::Released {
+        set_receive_buffer(from, RELEASED_RCVBUF);
+    }
+}
+
+/// Where a direction stands: the bytes it moved and its receive hold,
+/// carried over when it changes method midway.
+#[derive(Debug)]
+struct Moved {
+    total: u64,
+    hold: ReceiveHold,
+}
+
+impl Moved {
+    /// A direction about to read from `from`: its receive buffer held
+    /// where the release can give it back ([`holding_receive_buffers`]).
+    fn start(from: &TcpStream) -> Moved {
+        let hold = ReceiveHold::held(holding_receive_buffers());
+        if !hold.released() {
+            set_receive_buffer(from, HELD_RCVBUF);
+        }
+        Moved { total: 0, hold }
+    }
+}
+
 type PumpResult = Result<(u64, Method), (u64, RelayError)>;
 
 fn io_error(direction: Direction, error: io::Error) -> RelayError {
@@ -156,22 +245,52 @@ pub(super) async fn pump(
     options: RelayOptions,
     touch: &(dyn Fn() + Sync),
 ) -> PumpResult {
-    let outcome = match method {
-        Method::Splice => match splice_pump(from, to, options.pipe_size, touch).await {
-            SpliceOutcome::Done(bytes) => Ok((bytes, Method::Splice)),
-            SpliceOutcome::Failed(bytes, error) => Err((bytes, io_error(direction, error))),
-            SpliceOutcome::Unsupported => copy_pump(from, to, options.copy_buffer, touch)
-                .await
-                .map(|bytes| (bytes, Method::Copy))
-                .map_err(|(bytes, e)| (bytes, io_error(direction, e))),
-        },
+    let start = Moved::start(from);
+    // Auto copies toward fast receivers and splices toward slow ones, so
+    // that the many slow ones hold no buffer of the gateway's own.
+    let mut next = match method {
+        Method::Splice => Stage::Splice(start, false),
         // Plain sockets are never "TLS": copy is the method that works for any.
         Method::Copy | Method::Tls | Method::Sockmap => {
-            copy_pump(from, to, options.copy_buffer, touch)
-                .await
-                .map(|bytes| (bytes, Method::Copy))
-                .map_err(|(bytes, e)| (bytes, io_error(direction, e)))
+            Stage::Copy(start, options.mode == RelayMode::Auto)
         }
+    };
+    // Each stage ends the loop or moves on. A receiver turns slow at most
+    // once and fast at most once (the hold's steps come once each), and a
+    // copy that is not to turn never hands over.
+    let outcome = loop {
+        next = match next {
+            Stage::Splice(moved, back) => {
+                match splice_pump(from, to, options, touch, moved, back).await {
+                    SpliceOutcome::Done(bytes) => break Ok((bytes, Method::Splice)),
+                    SpliceOutcome::Failed(bytes, e) => break Err((bytes, io_error(direction, e))),
+                    SpliceOutcome::Unsupported(moved) => Stage::Copy(moved, false),
+                    // A stall made it look slow: copy again at full chunks.
+                    SpliceOutcome::Fast(moved) => {
+                        tracing::debug!(
+                            direction = direction.label(),
+                            bytes = moved.total,
+                            "receiver proved fast: copying again"
+                        );
+                        Stage::Copy(moved, false)
+                    }
+                }
+            }
+            Stage::Copy(moved, turn) => {
+                match copy_pump(from, to, options, touch, moved, turn).await {
+                    CopyOutcome::Done(bytes) => break Ok((bytes, Method::Copy)),
+                    CopyOutcome::Failed(bytes, e) => break Err((bytes, io_error(direction, e))),
+                    CopyOutcome::Slow(moved) => {
+                        tracing::debug!(
+                            direction = direction.label(),
+                            bytes = moved.total,
+                            "receiver slower than its sender: splicing"
+                        );
+                        Stage::Splice(moved, true)
+                    }
+                }
+            }
+        };
     };
     match outcome {
         Ok((bytes, method)) => match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
@@ -184,11 +303,32 @@ pub(super) async fn pump(
     }
 }
 
+/// What a direction does next.
+enum Stage {
+    /// Splice; with `true`, turn back to copying once the receiver proves
+    /// fast (auto mode, after it turned for a slow one).
+    Splice(Moved, bool),
+    /// Copy; with `true`, turn to splicing once the receiver proves slow.
+    Copy(Moved, bool),
+}
+
 enum SpliceOutcome {
     Done(u64),
     Failed(u64, io::Error),
-    /// The kernel refused splice before any byte moved: copy instead.
-    Unsupported,
+    /// The kernel refused splice before this pump moved a byte: copy
+    /// instead, from where the direction stands.
+    Unsupported(Moved),
+    /// The receiver proved fast and the pump was asked to turn back to
+    /// copying then: the pipe is empty.
+    Fast(Moved),
+}
+
+enum CopyOutcome {
+    Done(u64),
+    Failed(u64, io::Error),
+    /// The receiver proved slow and the pump was asked to turn to
+    /// splicing then: every byte read so far was written.
+    Slow(Moved),
 }
 
 fn is_unsupported(error: &io::Error) -> bool {
@@ -201,23 +341,25 @@ fn is_unsupported(error: &io::Error) -> bool {
 async fn splice_pump(
     from: &TcpStream,
     to: &TcpStream,
-    pipe_size: usize,
+    options: RelayOptions,
     touch: &(dyn Fn() + Sync),
+    moved: Moved,
+    back: bool,
 ) -> SpliceOutcome {
     // Without a pipe (e.g. out of file descriptors) splice cannot be used.
     let Ok((pipe_read, pipe_write)) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK) else {
-        return SpliceOutcome::Unsupported;
+        return SpliceOutcome::Unsupported(moved);
     };
     // Larger pipes mean fewer system calls; the kernel may cap the size
     // (fs.pipe-max-size), in which case the default stays.
-    let capacity = fcntl_setpipe_size(&pipe_write, pipe_size).unwrap_or(64 * 1024);
+    let capacity = fcntl_setpipe_size(&pipe_write, options.pipe_size).unwrap_or(64 * 1024);
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
-    let mut chunk = SPLICE_START.min(capacity);
-    let mut hold = ReceiveHold::held(holding_receive_buffers());
-    if !hold.released {
-        set_receive_buffer(from, HELD_RCVBUF);
-    }
-    let mut total: u64 = 0;
+    let Moved {
+        mut total,
+        mut hold,
+    } = moved;
+    let first = total;
+    let mut chunk = hold.chunk_max(SPLICE_START.min(capacity));
     loop {
         // The pipe is always empty here, so EAGAIN means the socket has no data.
         let filled = from
@@ -228,7 +370,9 @@ async fn splice_pump(
         let read = match filled {
             Ok(0) => return SpliceOutcome::Done(total),
             Ok(n) => n,
-            Err(e) if total == 0 && is_unsupported(&e) => return SpliceOutcome::Unsupported,
+            Err(e) if total == first && is_unsupported(&e) => {
+                return SpliceOutcome::Unsupported(Moved { total, hold });
+            }
             Err(e) => return SpliceOutcome::Failed(total, e),
         };
         let mut in_pipe = read;
@@ -250,35 +394,49 @@ async fn splice_pump(
         }
         touch();
         let waited = started.elapsed();
-        chunk = next_chunk(chunk, read, waited, capacity);
-        if hold.after_chunk(read, waited) {
-            set_receive_buffer(from, RELEASED_RCVBUF);
+        let step = hold.after_chunk(read, waited);
+        apply(step, from);
+        if back && step == HoldStep::Released {
+            return SpliceOutcome::Fast(Moved { total, hold });
         }
+        chunk = next_chunk(chunk, read, waited, hold.chunk_max(capacity));
     }
 }
 
+/// Copies until end of stream, or (with `turn`) until the receiver proves
+/// slow.
 async fn copy_pump(
     from: &TcpStream,
     to: &TcpStream,
-    max: usize,
+    options: RelayOptions,
     touch: &(dyn Fn() + Sync),
-) -> Result<u64, (u64, io::Error)> {
-    let mut buffer = vec![0u8; CHUNK_MIN.min(max)];
-    let mut hold = ReceiveHold::held(holding_receive_buffers());
-    if !hold.released {
-        set_receive_buffer(from, HELD_RCVBUF);
-    }
-    let mut total: u64 = 0;
+    moved: Moved,
+    turn: bool,
+) -> CopyOutcome {
+    let max = options.copy_buffer;
+    // Allocated once the source has something to read: the idle direction
+    // of a transfer (a download's client side) never holds a buffer.
+    let mut buffer = Vec::new();
+    let Moved {
+        mut total,
+        mut hold,
+    } = moved;
     loop {
+        if buffer.is_empty() {
+            if let Err(e) = from.readable().await {
+                return CopyOutcome::Failed(total, e);
+            }
+            buffer.resize(CHUNK_MIN.min(max), 0);
+        }
         let n = match from
             .async_io(Interest::READABLE, || {
                 rustix::io::read(from, &mut buffer).map_err(io::Error::from)
             })
             .await
         {
-            Ok(0) => return Ok(total),
+            Ok(0) => return CopyOutcome::Done(total),
             Ok(n) => n,
-            Err(e) => return Err((total, e)),
+            Err(e) => return CopyOutcome::Failed(total, e),
         };
         let mut written = 0;
         let started = Instant::now();
@@ -289,20 +447,22 @@ async fn copy_pump(
                 })
                 .await
             {
-                Ok(0) => return Err((total, io::ErrorKind::WriteZero.into())),
+                Ok(0) => return CopyOutcome::Failed(total, io::ErrorKind::WriteZero.into()),
                 Ok(m) => {
                     written += m;
                     total += m as u64;
                 }
-                Err(e) => return Err((total, e)),
+                Err(e) => return CopyOutcome::Failed(total, e),
             }
         }
         touch();
         let waited = started.elapsed();
-        let next = next_chunk(buffer.len(), n, waited, max);
-        if hold.after_chunk(n, waited) {
-            set_receive_buffer(from, RELEASED_RCVBUF);
+        let step = hold.after_chunk(n, waited);
+        apply(step, from);
+        if turn && step == HoldStep::Slowed {
+            return CopyOutcome::Slow(Moved { total, hold });
         }
+        let next = next_chunk(buffer.len(), n, waited, hold.chunk_max(max));
         if next < buffer.len() {
             // Give the memory back: a slow receiver holds it for long.
             buffer.truncate(next);

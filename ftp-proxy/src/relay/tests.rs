@@ -395,36 +395,164 @@ fn send_queues_are_bounded_toward_other_hosts() {
 
 #[test]
 fn a_receive_buffer_is_released_after_a_fast_run_only() {
+    use pump::HoldStep::{Keep, Released, Slowed};
     let quick = Duration::from_millis(1);
     let slow = pump::SLOW_WAIT;
     let chunk = 1 << 20;
     // A slow client: its socket absorbs the first few hundred KiB at once,
-    // then every chunk waits. Never released.
+    // then every chunk waits. Slowed once, never released.
     let mut hold = pump::ReceiveHold::held(true);
     for _ in 0..3 {
-        assert!(!hold.after_chunk(128 << 10, quick));
+        assert_eq!(hold.after_chunk(128 << 10, quick), Keep);
     }
+    assert_eq!(hold.after_chunk(16 << 10, slow), Slowed);
     for _ in 0..1000 {
-        assert!(!hold.after_chunk(16 << 10, slow));
+        assert_eq!(hold.after_chunk(16 << 10, slow), Keep);
     }
+    assert!(!hold.released());
     // A slow wait starts the run again.
     let mut hold = pump::ReceiveHold::held(true);
     for _ in 0..3 {
-        assert!(!hold.after_chunk(chunk, quick));
+        assert_eq!(hold.after_chunk(chunk, quick), Keep);
     }
-    assert!(!hold.after_chunk(chunk, slow));
+    assert_eq!(hold.after_chunk(chunk, slow), Slowed);
     for _ in 0..3 {
-        assert!(!hold.after_chunk(chunk, quick));
+        assert_eq!(hold.after_chunk(chunk, quick), Keep);
     }
-    // The fourth quick mebibyte in a row releases it, once.
-    assert!(hold.after_chunk(chunk, quick));
-    assert!(!hold.after_chunk(chunk, quick));
+    // The fourth quick mebibyte in a row releases it, once, even after a
+    // slow wait (a stall, not a slow receiver).
+    assert_eq!(hold.after_chunk(chunk, quick), Released);
+    assert!(hold.released());
+    assert_eq!(hold.after_chunk(chunk, quick), Keep);
+    assert_eq!(hold.after_chunk(chunk, slow), Keep);
     // Not held: nothing to release.
     let mut free = pump::ReceiveHold::held(false);
     for _ in 0..8 {
-        assert!(!free.after_chunk(chunk, quick));
+        assert_eq!(free.after_chunk(chunk, quick), Keep);
     }
+    assert_eq!(free.after_chunk(chunk, slow), Keep);
     assert_eq!(pump::RELEASE_AFTER, 4 * chunk as u64);
+}
+
+/// What a direction may hold in user space at a time: a held source has
+/// at most its receive buffer to read, a slow receiver gets small chunks,
+/// a fast one the configured largest.
+#[test]
+fn chunks_are_capped_until_the_receiver_proves_fast() {
+    let quick = Duration::from_millis(1);
+    let max = 1 << 20;
+    let mut hold = pump::ReceiveHold::held(true);
+    assert_eq!(hold.chunk_max(max), pump::HELD_CHUNK_MAX);
+    assert_eq!(pump::HELD_CHUNK_MAX, 2 * pump::HELD_RCVBUF);
+    // Under the cap, a smaller configured largest stays.
+    assert_eq!(hold.chunk_max(4096), 4096);
+    hold.after_chunk(64 << 10, pump::SLOW_WAIT);
+    assert_eq!(hold.chunk_max(max), pump::SLOW_CHUNK_MAX);
+    // A chunk over a cap that came down is brought under it at once.
+    assert_eq!(
+        pump::next_chunk(pump::HELD_CHUNK_MAX, 100, quick, hold.chunk_max(max)),
+        pump::SLOW_CHUNK_MAX
+    );
+    while !hold.released() {
+        hold.after_chunk(pump::SLOW_CHUNK_MAX, quick);
+    }
+    assert_eq!(hold.chunk_max(max), max);
+    assert_eq!(pump::ReceiveHold::held(false).chunk_max(max), max);
+}
+
+/// A gateway's client leg whose receiver takes at most `room` bytes
+/// before the relay must wait (autotuning would otherwise let the kernel
+/// absorb megabytes on loopback before any wait).
+fn narrow(client: &App, gw_client: &Leg, room: usize) {
+    client.sock.set_recv_buffer_size(room).unwrap();
+    sock_of(gw_client.tcp()).set_send_buffer_size(room).unwrap();
+}
+
+/// Auto mode, toward a receiver slower than its sender from the start:
+/// the direction turns from copying to splicing (no buffer of its own
+/// for as long as the receiver takes), and every byte arrives.
+#[tokio::test]
+async fn auto_splices_toward_a_slow_receiver() {
+    let mode = Mode::Plain(RelayMode::Auto);
+    let (mut client, gw_client, gw_server, mut server) = pairs(mode).await;
+    narrow(&client, &gw_client, 16 << 10);
+    let opts = RelayOptions {
+        copy_buffer: 1 << 20,
+        ..options(mode)
+    };
+    let mut relay = spawn(gw_client, gw_server, opts);
+    let down = pattern(512 << 10 | 3);
+    let sent = down.clone();
+    let writer = tokio::spawn(async move {
+        server.io.write_all(&sent).await.unwrap();
+        server.io.shutdown().await.unwrap();
+        server
+    });
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = client.io.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        got == down,
+        "{} bytes received of {}",
+        got.len(),
+        down.len()
+    );
+    let flow = relay.wait(Direction::ServerToClient).await;
+    assert!(
+        matches!(flow, Flow::Finished { bytes, method: Method::Splice } if bytes == down.len() as u64),
+        "{flow:?}"
+    );
+    let _server = writer.await.unwrap();
+}
+
+/// Auto mode, toward a receiver that stalls at first and then takes
+/// everything at once: spliced while slow, copied again once it proved
+/// fast; the counts carry over both turns.
+#[tokio::test]
+async fn auto_copies_again_once_the_receiver_is_fast() {
+    let mode = Mode::Plain(RelayMode::Auto);
+    let (mut client, gw_client, gw_server, mut server) = pairs(mode).await;
+    narrow(&client, &gw_client, 16 << 10);
+    let opts = RelayOptions {
+        copy_buffer: 1 << 20,
+        ..options(mode)
+    };
+    let mut relay = spawn(gw_client, gw_server, opts);
+    let down = pattern(10 << 20 | 7);
+    let sent = down.clone();
+    let writer = tokio::spawn(async move {
+        server.io.write_all(&sent).await.unwrap();
+        server.io.shutdown().await.unwrap();
+        server
+    });
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    while got.len() < 256 << 10 {
+        let n = client.io.read(&mut buf).await.unwrap();
+        assert_ne!(n, 0, "end of stream after {} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    client.io.read_to_end(&mut got).await.unwrap();
+    assert!(
+        got == down,
+        "{} bytes received of {}",
+        got.len(),
+        down.len()
+    );
+    let flow = relay.wait(Direction::ServerToClient).await;
+    assert!(
+        matches!(flow, Flow::Finished { bytes, method: Method::Copy } if bytes == down.len() as u64),
+        "{flow:?}"
+    );
+    let _server = writer.await.unwrap();
 }
 
 macro_rules! suite {

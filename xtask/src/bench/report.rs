@@ -714,7 +714,7 @@ fn wire_targets(o: &mut String, r: &Results) {
     let _ = writeln!(o, "### Targets (issue 14, on the wire)\n");
     let _ = writeln!(
         o,
-        "Checked on the row \"{}\" (the defaults: relay mode `auto`, which copies in chunks of at most 1 MiB between hosts; ingress hook `tc`). \
+        "Checked on the row \"{}\" (the defaults: relay mode `auto`, which copies in chunks of at most 1 MiB between hosts and splices toward slow receivers; ingress hook `tc`). \
          Ratios are to routed, measured in the same run.\n",
         ours.label_on(Net::Wire)
     );
