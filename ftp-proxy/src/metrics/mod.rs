@@ -353,7 +353,11 @@ impl Metrics {
                 "Things refused by the gateway, by reason",
                 &["reason"],
             )?,
-            relay_total: counter_vec("relay_total", "Data relay directions, by mode", &["mode"])?,
+            relay_total: counter_vec(
+                "relay_total",
+                "Data relay directions, by the method that moved their last bytes (auto turns to splice toward slow receivers)",
+                &["mode"],
+            )?,
             nat_rewrites_total,
             logins_total: counter_vec("logins_total", "Login attempts, by result", &["result"])?,
             ebpf_status,
