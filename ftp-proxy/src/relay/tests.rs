@@ -324,34 +324,43 @@ async fn socket_options_once_relaying(mode: Mode) {
     let _ = relay.wait_all().await;
 }
 
-/// A client that reads slowly (chunks shrink toward it) still gets every
-/// byte, in order, and the counts are exact.
-async fn a_slow_receiver_gets_everything(mode: Mode) {
+/// A download of `len` bytes through a relay with 1 MiB chunks and
+/// pipes, read by the client 16 KiB at a time with `pause` between reads
+/// until `slow_for` bytes arrived, then as fast as it can. `room`: the
+/// most the client's side may absorb before the relay must wait (see
+/// [`narrow`]). Checks every byte and the count; returns how the
+/// direction finished.
+async fn download(
+    mode: Mode,
+    len: usize,
+    slow_for: usize,
+    pause: Duration,
+    room: Option<usize>,
+) -> Flow {
     let (mut client, gw_client, gw_server, mut server) = pairs(mode).await;
-    let mut relay = spawn(
-        gw_client,
-        gw_server,
-        RelayOptions {
-            pipe_size: 1 << 20,
-            copy_buffer: 1 << 20,
-            ..options(mode)
-        },
-    );
-    let down = pattern(3 << 20 | 5);
+    if let Some(room) = room {
+        narrow(&client, &gw_client, room);
+    }
+    let opts = RelayOptions {
+        pipe_size: 1 << 20,
+        copy_buffer: 1 << 20,
+        ..options(mode)
+    };
+    let mut relay = spawn(gw_client, gw_server, opts);
+    let down = pattern(len);
     let sent = down.clone();
     let writer = tokio::spawn(async move {
         server.io.write_all(&sent).await.unwrap();
         server.io.shutdown().await.unwrap();
         server
     });
-    // About 2.5 MB/s at first (chunks must shrink), then at full speed.
     let mut got = Vec::new();
     let mut buf = vec![0u8; 16 << 10];
-    while got.len() < 1 << 20 {
+    while got.len() < slow_for.min(len) {
         let n = client.io.read(&mut buf).await.unwrap();
         assert_ne!(n, 0, "end of stream after {} bytes", got.len());
         got.extend_from_slice(&buf[..n]);
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(pause).await;
     }
     client.io.read_to_end(&mut got).await.unwrap();
     assert!(
@@ -360,11 +369,20 @@ async fn a_slow_receiver_gets_everything(mode: Mode) {
         got.len(),
         down.len()
     );
-    assert!(matches!(
-        relay.wait(Direction::ServerToClient).await,
-        Flow::Finished { bytes, .. } if bytes == down.len() as u64
-    ));
+    let flow = relay.wait(Direction::ServerToClient).await;
+    assert!(
+        matches!(flow, Flow::Finished { bytes, .. } if bytes == down.len() as u64),
+        "{flow:?}"
+    );
     let _server = writer.await.unwrap();
+    flow
+}
+
+/// A client that reads slowly (chunks shrink toward it) still gets every
+/// byte, in order, and the counts are exact.
+async fn a_slow_receiver_gets_everything(mode: Mode) {
+    // About 2.5 MB/s at first (chunks must shrink), then at full speed.
+    download(mode, 3 << 20 | 5, 1 << 20, Duration::from_millis(5), None).await;
 }
 
 #[test]
@@ -473,43 +491,19 @@ fn narrow(client: &App, gw_client: &Leg, room: usize) {
 /// for as long as the receiver takes), and every byte arrives.
 #[tokio::test]
 async fn auto_splices_toward_a_slow_receiver() {
+    let len = 512 << 10 | 3;
     let mode = Mode::Plain(RelayMode::Auto);
-    let (mut client, gw_client, gw_server, mut server) = pairs(mode).await;
-    narrow(&client, &gw_client, 16 << 10);
-    let opts = RelayOptions {
-        copy_buffer: 1 << 20,
-        ..options(mode)
-    };
-    let mut relay = spawn(gw_client, gw_server, opts);
-    let down = pattern(512 << 10 | 3);
-    let sent = down.clone();
-    let writer = tokio::spawn(async move {
-        server.io.write_all(&sent).await.unwrap();
-        server.io.shutdown().await.unwrap();
-        server
-    });
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 16 << 10];
-    loop {
-        let n = client.io.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        got.extend_from_slice(&buf[..n]);
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let flow = download(mode, len, len, Duration::from_millis(25), Some(16 << 10)).await;
     assert!(
-        got == down,
-        "{} bytes received of {}",
-        got.len(),
-        down.len()
-    );
-    let flow = relay.wait(Direction::ServerToClient).await;
-    assert!(
-        matches!(flow, Flow::Finished { bytes, method: Method::Splice } if bytes == down.len() as u64),
+        matches!(
+            flow,
+            Flow::Finished {
+                method: Method::Splice,
+                ..
+            }
+        ),
         "{flow:?}"
     );
-    let _server = writer.await.unwrap();
 }
 
 /// Auto mode, toward a receiver that stalls at first and then takes
@@ -518,41 +512,18 @@ async fn auto_splices_toward_a_slow_receiver() {
 #[tokio::test]
 async fn auto_copies_again_once_the_receiver_is_fast() {
     let mode = Mode::Plain(RelayMode::Auto);
-    let (mut client, gw_client, gw_server, mut server) = pairs(mode).await;
-    narrow(&client, &gw_client, 16 << 10);
-    let opts = RelayOptions {
-        copy_buffer: 1 << 20,
-        ..options(mode)
-    };
-    let mut relay = spawn(gw_client, gw_server, opts);
-    let down = pattern(10 << 20 | 7);
-    let sent = down.clone();
-    let writer = tokio::spawn(async move {
-        server.io.write_all(&sent).await.unwrap();
-        server.io.shutdown().await.unwrap();
-        server
-    });
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 16 << 10];
-    while got.len() < 256 << 10 {
-        let n = client.io.read(&mut buf).await.unwrap();
-        assert_ne!(n, 0, "end of stream after {} bytes", got.len());
-        got.extend_from_slice(&buf[..n]);
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    client.io.read_to_end(&mut got).await.unwrap();
+    let pause = Duration::from_millis(25);
+    let flow = download(mode, 10 << 20 | 7, 256 << 10, pause, Some(16 << 10)).await;
     assert!(
-        got == down,
-        "{} bytes received of {}",
-        got.len(),
-        down.len()
-    );
-    let flow = relay.wait(Direction::ServerToClient).await;
-    assert!(
-        matches!(flow, Flow::Finished { bytes, method: Method::Copy } if bytes == down.len() as u64),
+        matches!(
+            flow,
+            Flow::Finished {
+                method: Method::Copy,
+                ..
+            }
+        ),
         "{flow:?}"
     );
-    let _server = writer.await.unwrap();
 }
 
 macro_rules! suite {
