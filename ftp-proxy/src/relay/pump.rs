@@ -201,6 +201,7 @@ fn set_receive_buffer(from: &TcpStream, bytes: usize) {
 /// Releases the receive buffer of `from` when the hold says so.
 fn apply(step: HoldStep, from: &TcpStream) {
     if step == HoldStep::Released {
+        tracing::debug!("receiver proved fast: receive buffer released");
         set_receive_buffer(from, RELEASED_RCVBUF);
     }
 }
