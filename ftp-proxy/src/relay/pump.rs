@@ -268,11 +268,7 @@ pub(super) async fn pump(
                     SpliceOutcome::Unsupported(moved) => Stage::Copy(moved, false),
                     // A stall made it look slow: copy again at full chunks.
                     SpliceOutcome::Fast(moved) => {
-                        tracing::debug!(
-                            direction = direction.label(),
-                            bytes = moved.total,
-                            "receiver proved fast: copying again"
-                        );
+                        turning(direction, &moved, "receiver proved fast: copying again");
                         Stage::Copy(moved, false)
                     }
                 }
@@ -282,10 +278,10 @@ pub(super) async fn pump(
                     CopyOutcome::Done(bytes) => break Ok((bytes, Method::Copy)),
                     CopyOutcome::Failed(bytes, e) => break Err((bytes, io_error(direction, e))),
                     CopyOutcome::Slow(moved) => {
-                        tracing::debug!(
-                            direction = direction.label(),
-                            bytes = moved.total,
-                            "receiver slower than its sender: splicing"
+                        turning(
+                            direction,
+                            &moved,
+                            "receiver slower than its sender: splicing",
                         );
                         Stage::Splice(moved, true)
                     }
@@ -302,6 +298,16 @@ pub(super) async fn pump(
         },
         Err(failure) => Err(failure),
     }
+}
+
+/// Logs a direction's change of method midway, and why.
+fn turning(direction: Direction, moved: &Moved, why: &'static str) {
+    tracing::debug!(
+        direction = direction.label(),
+        bytes = moved.total,
+        why,
+        "relay method changed"
+    );
 }
 
 /// What a direction does next.

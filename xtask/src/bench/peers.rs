@@ -616,7 +616,7 @@ impl Vsftpd {
         Vsftpd {
             name: "vsftpd",
             addr: env.server_addr(),
-            // On the wire, twice as many ports as concurrent slow downloads:
+            // On the wire, four times as many ports as concurrent slow downloads:
             // vsftpd picks a passive port at random and gives up (500 OOPS:
             // vsf_sysutil_bind) after a few taken ones, which at 1,000 of
             // 2,000 in use failed about one download in a thousand.
