@@ -62,8 +62,9 @@ fn matrix(lab: &Lab, host: &str, modes: &[&str], sizes: &[usize]) {
         };
         assert!(
             r["final"].as_str().is_some_and(|f| f.starts_with("226")),
-            "{op} {mode} {size}: {r}\n{}",
-            lab.gateway.logs()
+            "{op} {mode} {size}: {r}\n{}\nvsftpd's log:\n{}",
+            lab.gateway.logs(),
+            server.log()
         );
         assert_eq!(r["size"], size, "{op} {mode} {size}: {r}");
         assert_eq!(
@@ -147,6 +148,7 @@ fn large_transfers_ipv6_and_forced_modes() {
     let lab = Lab::with_upstream(SERVER6, &["--upstream-mode", "active"]);
     matrix(&lab, "::1", &["epsv"], &[BIG]);
     lab.gateway.expect_logs("\"relay\":\"copy\"", 2);
+    drop(lab);
     let lab = Lab::new(&[
         "--upstream-mode",
         "passive",

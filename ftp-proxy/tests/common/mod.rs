@@ -140,6 +140,25 @@ fn ftp_ids() -> (u32, u32) {
     (fields[2].parse().unwrap(), fields[3].parse().unwrap())
 }
 
+/// Where the servers' files go: memory (`/dev/shm`) where the machine has
+/// it, so that the 256 MiB transfers (a few GiB at once when tests run side
+/// by side) do not depend on the free disk of the machine running the
+/// suite. A full disk makes vsftpd answer `451 Failure writing to local
+/// file` in the middle of an upload, a failure that is the machine's.
+pub fn server_files() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let usable = fs::metadata(shm).is_ok_and(|m| m.is_dir())
+        && tempfile::Builder::new()
+            .prefix("ftpx-probe")
+            .tempdir_in(shm)
+            .is_ok();
+    if usable {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
 /// A vsftpd instance in a namespace, anonymous users rooted at a temporary
 /// folder whose `pub/` is writable.
 pub struct Vsftpd {
@@ -158,7 +177,7 @@ impl Vsftpd {
     pub fn start_with(ns: &NetNs, addr: SocketAddr, pasv: (u16, u16), extra: &str) -> Vsftpd {
         let dir = tempfile::Builder::new()
             .prefix("ftpx-vsftpd")
-            .tempdir()
+            .tempdir_in(server_files())
             .unwrap();
         let root = dir.path();
         fs::create_dir(root.join("empty")).unwrap();

@@ -93,7 +93,7 @@ impl Proftpd {
         let tree = proftpd_root();
         let dir = tempfile::Builder::new()
             .prefix("ftpx-proftpd")
-            .tempdir()
+            .tempdir_in(super::server_files())
             .unwrap();
         let root = dir.path();
         fs::set_permissions(root, fs::Permissions::from_mode(0o755)).unwrap();
